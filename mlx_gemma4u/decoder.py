@@ -1,0 +1,147 @@
+"""The Gemma 4 text decoder.
+
+Per layer (SPEC.md section 2):
+
+    a = x + post_attn_norm(attention(input_norm(x)))
+    b = a + post_ffw_norm(mlp(pre_ffw_norm(a)))
+    x' = b * layer_scalar
+
+Attention has QK-norm, a scale-free V-norm, scaling 1.0, RoPE per layer type, and grouped-query
+heads whose count and size differ on full layers. On full layers with `attention_k_eq_v` the value
+is the raw key projection. The last `num_kv_shared_layers` layers reuse the keys and values of the
+last earlier layer of their type instead of computing their own.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from .config import LayerSpec, TextConfig
+from .rope import RoPE
+
+
+class Step:
+    """What all layers share during one forward pass.
+
+    offset: the RoPE offset (int, or (B,) for a left-padded batch). masks: layer type, the cache that
+    produced the keys, and the number of keys -> attention mask, computed once per type. shared: the
+    keys and values that "store" layers hand to "reuse" layers, by layer type.
+    """
+
+    def __init__(self, offset, make_mask: Callable):
+        self.offset = offset
+        self._make_mask = make_mask
+        self._masks: dict = {}
+        self.shared: dict = {}
+
+    def mask(self, layer_type: str, cache, n_keys: int):
+        if layer_type not in self._masks:
+            self._masks[layer_type] = self._make_mask(layer_type, cache, n_keys)
+        return self._masks[layer_type]
+
+
+def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
+    return mx.fast.rms_norm(x, None, eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, spec: LayerSpec):
+        super().__init__()
+        dim, bias = config.hidden_size, config.attention_bias
+        self.layer_type = spec.layer_type
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, spec.num_kv_heads, spec.head_dim
+        self.eps = config.rms_norm_eps
+        self.reuse, self.store = spec.kv_mode == "reuse", spec.kv_mode == "store"
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=self.eps)
+        if not self.reuse:
+            self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=self.eps)
+            if not spec.k_eq_v:
+                self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+        self.rope = RoPE(self.head_dim, config.rope_for(spec.layer_type))
+
+    def _keys_values(self, x: mx.array, step: Step, cache):
+        B, T, _ = x.shape
+        raw_k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        raw_v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim) if "v_proj" in self else raw_k
+        k = self.rope(self.k_norm(raw_k).transpose(0, 2, 1, 3), step.offset)
+        v = rms_norm_no_scale(raw_v, self.eps).transpose(0, 2, 1, 3)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return k, v
+
+    def __call__(self, x: mx.array, step: Step, cache=None) -> mx.array:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)).transpose(0, 2, 1, 3)
+        q = self.rope(q, step.offset)
+        if self.reuse:
+            k, v, cache = step.shared[self.layer_type]
+        else:
+            k, v = self._keys_values(x, step, cache)
+            if self.store:
+                step.shared[self.layer_type] = (k, v, cache)
+        n_keys = (k[0] if isinstance(k, tuple) else k).shape[2]
+        mask = step.mask(self.layer_type, cache, n_keys)
+        out = scaled_dot_product_attention(q, k, v, cache, scale=1.0, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, spec: LayerSpec):
+        super().__init__()
+        dim, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, spec)
+        self.mlp = MLP(dim, spec.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, x: mx.array, step: Step, cache=None) -> mx.array:
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), step, cache))
+        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        return h * self.layer_scalar
+
+
+class TextModel(nn.Module):
+    """Token embedding, the decoder layers, the final norm and the (tied) output head."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config, spec) for spec in config.layers]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        owners = [i for i, spec in enumerate(config.layers) if spec.kv_mode != "reuse"]
+        self._cache_slot = {layer: slot for slot, layer in enumerate(owners)}
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        """(B, T) ids -> (B, T, D) embeddings times sqrt(D), the scale rounded to the weight dtype."""
+        table = self.embed_tokens.weight
+        scale = mx.array(self.config.hidden_size**0.5, dtype=mx.float32).astype(table.dtype)
+        return self.embed_tokens(input_ids) * scale
+
+    def __call__(self, h: mx.array, step: Step, cache: list | None = None) -> mx.array:
+        """(B, T, D) input embeddings -> (B, T, D) final-normed hidden states."""
+        for i, layer in enumerate(self.layers):
+            slot = self._cache_slot.get(i)
+            h = layer(h, step, cache[slot] if cache is not None and slot is not None else None)
+        return self.norm(h)

@@ -1,0 +1,171 @@
+"""Local folder or Hugging Face repo -> validated safetensors -> model (and its processor).
+
+Only safetensors are read, and every file's header is checked before anything is allocated, so a
+truncated or hostile file fails with one sentence instead of a crash deep inside MLX. Nothing in
+a checkpoint is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig
+from .errors import CheckpointError, DownloadError
+from .model import Model
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U32", "BOOL",
+                       "F8_E4M3", "F8_E5M2"}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def resolve(path_or_repo: str | os.PathLike) -> Path:
+    """A local model folder as is; otherwise a Hugging Face repo id, downloaded (or found in the cache)."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    repo = str(path_or_repo)
+    if path.exists() or repo.count("/") != 1 or repo.startswith((".", "/", "~")):
+        raise CheckpointError(f"{repo} is not a model folder, nor a Hugging Face repo id like 'google/gemma-4-12B-it'.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
+    except Exception as e:  # the hub client raises many types: offline, 404, gated, disk full
+        raise DownloadError(
+            f"Could not download {repo} from the Hugging Face hub ({type(e).__name__}); check the repo id and your "
+            "network, log in with `hf auth login` for gated repos, or pass a local folder."
+        ) from e
+
+
+def load(path_or_repo: str | os.PathLike, vision_mask: str = "gemma4", dtype: str | None = None):
+    """Load a checkpoint -> (model, processor).
+
+    vision_mask: "gemma4" (default) or "hf-forward", see masks.py. dtype: cast floating weights
+    ("float32", "float16", "bfloat16"); by default they stay as stored.
+    """
+    path = resolve(path_or_repo)
+    model = load_model(path, vision_mask=vision_mask, dtype=dtype)
+    return model, load_processor(path)
+
+
+def load_processor(path: Path):
+    """The checkpoint's tokenizer through mlx-lm (stop ids: <eos>, <turn|> and <|tool_response>)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise CheckpointError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json).")
+    return load_tokenizer(path, eos_token_ids=_stop_ids(path))
+
+
+def _stop_ids(path: Path) -> list[int]:
+    ids = {1, 106, 50}
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    return sorted(ids)
+
+
+def load_model(path: Path, vision_mask: str = "gemma4", dtype: str | None = None) -> Model:
+    """config.json + *.safetensors in `path` -> a Model with every weight checked against the config."""
+    config = ModelConfig.from_file(path / "config.json")
+    model = Model(config, vision_mask=vision_mask)
+    weights = model.sanitize(read_weights(path))
+    if config.quantization:
+        _quantize_like(model, config.quantization, weights)
+    _check_complete(model, weights)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+        weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(".scales")
+                   and not k.endswith(".biases") else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def _quantize_like(model: Model, quantization: dict, weights: dict) -> None:
+    """Turn the layers the checkpoint stores quantized into quantized layers."""
+    def stored_quantized(name: str, module: nn.Module) -> bool | dict:
+        if f"{name}.scales" not in weights:
+            return False
+        return quantization.get(name, True)
+
+    nn.quantize(model, group_size=quantization.get("group_size", 64), bits=quantization.get("bits", 4),
+                mode=quantization.get("mode", "affine"), class_predicate=stored_quantized)
+
+
+def _check_complete(model: Model, weights: dict) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    for name, param in expected.items():
+        if name not in weights:
+            raise CheckpointError(f"The checkpoint lacks the weight {name!r} that config.json calls for.")
+        if tuple(weights[name].shape) != tuple(param.shape):
+            raise CheckpointError(f"The weight {name!r} has shape {tuple(weights[name].shape)} but config.json "
+                                  f"calls for {tuple(param.shape)}.")
+
+
+def read_weights(path: Path) -> dict[str, mx.array]:
+    """Every tensor of the folder's safetensors files (sharded, with or without an index)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e}).") from None
+        files = [path / n for n in names]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has no *.safetensors weight files (pickled .bin files are never loaded).")
+    weights = {}
+    for f in files:
+        check_safetensors(f)
+        weights.update(mx.load(str(f)))
+    return weights
+
+
+def check_safetensors(file: Path) -> None:
+    """Check a safetensors header against the file before loading: size, dtypes, in-bounds, no overlap."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing.")
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file} is truncated: it is too short to be a safetensors file.")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(f"{file} is truncated or not a safetensors file (its header claims {n} bytes).")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{file} has an unreadable safetensors header.") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has an unreadable safetensors header.")
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, (start, end) = info["dtype"], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{file}: the header entry for {name!r} is malformed.") from None
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has an unsupported dtype {dtype!r}.")
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= size - 8 - n):
+            raise CheckpointError(f"{file} is truncated: tensor {name!r} lies past the end of the file.")
+        spans.append((start, end, name))
+    spans.sort()
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise CheckpointError(f"{file}: tensors {a!r} and {b!r} overlap; the file is corrupt.")

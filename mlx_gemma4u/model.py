@@ -1,0 +1,211 @@
+"""The whole Gemma 4 Unified model: embeds text and media, runs the decoder, returns logits.
+
+    ids --(placeholders -> pad, embed, * sqrt(D))--> h --(soft tokens overwrite placeholders)-->
+    h --decoder (masks per layer type)--> final norm --tied head--> softcap --> logits
+
+`model(input_ids, cache=None, attention_mask=None, mm_token_type_ids=None, **media)` takes the
+transformers processor's output names: pixel_values / image_position_ids, pixel_values_videos /
+video_position_ids, input_features / input_features_mask.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from . import cache as caches
+from .audio import AudioEmbedder
+from .config import FULL, ModelConfig
+from .decoder import Step, TextModel
+from .errors import CheckpointError, InputError
+from .masks import SEMANTICS, build_mask, vision_blocks
+from .multimodal import placeholder_positions, scatter_soft_tokens
+from .vision import VisionEmbedder
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig, vision_mask: str = "gemma4"):
+        super().__init__()
+        if vision_mask not in SEMANTICS:
+            raise InputError(f"vision_mask must be one of {', '.join(SEMANTICS)}, got {vision_mask!r}.")
+        self.config = config
+        self.vision_mask = vision_mask
+        text = config.text
+        self.language_model = TextModel(text)
+        if config.vision is not None:
+            self.embed_vision = VisionEmbedder(config.vision, text.hidden_size)
+        if config.audio is not None:
+            self.embed_audio = AudioEmbedder(config.audio, text.hidden_size)
+        if not text.tie_word_embeddings:
+            self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        cache: list | None = None,
+        attention_mask: mx.array | None = None,
+        mm_token_type_ids: mx.array | None = None,
+        logits_to_keep: int = 0,
+        **media,
+    ) -> mx.array:
+        """(B, T) int ids -> (B, T, vocab) logits (only the last `logits_to_keep` positions if > 0)."""
+        if input_ids.ndim != 2:
+            raise InputError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}.")
+        h = self.embed(input_ids, **media)
+        step = self._step(input_ids.shape, cache, attention_mask, mm_token_type_ids)
+        h = self.language_model(h, step, cache)
+        if logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
+        return self.logits(h)
+
+    def embed(
+        self,
+        input_ids: mx.array,
+        pixel_values: mx.array | None = None,
+        image_position_ids: mx.array | None = None,
+        pixel_values_videos: mx.array | None = None,
+        video_position_ids: mx.array | None = None,
+        input_features: mx.array | None = None,
+        input_features_mask: mx.array | None = None,
+        num_frames_per_video=None,
+    ) -> mx.array:
+        """(B, T) ids -> (B, T, D) decoder inputs, soft tokens in place of the placeholders.
+
+        num_frames_per_video is accepted for parity with transformers; frames are already in order.
+        """
+        c = self.config
+        placeholder = {c.image_token_id, c.video_token_id, c.audio_token_id}
+        ids = mx.where(_isin(input_ids, placeholder), c.text.pad_token_id, input_ids)
+        h = self.language_model.embed(ids)
+        if pixel_values is not None:
+            soft = self._vision("image", pixel_values, image_position_ids)
+            h = scatter_soft_tokens(h, placeholder_positions(input_ids, c.image_token_id), soft, "image")
+        if pixel_values_videos is not None:
+            soft = self._vision("video", pixel_values_videos, video_position_ids)
+            h = scatter_soft_tokens(h, placeholder_positions(input_ids, c.video_token_id), soft, "video")
+        if input_features is not None:
+            if input_features_mask is None:
+                raise InputError("input_features needs its input_features_mask (which frames are real audio).")
+            if "embed_audio" not in self:
+                raise InputError("This checkpoint has no audio embedder (its config has no audio_config).")
+            soft = self.embed_audio(input_features, input_features_mask)
+            h = scatter_soft_tokens(h, placeholder_positions(input_ids, c.audio_token_id), soft, "audio")
+        return h
+
+    def _vision(self, what: str, pixel_values: mx.array, position_ids: mx.array | None) -> mx.array:
+        if "embed_vision" not in self:
+            raise InputError(f"This checkpoint has no vision embedder, so it cannot take {what} inputs.")
+        if position_ids is None:
+            raise InputError(f"{what} pixel values need their {what}_position_ids.")
+        return self.embed_vision(pixel_values, position_ids)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """(B, T, D) final hidden states -> (B, T, vocab), soft-capped if the config says so."""
+        if "lm_head" in self:
+            out = self.lm_head(h)
+        else:
+            out = self.language_model.embed_tokens.as_linear(h)
+        cap = self.config.text.final_logit_softcapping
+        if cap:
+            out = mx.tanh(out / cap) * cap
+        return out
+
+    def _step(self, shape, cache, attention_mask, mm_token_type_ids) -> Step:
+        """Positions and masks of one forward pass over T new tokens after `past` cached ones."""
+        B, T = shape
+        text = self.config.text
+        past = cache[0].offset if cache else 0
+        offset, key_valid = past, None
+        if attention_mask is not None:
+            key_valid, pads = _left_padding(attention_mask, B, past + T)
+            offset = past - pads if pads.max().item() > 0 else past
+        blocks = None
+        if mm_token_type_ids is not None and text.use_bidirectional_attention == "vision":
+            if tuple(mm_token_type_ids.shape) != (B, T):
+                raise InputError(f"mm_token_type_ids must have shape {(B, T)}, got {tuple(mm_token_type_ids.shape)}.")
+            blocks = vision_blocks(mm_token_type_ids)
+            if blocks.max().item() < 0:
+                blocks = None
+        q_pos = mx.arange(past, past + T)
+
+        def make_mask(layer_type, layer_cache, n_keys):
+            k_pos = caches.key_positions(layer_cache, n_keys) if layer_cache is not None else mx.arange(n_keys)
+            if blocks is None and key_valid is None:
+                if T == 1:
+                    return None
+                if layer_type == FULL or n_keys <= text.sliding_window:
+                    return "causal"
+            k_blocks = None
+            if blocks is not None:
+                local = k_pos - past
+                k_blocks = mx.where(local >= 0, mx.take(blocks, mx.maximum(local, 0), axis=1), -1)
+            valid = mx.take(key_valid, k_pos, axis=1) if key_valid is not None else None
+            return build_mask(layer_type, self.vision_mask, text.sliding_window, q_pos, k_pos, blocks, k_blocks, valid)
+
+        return Step(offset, make_mask)
+
+    def make_cache(self) -> list:
+        """Fresh caches for generation: one per layer that owns keys and values."""
+        return caches.make_cache(self.config.text)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Map checkpoint keys (transformers' on-disk and in-memory names) to this module tree.
+
+        Raises CheckpointError naming the first key that belongs nowhere.
+        """
+        out = {}
+        for key, value in weights.items():
+            name = _rename(key)
+            if name is None or (name.startswith("lm_head.") and "lm_head" not in self):
+                continue
+            out[name] = value
+        expected = dict(tree_flatten(self.parameters()))
+        unknown = sorted(k for k in out if k not in expected)
+        if unknown:
+            raise CheckpointError(f"The checkpoint has a weight {unknown[0]!r} that this model does not have "
+                                  f"({len(unknown)} unknown in all); is config.json the one that came with it?")
+        return out
+
+
+# Checkpoint key prefixes -> module paths. Order matters: the first matching prefix wins.
+_PREFIXES = (
+    ("model.language_model.", "language_model."),
+    ("model.vision_embedder.", "embed_vision."),
+    ("model.embed_vision.embedding_projection.", "embed_vision.multimodal_embedder.embedding_projection."),
+    ("model.embed_vision.multimodal_embedder.", "embed_vision.multimodal_embedder."),
+    ("model.embed_vision.", "embed_vision."),
+    ("model.embed_audio.", "embed_audio."),
+    ("lm_head.", "lm_head."),
+    ("model.", "language_model."),  # text-only Gemma4UnifiedForCausalLM checkpoints
+)
+# Tensors that exist in some checkpoints but mean nothing to the model.
+_IGNORED = ("model.embed_vision.embedding.", "model.embed_audio.embedding.")
+
+
+def _rename(key: str) -> str | None:
+    if key.startswith(_IGNORED) or "rotary_emb" in key or key.endswith("embed_scale"):
+        return None
+    for old, new in _PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _isin(ids: mx.array, values: set) -> mx.array:
+    hit = mx.zeros(ids.shape, dtype=mx.bool_)
+    for v in values:
+        hit = hit | (ids == v)
+    return hit
+
+
+def _left_padding(attention_mask: mx.array, batch: int, total: int):
+    """Validate a (B, past + T) 0/1 mask of left padding -> (key_valid bool (B, total), pads (B,))."""
+    if tuple(attention_mask.shape) != (batch, total):
+        raise InputError(f"attention_mask must have shape {(batch, total)} (cached plus new tokens), "
+                         f"got {tuple(attention_mask.shape)}.")
+    valid = attention_mask.astype(mx.bool_)
+    pads = total - valid.astype(mx.int32).sum(axis=1)
+    if not mx.array_equal(valid, mx.arange(total)[None] >= pads[:, None]).item():
+        raise InputError("attention_mask must be left padding only: zeros first, then ones, in every row.")
+    return valid, pads

@@ -1,0 +1,43 @@
+"""The projection shared by images and audio, and the scatter of soft tokens into the prompt.
+
+Soft tokens replace placeholder tokens (`<|image|>`, `<|video|>`, `<|audio|>`) in row-major
+(batch, sequence) order, after the text embeddings were scaled; they are not scaled themselves.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import InputError
+
+
+class MultimodalEmbedder(nn.Module):
+    """Scale-free RMSNorm, then a Linear into the decoder's width: (..., in_dim) -> (..., out_dim)."""
+
+    def __init__(self, in_dim: int, out_dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.embedding_projection = nn.Linear(in_dim, out_dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x.astype(self.embedding_projection.weight.dtype)
+        return self.embedding_projection(mx.fast.rms_norm(x, None, self.eps))
+
+
+def placeholder_positions(input_ids: mx.array, token_id: int) -> np.ndarray:
+    """Flat (batch * seq) indices of every `token_id` in input_ids, in row-major order."""
+    return np.flatnonzero(np.array(input_ids).reshape(-1) == token_id)
+
+
+def scatter_soft_tokens(h: mx.array, positions: np.ndarray, features: mx.array, what: str) -> mx.array:
+    """Write features (N, D) over h (B, T, D) at the N flat positions."""
+    if len(positions) != features.shape[0]:
+        raise InputError(
+            f"The prompt has {len(positions)} {what} placeholder tokens but the {what} inputs give "
+            f"{features.shape[0]} soft tokens; each {what} needs exactly as many placeholders as it has "
+            "soft tokens (let the processor expand the prompt)."
+        )
+    B, T, D = h.shape
+    flat = h.reshape(B * T, D)
+    flat[mx.array(positions)] = features.astype(h.dtype)
+    return flat.reshape(B, T, D)

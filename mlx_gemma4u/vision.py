@@ -1,0 +1,66 @@
+"""The encoder-free vision path: 48x48 pixel patches straight to soft tokens.
+
+For each merged patch p (6,912 values, HWC order, in [0, 1]) at grid position (x, y):
+
+    h = LN2(Dense(LN1(p)))
+    h = LNpos(h + T[x, 0] + T[y, 1])          # factorized 2-D position table T (size, 2, dim)
+    s = Linear(RMSNormNoScale(h))             # -> decoder width
+
+Positions (-1, -1) mark padding: they add no position embedding and their soft tokens are dropped.
+Patches never see each other here; all mixing happens in the decoder. LayerNorms use eps 1e-5.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import VisionConfig
+from .errors import InputError
+from .multimodal import MultimodalEmbedder
+
+LAYER_NORM_EPS = 1e-5
+
+
+class VisionEmbedder(nn.Module):
+    def __init__(self, config: VisionConfig, text_hidden_size: int):
+        super().__init__()
+        self.config = config
+        dim = config.mm_embed_dim
+        self.patch_ln1 = nn.LayerNorm(config.patch_values, eps=LAYER_NORM_EPS)
+        self.patch_dense = nn.Linear(config.patch_values, dim)
+        self.patch_ln2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.pos_embedding = mx.zeros((config.mm_posemb_size, 2, dim))
+        self.pos_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.multimodal_embedder = MultimodalEmbedder(dim, text_hidden_size, config.rms_norm_eps)
+
+    def position_embedding(self, position_ids: mx.array) -> mx.array:
+        """(N, P, 2) (x, y) positions -> (N, P, dim): T[x, 0] + T[y, 1], zero where a coordinate is -1."""
+        table = self.pos_embedding
+        valid = (position_ids != -1)[..., None].astype(table.dtype)
+        clamped = mx.maximum(position_ids, 0)
+        return table[clamped[..., 0], 0] * valid[..., 0, :] + table[clamped[..., 1], 1] * valid[..., 1, :]
+
+    def __call__(self, pixel_values: mx.array, position_ids: mx.array) -> mx.array:
+        """(N, P, 6912) patches and (N, P, 2) positions -> (M, D) soft tokens of the M real patches."""
+        self._check(pixel_values, position_ids)
+        x = pixel_values.astype(self.patch_dense.weight.dtype)
+        h = self.patch_ln2(self.patch_dense(self.patch_ln1(x)))
+        h = self.pos_norm(h + self.position_embedding(position_ids))
+        soft = self.multimodal_embedder(h)
+        real = np.flatnonzero(np.all(np.array(position_ids) != -1, axis=-1).reshape(-1))
+        return soft.reshape(-1, soft.shape[-1])[mx.array(real)]
+
+    def _check(self, pixel_values: mx.array, position_ids: mx.array) -> None:
+        values = self.config.patch_values
+        if pixel_values.ndim != 3 or pixel_values.shape[-1] != values:
+            raise InputError(f"pixel_values must have shape (images, patches, {values}), got {tuple(pixel_values.shape)}.")
+        if not mx.issubdtype(pixel_values.dtype, mx.floating):
+            raise InputError(f"pixel_values must be floating point (pixels scaled to [0, 1]), got {pixel_values.dtype}.")
+        if tuple(position_ids.shape) != (*pixel_values.shape[:2], 2):
+            raise InputError(f"position ids must have shape {(*pixel_values.shape[:2], 2)} to match pixel_values, "
+                             f"got {tuple(position_ids.shape)}.")
+        size = self.config.mm_posemb_size
+        pos = np.array(position_ids)
+        if pos.min(initial=0) < -1 or pos.max(initial=0) >= size:
+            raise InputError(f"patch positions must lie in [0, {size}) (or be -1 for padding); "
+                             f"got values from {pos.min()} to {pos.max()}.")
