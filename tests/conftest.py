@@ -27,3 +27,21 @@ def hf_tokenizer_dir(fixtures_dir, tmp_path_factory) -> Path:
         capture_output=True,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """Random tiny transformers checkpoints, built once: name -> (torch model, saved folder).
+
+    Names are the text configs of tests/reference.py; "<name>-published" is the same checkpoint
+    with config.json rewritten in the form Google publishes.
+    """
+    import reference
+
+    built = {}
+    for name, overrides in reference.TEXT_CONFIGS.items():
+        model = reference.build(overrides, seed=1)
+        root = tmp_path_factory.mktemp(name)
+        built[name] = (model, reference.save(model, root / "saved"))
+        built[f"{name}-published"] = (model, reference.save(model, root / "published", published_form=True))
+    return built
