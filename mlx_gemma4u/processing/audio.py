@@ -110,7 +110,7 @@ class Gemma4UAudioFeatureExtractor:
         self, raw_speech: Any, sampling_rate: int | None = None, return_tensors: str | None = None
     ) -> dict[str, Any]:
         """Frame one clip or a list of clips; see the module docstring for the outputs."""
-        clips = raw_speech if _is_clip_list(raw_speech) else [raw_speech]
+        clips = as_clip_list(raw_speech)
         if not clips:
             raise InputError("No audio was given to the feature extractor; pass at least one clip.")
         framed = [frame_waveform(self._checked(to_waveform(clip, sampling_rate, _clip_name(clip)), clip)) for clip in clips]
@@ -132,11 +132,11 @@ class Gemma4UAudioFeatureExtractor:
         return waveform
 
 
-def _is_clip_list(raw_speech: Any) -> bool:
-    """A list of clips, as opposed to one clip given as a list of samples or an (array, rate) tuple."""
-    if isinstance(raw_speech, list):
-        return not raw_speech or not np.isscalar(raw_speech[0])
-    return False
+def as_clip_list(audio: Any) -> list[Any]:
+    """A list of clips from one clip (path, URL, array, (array, rate), list of samples) or a list of clips."""
+    if isinstance(audio, list) and (not audio or not isinstance(audio[0], (int, float, np.number))):
+        return audio
+    return [audio]
 
 
 def _clip_name(clip: Any) -> str:

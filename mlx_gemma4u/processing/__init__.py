@@ -1,0 +1,13 @@
+"""Torch-free input pipeline for Gemma 4 Unified, equal to transformers 5.23's Gemma4UnifiedProcessor.
+
+Modules: `image` (images to 48x48 patch rows), `video` (PyAV decoding and frame sampling),
+`audio` (16 kHz mono 640-sample frames), `text` (tokenizer, placeholders, type ids),
+`chat_template` (Jinja rendering), `processor` (all of them behind one call).
+"""
+
+from mlx_gemma4u.processing.audio import Gemma4UAudioFeatureExtractor
+from mlx_gemma4u.processing.image import Gemma4UImageProcessor
+from mlx_gemma4u.processing.processor import Gemma4UProcessor
+from mlx_gemma4u.processing.video import Gemma4UVideoProcessor
+
+__all__ = ["Gemma4UAudioFeatureExtractor", "Gemma4UImageProcessor", "Gemma4UProcessor", "Gemma4UVideoProcessor"]
