@@ -47,12 +47,17 @@ class Model(nn.Module):
         attention_mask: mx.array | None = None,
         mm_token_type_ids: mx.array | None = None,
         logits_to_keep: int = 0,
+        inputs_embeds: mx.array | None = None,
         **media,
     ) -> mx.array:
-        """(B, T) int ids -> (B, T, vocab) logits (only the last `logits_to_keep` positions if > 0)."""
+        """(B, T) int ids -> (B, T, vocab) logits (only the last `logits_to_keep` positions if > 0).
+
+        inputs_embeds: the (B, T, D) output of `embed` for these ids, when the caller computed it
+        once for a whole prompt (generation prefills a long prompt in chunks).
+        """
         if input_ids.ndim != 2:
             raise InputError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}.")
-        h = self.embed(input_ids, **media)
+        h = self.embed(input_ids, **media) if inputs_embeds is None else inputs_embeds
         step = self._step(input_ids.shape, cache, attention_mask, mm_token_type_ids)
         h = self.language_model(h, step, cache)
         if logits_to_keep > 0:
