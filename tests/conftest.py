@@ -45,3 +45,34 @@ def hf_checkpoints(tmp_path_factory):
         built[name] = (model, reference.save(model, root / "saved"))
         built[f"{name}-published"] = (model, reference.save(model, root / "published", published_form=True))
     return built
+
+
+@pytest.fixture(scope="session")
+def golden_dir(fixtures_dir) -> Path:
+    """transformers 5.23's own processor outputs for the shared media (see golden/make_goldens.py)."""
+    return fixtures_dir / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden_index(golden_dir) -> dict:
+    import json
+
+    return json.loads((golden_dir / "index.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def processor(hf_tokenizer_dir):
+    """The torch-free Gemma4UProcessor on the real Gemma 4 tokenizer folder."""
+    from mlx_gemma4u.processing import Gemma4UProcessor
+
+    return Gemma4UProcessor.from_pretrained(hf_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory) -> Path:
+    """An MLX_GEMMA4U_HOME holding the built-in demo checkpoint, written once per session."""
+    from mlx_gemma4u.demo import ensure_demo
+
+    home = tmp_path_factory.mktemp("home")
+    ensure_demo(home / "demo-v1")
+    return home

@@ -1,0 +1,88 @@
+"""`mlx-gemma4u`: the command line. Subcommands: generate.
+
+Errors the user can fix are printed as one line (add --debug for the traceback) with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import Gemma4UError
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a local model folder or a Hugging Face repo id")
+    source.add_argument("--demo", action="store_true",
+                        help="the built-in demo checkpoint (random weights: nonsense output, no download)")
+    parser.add_argument("--vision-mask", choices=["gemma4", "hf-forward"], default="gemma4",
+                        help="attention of image/video tokens: Gemma 4's design (default) or transformers' "
+                             "plain forward pass")
+
+
+def load_from_args(args: argparse.Namespace):
+    from .demo import WARNING, ensure_demo
+    from .loading import load
+
+    if args.demo:
+        print(WARNING, file=sys.stderr)
+    return load(ensure_demo() if args.demo else args.model, vision_mask=args.vision_mask)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .generate import stream_generate
+
+    model, processor = load_from_args(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
+    last = None
+    for last in stream_generate(model, processor, messages, max_tokens=args.max_tokens, temperature=args.temp,
+                                top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed):
+        print(last.text, end="", flush=True)
+    print()
+    if last is not None:
+        print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | "
+              f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | "
+              f"peak memory: {last.peak_memory:.2f} GB", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlx-gemma4u",
+                                     description="Run Gemma 4 12B Unified (text, images, video, audio) with MLX.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="answer one prompt, streaming the reply to stdout",
+                              description="Answer one prompt through the chat template, streaming the reply "
+                                          "to stdout and the statistics to stderr.")
+    add_model_args(gen)
+    gen.add_argument("--prompt", required=True, help="the user message")
+    gen.add_argument("--system", help="a system prompt")
+    gen.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    gen.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    gen.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    gen.add_argument("--min-p", type=float, default=0.0, help="minimum probability relative to the top token")
+    gen.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    gen.set_defaults(run=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except Gemma4UError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The built-in demo checkpoint and the `mlx-gemma4u generate` command on it."""
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import torch
+from transformers import Gemma4UnifiedForConditionalGeneration
+
+from mlx_gemma4u import demo
+from mlx_gemma4u.loading import load_model
+
+
+def cli(*args, home):
+    env = {**os.environ, "MLX_GEMMA4U_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "mlx_gemma4u", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_demo_is_a_real_transformers_checkpoint(demo_home):
+    """transformers loads the demo folder as it is and computes the same logits as we do."""
+    path = demo_home / "demo-v1"
+    theirs = Gemma4UnifiedForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    ids = [2, 105, 2364, 107, 9259, 106, 107, 105, 4368, 107]
+    with torch.no_grad():
+        ref = theirs(input_ids=torch.tensor([ids])).logits.numpy()
+    ours = np.array(load_model(path, dtype="float32")(mx.array([ids], dtype=mx.int32)))
+    assert theirs.config.text_config.vocab_size == 262144
+    assert np.abs(ours - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max() / 5)
+
+
+def test_demo_is_written_once_and_atomically(tmp_path):
+    target = tmp_path / "demo"
+    assert demo.ensure_demo(target) == target
+    stamp = (target / "model.safetensors").stat().st_mtime_ns
+    assert demo.ensure_demo(target) == target
+    assert (target / "model.safetensors").stat().st_mtime_ns == stamp
+    assert "nonsense" in (target / "README.md").read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no staging folder left behind
+
+
+def test_generate_streams_text_on_the_demo(demo_home):
+    run = cli("generate", "--demo", "--prompt", "Hello", "--max-tokens", "12", home=demo_home)
+    assert run.returncode == 0, run.stderr
+    assert "random weights" in run.stderr
+    assert "generation: 12 tokens" in run.stderr
+    assert run.stdout.strip()
+    again = cli("generate", "--demo", "--prompt", "Hello", "--max-tokens", "12", home=demo_home)
+    assert again.stdout == run.stdout  # greedy by default: the same text twice
+
+
+def test_cli_errors_are_one_line(tmp_path, demo_home):
+    run = cli("generate", "--model", str(tmp_path), "--prompt", "Hi", home=demo_home)
+    assert run.returncode == 1
+    assert run.stderr.strip().count("\n") == 0 and run.stderr.startswith("error: ")
+    assert "config.json" in run.stderr
+    run = cli("generate", "--demo", "--prompt", "Hi", "--max-tokens", "0", home=demo_home)
+    assert run.returncode == 1 and "max_tokens must be a positive integer" in run.stderr
+    assert "Traceback" not in run.stderr
