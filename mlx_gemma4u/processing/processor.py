@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-
 from mlx_gemma4u.errors import ConfigError, InputError
 from mlx_gemma4u.processing.audio import Gemma4UAudioFeatureExtractor, as_clip_list
 from mlx_gemma4u.processing.chat_template import read_chat_template, render_chat

@@ -14,12 +14,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from mlx_lm.tokenizer_utils import TokenizerWrapper, load
 
 from mlx_gemma4u.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 GEMMA4_STOP_IDS = (1, 106, 50)  # <eos>, <turn|>, <|tool_response>
 VIDEO_TOKEN = "<|video|>"
@@ -54,7 +56,13 @@ class MultimodalTokens:
 
 
 def load_tokenizer(model_dir: Path, eos_token_ids: Sequence[int] = GEMMA4_STOP_IDS) -> TokenizerWrapper:
-    """The checkpoint's tokenizer through mlx-lm, with `<|video|>` registered as transformers does."""
+    """The checkpoint's tokenizer through mlx-lm, with `<|video|>` registered as transformers does.
+
+    mlx-lm is imported here, not at module level, because it imports transformers (and with it
+    torch, where installed); image, audio and video processing never need it.
+    """
+    from mlx_lm.tokenizer_utils import load
+
     try:
         tokenizer = load(Path(model_dir), eos_token_ids=list(eos_token_ids))
     except (OSError, ValueError) as exc:
