@@ -167,3 +167,17 @@ def test_processing_sources_never_import_torch_or_transformers():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not [n for n in names if n.split(".")[0] in ("torch", "torchvision", "transformers")], source.name
+
+
+def test_budget_keywords_reach_images_and_frames(processor, fixtures_dir):
+    image = str(fixtures_dir / "images" / "landscape_rocket_640x427.jpg")
+    video = np.zeros((4, 160, 240, 3), np.uint8)
+    out = processor(text="<|image|><|video|>", images=image, videos=video, max_soft_tokens=140, num_frames=2)
+    assert out["pixel_values"].shape[1] == 140 and out["pixel_values_videos"].shape == (2, 140, 6912)
+    assert (out["input_ids"] == processor.image_token_id).sum() == 126  # golden count for rocket at 140
+    out = processor(text="<|image|>", images=image, images_kwargs={"max_soft_tokens": 560})
+    assert (out["input_ids"] == processor.image_token_id).sum() == 532  # golden count for rocket at 560
+    with pytest.raises(InputError, match="max_soft_tokens=300"):
+        processor(text="<|image|>", images=image, max_soft_tokens=300)
+    with pytest.raises(InputError, match="torch"):
+        processor(text="hello", return_tensors="pt")

@@ -22,7 +22,7 @@ import soundfile
 import soxr
 
 from mlx_gemma4u.errors import InputError
-from mlx_gemma4u.processing.sources import is_url, open_source
+from mlx_gemma4u.processing.sources import open_source
 from mlx_gemma4u.processing.tensors import convert_outputs
 
 SAMPLING_RATE = 16_000
@@ -54,7 +54,7 @@ def to_waveform(audio: Any, sampling_rate: int | None = None, name: str = "audio
         name = str(audio)
         audio, sampling_rate = load_audio(audio)
     samples = np.asarray(audio)
-    if samples.dtype == object or not (np.issubdtype(samples.dtype, np.number)):
+    if not np.issubdtype(samples.dtype, np.number):
         raise InputError(f"The {name} must be a path, URL or numeric array; got {type(audio).__name__}.")
     mono = _to_mono(samples, name)
     _check_content(mono, name)
@@ -69,8 +69,10 @@ def to_waveform(audio: Any, sampling_rate: int | None = None, name: str = "audio
 def _to_mono(samples: np.ndarray, name: str) -> np.ndarray:
     if samples.ndim == 1:
         return samples
+    if samples.ndim == 2 and samples.shape[1] == 1:
+        return samples[:, 0]
     if samples.ndim == 2 and samples.shape[1] <= _MAX_CHANNELS:
-        return samples.mean(axis=1, dtype=np.float64).astype(np.float32) if samples.shape[1] > 1 else samples[:, 0]
+        return samples.mean(axis=1, dtype=np.float64).astype(np.float32)
     raise InputError(
         f"The {name} array has shape {samples.shape}; pass (samples,) or (samples, channels) with at most "
         f"{_MAX_CHANNELS} channels (transpose a (channels, samples) array)."
@@ -113,7 +115,7 @@ class Gemma4UAudioFeatureExtractor:
         clips = as_clip_list(raw_speech)
         if not clips:
             raise InputError("No audio was given to the feature extractor; pass at least one clip.")
-        framed = [frame_waveform(self._checked(to_waveform(clip, sampling_rate, _clip_name(clip)), clip)) for clip in clips]
+        framed = [frame_waveform(self._within_limit(to_waveform(clip, sampling_rate, _clip_name(clip)), clip)) for clip in clips]
         longest = max(frames.shape[0] for frames in framed)
         features = np.zeros((len(framed), longest, SAMPLES_PER_TOKEN), dtype=np.float32)
         mask = np.zeros((len(framed), longest), dtype=bool)
@@ -122,7 +124,7 @@ class Gemma4UAudioFeatureExtractor:
             mask[index, : frames.shape[0]] = True
         return convert_outputs({"input_features": features, "input_features_mask": mask}, return_tensors)
 
-    def _checked(self, waveform: np.ndarray, clip: Any) -> np.ndarray:
+    def _within_limit(self, waveform: np.ndarray, clip: Any) -> np.ndarray:
         seconds = waveform.shape[0] / SAMPLING_RATE
         if self.max_audio_seconds is not None and seconds > self.max_audio_seconds:
             raise InputError(
@@ -140,4 +142,4 @@ def as_clip_list(audio: Any) -> list[Any]:
 
 
 def _clip_name(clip: Any) -> str:
-    return repr(str(clip)) if isinstance(clip, (str, Path)) or is_url(clip) else "audio"
+    return repr(str(clip)) if isinstance(clip, (str, Path)) else "audio"
