@@ -94,7 +94,8 @@ def _scan_packets(container: av.container.InputContainer, stream: av.video.strea
             continue
         total += 1
         first = packet.pts if first is None else min(first, packet.pts)
-        end = packet.pts + packet.duration if end is None else max(end, packet.pts + packet.duration)
+        stop = packet.pts + (packet.duration or 0)
+        end = stop if end is None else max(end, stop)
     container.seek(0)
     if total == 0:
         raise InputError("The video has no frames; pass a clip with at least one frame.")
