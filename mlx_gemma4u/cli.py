@@ -37,8 +37,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     last = None
-    for last in stream_generate(model, processor, messages, max_tokens=args.max_tokens, temperature=args.temp,
-                                top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed):
+    for last in stream_generate(model, processor, messages, images=args.image, videos=args.video, audio=args.audio,
+                                max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p,
+                                top_k=args.top_k, min_p=args.min_p, seed=args.seed):
         print(last.text, end="", flush=True)
     print()
     if last is not None:
@@ -54,11 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="answer one prompt, streaming the reply to stdout",
-                              description="Answer one prompt through the chat template, streaming the reply "
-                                          "to stdout and the statistics to stderr.")
+                              description="Answer one prompt (with any images, videos and audio clips) through "
+                                          "the chat template, streaming the reply to stdout and the statistics "
+                                          "to stderr.")
     add_model_args(gen)
     gen.add_argument("--prompt", required=True, help="the user message")
     gen.add_argument("--system", help="a system prompt")
+    gen.add_argument("--image", action="append", metavar="PATH", help="an image file or URL (repeatable)")
+    gen.add_argument("--video", action="append", metavar="PATH", help="a video file (repeatable)")
+    gen.add_argument("--audio", action="append", metavar="PATH", help="an audio file: wav, flac, ogg (repeatable)")
     gen.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
     gen.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
     gen.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")

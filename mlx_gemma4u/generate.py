@@ -1,26 +1,34 @@
 """The generation loop: prefill in chunks, then decode one token per step with the caches.
 
-    prompt -> ids (+ media) -> embed once -> prefill chunks -> last position's logits -> sample
-           -> decode step ... (the next step is queued while the current token is handed out)
+    prompt + media -> processor -> ids, soft-token inputs -> embed once -> prefill the tokens the
+    cache does not hold yet, in chunks -> last position's logits -> sample -> decode steps ...
+    (each next step is queued while the current token is handed out)
 
 Sampling and logits processors are mlx-lm's; streaming detokenization is mlx-lm's too, so a
 multi-byte character is never cut in half. Prefill runs the 262,144-wide output head for the last
 position only, and a chunk never ends inside an image or video-frame block (the block's tokens
-see each other both ways, so they must be in the cache together).
+see each other both ways, so they must reach the cache together).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import InputError
 from .masks import vision_blocks
+
+MEDIA_KEYS = ("pixel_values", "image_position_ids", "pixel_values_videos", "video_position_ids",
+              "input_features", "input_features_mask")
 
 
 @dataclass
@@ -31,6 +39,7 @@ class GenerationResponse:
     token: int | None
     logprobs: mx.array | None
     prompt_tokens: int
+    prefilled_tokens: int  # prompt tokens actually run (the rest came from the prompt cache)
     prompt_tps: float
     generation_tokens: int
     generation_tps: float
@@ -38,13 +47,63 @@ class GenerationResponse:
     finish_reason: str | None = None
 
 
-def prefill_chunks(n_tokens: int, step_size: int, mm_token_type_ids: mx.array | None = None) -> list[tuple[int, int]]:
-    """Split [0, n_tokens) into chunks of about step_size that never cut a vision block."""
-    blocks = np.array(vision_blocks(mm_token_type_ids))[0] if mm_token_type_ids is not None else None
-    chunks, start = [], 0
+class PromptCache:
+    """A conversation's KV caches and the tokens they hold, so turn N+1 prefills only its new tokens."""
+
+    def __init__(self, model, kv_bits: int | None = None):
+        self.caches = model.make_cache()
+        self.tokens: list[int] = []
+        self.kv_bits = kv_bits
+        self.reused = 0  # tokens of the last prompt that were already cached
+
+    def reusable(self, ids: list[int], blocks: np.ndarray) -> int:
+        """How many leading tokens of `ids` can stay cached: the common prefix, short of the last
+        token (its logits are needed), never ending inside a vision block, and only if the caches
+        can be trimmed back to it."""
+        n = 0
+        for a, b in zip(self.tokens, ids[:-1]):
+            if a != b:
+                break
+            n += 1
+        while 0 < n < len(ids) and blocks[n] >= 0 and blocks[n] == blocks[n - 1]:
+            n -= 1
+        surplus = len(self.tokens) - n
+        if surplus and not all(c.is_trimmable() for c in self.caches):
+            return 0
+        return n
+
+    def keep(self, n: int, model) -> None:
+        """Drop everything after the first n cached tokens (all of it when n is 0)."""
+        if n == 0:
+            self.caches, self.tokens = model.make_cache(), []
+            return
+        for c in self.caches:
+            c.trim(len(self.tokens) - n)
+        self.tokens = self.tokens[:n]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the caches and their tokens to a safetensors file, atomically."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.stem}.partial.safetensors")
+        save_prompt_cache(str(tmp), self.caches, {"tokens": json.dumps(self.tokens)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model) -> "PromptCache":
+        caches, metadata = load_prompt_cache(str(path), return_metadata=True)
+        if len(caches) != len(model.make_cache()):
+            raise InputError(f"{path} holds a prompt cache for a different model.")
+        cache = cls(model)
+        cache.caches, cache.tokens = caches, json.loads(metadata["tokens"])
+        return cache
+
+
+def prefill_chunks(start: int, n_tokens: int, step_size: int, blocks: np.ndarray) -> list[tuple[int, int]]:
+    """Split [start, n_tokens) into chunks of about step_size that never cut a vision block."""
+    chunks = []
     while start < n_tokens:
         end = min(start + step_size, n_tokens)
-        while blocks is not None and 0 < end < n_tokens and blocks[end] >= 0 and blocks[end] == blocks[end - 1]:
+        while end < n_tokens and blocks[end] >= 0 and blocks[end] == blocks[end - 1]:
             end += 1
         chunks.append((start, end))
         start = end
@@ -53,16 +112,25 @@ def prefill_chunks(n_tokens: int, step_size: int, mm_token_type_ids: mx.array | 
 
 def generate_step(
     model,
-    input_ids: mx.array,
-    cache: list,
+    inputs: dict,
+    prompt_cache: PromptCache,
     sampler: Callable,
     logits_processors: list | None = None,
     max_tokens: int = 256,
     prefill_step_size: int = 512,
-    mm_token_type_ids: mx.array | None = None,
-    **media,
 ) -> Iterator[tuple[int, mx.array]]:
-    """Yield (token, logprobs) for up to max_tokens new tokens after the (1, T) prompt `input_ids`."""
+    """Yield (token, logprobs) for up to max_tokens new tokens after the (1, T) prompt in `inputs`.
+
+    inputs: input_ids, optional mm_token_type_ids and media arrays (the processor's output names).
+    Tokens the prompt cache already holds are not prefilled again; the rest are.
+    """
+    input_ids = inputs["input_ids"]
+    ids = input_ids[0].tolist()
+    types = inputs.get("mm_token_type_ids")
+    blocks = np.array(vision_blocks(types))[0] if types is not None else np.full(len(ids), -1)
+    start = prompt_cache.reused = prompt_cache.reusable(ids, blocks)
+    prompt_cache.keep(start, model)
+    cache = prompt_cache.caches
     history = input_ids[0]
     processors = logits_processors or []
 
@@ -75,46 +143,102 @@ def generate_step(
         history = mx.concatenate([history, token])
         return token, logprobs[0]
 
-    embeds = model.embed(input_ids, **media)
-    for start, end in prefill_chunks(input_ids.shape[1], prefill_step_size, mm_token_type_ids):
-        types = mm_token_type_ids[:, start:end] if mm_token_type_ids is not None else None
-        logits = model(input_ids[:, start:end], cache=cache, inputs_embeds=embeds[:, start:end],
-                       mm_token_type_ids=types, logits_to_keep=1)
-        if end < input_ids.shape[1]:
+    embeds = model.embed(input_ids, **{k: v for k, v in inputs.items() if k in MEDIA_KEYS})
+    for lo, hi in prefill_chunks(start, len(ids), prefill_step_size, blocks):
+        logits = model(input_ids[:, lo:hi], cache=cache, inputs_embeds=embeds[:, lo:hi],
+                       mm_token_type_ids=None if types is None else types[:, lo:hi], logits_to_keep=1)
+        if hi < len(ids):
             mx.eval([c.state for c in cache])
+    _maybe_quantize(prompt_cache)
+    prompt_cache.tokens = list(ids)
     token, logprobs = sample(logits[:, -1].astype(mx.float32))
     mx.async_eval(token, logprobs)
     for n in range(max_tokens):
-        if n + 1 < max_tokens:
+        more = n + 1 < max_tokens
+        if more:
             logits = model(token[None], cache=cache, logits_to_keep=1)
             next_token, next_logprobs = sample(logits[:, -1].astype(mx.float32))
             mx.async_eval(next_token, next_logprobs)
-        yield token.item(), logprobs
-        if n + 1 < max_tokens:
+        value = token.item()
+        yield value, logprobs
+        if more:  # the token just handed out is now in the cache
+            prompt_cache.tokens.append(value)
             token, logprobs = next_token, next_logprobs
 
 
-def prompt_ids(tokenizer, prompt, enable_thinking: bool = False) -> list[int]:
-    """A token list as is; a string verbatim; chat messages through the chat template. BOS exactly once."""
-    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-        ids = list(prompt)
+def _maybe_quantize(prompt_cache: PromptCache) -> None:
+    """Quantize the full-attention caches (mlx-lm cannot quantize rotating ones) once, after prefill."""
+    if prompt_cache.kv_bits is None:
+        return
+    prompt_cache.caches = [
+        c.to_quantized(group_size=64 if c.keys.shape[-1] % 64 == 0 else 32, bits=prompt_cache.kv_bits)
+        if isinstance(c, KVCache) and c.keys is not None else c
+        for c in prompt_cache.caches
+    ]
+
+
+def prepare_inputs(processor, prompt, images=None, videos=None, audio=None, enable_thinking: bool = False,
+                   **processor_kwargs) -> dict:
+    """The processor's arrays for one prompt (batch of 1), with the BOS token exactly once.
+
+    A list of token ids is used as is; a string verbatim (its <|image|>, <|audio|>, <|video|>
+    placeholders are expanded); chat messages go through the chat template with the generation
+    prompt, and media passed beside them join the last user message.
+    """
+    media = {"images": images, "videos": videos, "audio": audio}
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+        if any(media.values()):
+            raise InputError("A prompt of token ids cannot take media; pass a string or chat messages.")
+        inputs = {"input_ids": mx.array([list(prompt)], dtype=mx.int32)}
     elif isinstance(prompt, str):
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
-    elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
-        ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
-                                            enable_thinking=enable_thinking)
+        if not prompt:
+            raise InputError("The prompt is empty.")
+        inputs = processor(text=prompt, return_tensors="mlx", add_special_tokens=False, **media, **processor_kwargs)
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        messages = _attach_media(list(prompt), media)
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="mlx", enable_thinking=enable_thinking,
+                                               processor_kwargs=processor_kwargs)
     else:
-        raise InputError("prompt must be a string, a list of token ids, or a list of chat messages (dicts).")
-    if not ids:
-        raise InputError("The prompt is empty.")
-    bos = tokenizer.bos_token_id
-    return ids if ids[0] == bos else [bos, *ids]
+        raise InputError("prompt must be a non-empty string, list of token ids, or list of chat messages (dicts).")
+    inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "mm_token_type_ids", *MEDIA_KEYS)}
+    return _with_bos(inputs, processor.tokenizer.bos_token_id)
+
+
+def _attach_media(messages: list[dict], media: dict) -> list[dict]:
+    items = [{"type": kind.rstrip("s"), kind.rstrip("s"): item}
+             for kind, value in media.items() if value is not None
+             for item in (value if isinstance(value, list) else [value])]
+    if not items:
+        return messages
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    if not users:
+        raise InputError("Media need a user message to go with.")
+    last = dict(messages[users[-1]])
+    content = last.get("content")
+    text = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+    last["content"] = items + text
+    return [*messages[:users[-1]], last, *messages[users[-1] + 1:]]
+
+
+def _with_bos(inputs: dict, bos: int) -> dict:
+    ids = inputs["input_ids"].astype(mx.int32)
+    if ids.shape[1] and ids[0, 0].item() == bos:
+        return {**inputs, "input_ids": ids}
+    out = {**inputs, "input_ids": mx.concatenate([mx.array([[bos]], dtype=mx.int32), ids], axis=1)}
+    if "mm_token_type_ids" in inputs:
+        types = inputs["mm_token_type_ids"]
+        out["mm_token_type_ids"] = mx.concatenate([mx.zeros((1, 1), dtype=types.dtype), types], axis=1)
+    return out
 
 
 def stream_generate(
     model,
     processor,
     prompt,
+    images=None,
+    videos=None,
+    audio=None,
     max_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 0.0,
@@ -122,48 +246,79 @@ def stream_generate(
     min_p: float = 0.0,
     seed: int | None = None,
     repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    stop: list[str] | None = None,
+    prompt_cache: PromptCache | None = None,
+    kv_bits: int | None = None,
     prefill_step_size: int = 512,
     enable_thinking: bool = False,
+    **processor_kwargs,
 ) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt`, one GenerationResponse per new token.
 
-    Stops at any end-of-turn / end-of-sequence id of the checkpoint (never printed) or max_tokens.
+    Stops at any end-of-turn / end-of-sequence id of the checkpoint (never printed), at a stop
+    string (not printed either) or at max_tokens. Pass a PromptCache to carry a conversation over
+    turns: each turn then prefills only what the cache does not hold.
     """
-    _check_sampling(max_tokens, temperature, top_p, top_k, min_p)
-    tokenizer = getattr(processor, "tokenizer", processor)
+    _check_sampling(max_tokens, temperature, top_p, top_k, min_p, kv_bits)
     if seed is not None:
         mx.random.seed(seed)
-    ids = prompt_ids(tokenizer, prompt, enable_thinking)
+    tokenizer = processor.tokenizer
+    inputs = prepare_inputs(processor, prompt, images, videos, audio, enable_thinking, **processor_kwargs)
+    prompt_cache = prompt_cache if prompt_cache is not None else PromptCache(model, kv_bits)
     sampler = make_sampler(temp=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
-    processors = make_logits_processors(repetition_penalty=repetition_penalty)
+    processors = make_logits_processors(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                        frequency_penalty=frequency_penalty)
     stops = set(tokenizer.eos_token_ids)
-    hidden = set(getattr(tokenizer, "all_special_ids", ())) | stops
+    hidden = set(tokenizer.all_special_ids) | stops
+    text = _StopText(stop or [])
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
 
+    n_prompt = inputs["input_ids"].shape[1]
     start = time.perf_counter()
-    steps = generate_step(model, mx.array([ids], dtype=mx.int32), model.make_cache(), sampler, processors,
-                          max_tokens=max_tokens, prefill_step_size=prefill_step_size)
+    steps = generate_step(model, inputs, prompt_cache, sampler, processors, max_tokens, prefill_step_size)
     prompt_time = gen_start = None
-    n = 0
     for n, (token, logprobs) in enumerate(steps, start=1):
         if gen_start is None:
-            prompt_time = time.perf_counter() - start
-            gen_start = time.perf_counter()
+            prompt_time, gen_start = time.perf_counter() - start, time.perf_counter()
+            prefilled = n_prompt - prompt_cache.reused
         if token not in hidden:
             detokenizer.add_token(token)
         finish = "stop" if token in stops else "length" if n == max_tokens else None
         if finish:
             detokenizer.finalize()
-        elapsed = max(time.perf_counter() - gen_start, 1e-9)
+        segment, hit = text.add(detokenizer.last_segment, final=finish is not None)
+        finish = "stop" if hit else finish
         yield GenerationResponse(
-            text=detokenizer.last_segment, token=token, logprobs=logprobs,
-            prompt_tokens=len(ids), prompt_tps=len(ids) / max(prompt_time, 1e-9),
-            generation_tokens=n, generation_tps=n / elapsed,
+            text=segment, token=token, logprobs=logprobs, prompt_tokens=n_prompt, prefilled_tokens=prefilled,
+            prompt_tps=prefilled / max(prompt_time, 1e-9), generation_tokens=n,
+            generation_tps=n / max(time.perf_counter() - gen_start, 1e-9),
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
         )
         if finish:
             break
+
+
+class _StopText:
+    """Holds back just enough streamed text to cut it at the first stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def add(self, segment: str, final: bool) -> tuple[str, bool]:
+        """-> (text safe to show now, whether a stop string was reached)."""
+        self.pending += segment
+        cuts = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            out, self.pending = self.pending[:min(cuts)], ""
+            return out, True
+        keep = 0 if final else max((len(s) - 1 for s in self.stops), default=0)
+        out = self.pending[:len(self.pending) - keep] if keep else self.pending
+        self.pending = self.pending[len(out):]
+        return out, False
 
 
 def generate(model, processor, prompt, verbose: bool = False, **kwargs) -> str:
@@ -176,8 +331,8 @@ def generate(model, processor, prompt, verbose: bool = False, **kwargs) -> str:
     return text
 
 
-def _check_sampling(max_tokens, temperature, top_p, top_k, min_p) -> None:
-    if not isinstance(max_tokens, int) or max_tokens < 1:
+def _check_sampling(max_tokens, temperature, top_p, top_k, min_p, kv_bits) -> None:
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}.")
     if temperature < 0:
         raise InputError(f"temperature must be 0 (greedy) or more, got {temperature}.")
@@ -187,3 +342,5 @@ def _check_sampling(max_tokens, temperature, top_p, top_k, min_p) -> None:
         raise InputError(f"top_k must be 0 (off) or a positive integer, got {top_k}.")
     if not 0 <= min_p < 1:
         raise InputError(f"min_p must be in [0, 1), got {min_p}.")
+    if kv_bits not in (None, 4, 8):
+        raise InputError(f"kv_bits must be 4 or 8 (or unset), got {kv_bits!r}.")

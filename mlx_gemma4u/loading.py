@@ -56,13 +56,16 @@ def load(path_or_repo: str | os.PathLike, vision_mask: str = "gemma4", dtype: st
     return model, load_processor(path)
 
 
-def load_processor(path: Path):
-    """The checkpoint's tokenizer through mlx-lm (stop ids: <eos>, <turn|> and <|tool_response>)."""
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
+def load_processor(path: Path, **processor_kwargs):
+    """The checkpoint's processor: tokenizer (through mlx-lm), chat template, image, video and audio.
+
+    Generation stops at <eos>, <turn|> and <|tool_response>, plus any id generation_config.json adds.
+    """
+    from .processing import Gemma4UProcessor
 
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise CheckpointError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json).")
-    return load_tokenizer(path, eos_token_ids=_stop_ids(path))
+    return Gemma4UProcessor.from_pretrained(path, eos_token_ids=_stop_ids(path), **processor_kwargs)
 
 
 def _stop_ids(path: Path) -> list[int]:
