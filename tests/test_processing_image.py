@@ -13,22 +13,13 @@ from safetensors.numpy import load_file
 from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.processing import Gemma4UImageProcessor
 from mlx_gemma4u.processing.patches import target_size
+from patch_images import reassemble
 
 MAX_PIXEL_DIFF = 0.0  # measured: bit-identical to transformers' torchvision output
 
 
 def _golden_cases(index: dict) -> list[str]:
     return sorted(index["images"])
-
-
-def _reassemble(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Rebuild the resized uint8 image from its patch rows (HWC blocks at (x, y))."""
-    real = positions[:, 0] >= 0
-    xs, ys = positions[real, 0], positions[real, 1]
-    image = np.zeros(((ys.max() + 1) * 48, (xs.max() + 1) * 48, 3), np.float32)
-    for row, x, y in zip(rows[real], xs, ys):
-        image[y * 48:(y + 1) * 48, x * 48:(x + 1) * 48] = row.reshape(48, 48, 3)
-    return np.rint(image * 255).astype(np.uint8)
 
 
 def test_every_image_and_budget_matches_transformers(fixtures_dir, golden_dir, golden_index):
@@ -47,7 +38,7 @@ def test_every_image_and_budget_matches_transformers(fixtures_dir, golden_dir, g
         diff = np.abs(pixels[golden["row_index"]] - golden["rows"]).max()
         assert diff <= MAX_PIXEL_DIFF, f"{stem}: max |Δpixel| {diff}"
         resized = np.asarray(Image.open(golden_dir / "images" / f"{stem}.png"))
-        np.testing.assert_array_equal(_reassemble(pixels, positions), resized, err_msg=stem)
+        np.testing.assert_array_equal(reassemble(pixels, positions), resized, err_msg=stem)
 
 
 def test_paths_numpy_and_pil_inputs_agree(fixtures_dir):

@@ -12,21 +12,13 @@ from safetensors.numpy import load_file
 from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.processing import Gemma4UVideoProcessor
 from mlx_gemma4u.processing.video import sample_indices
+from patch_images import reassemble
 
 MAX_PIXEL_DIFF = 0.0  # measured
 
 
 def _golden_videos(index):
     return {stem: case for stem, case in index["videos"].items() if "error" not in case}
-
-
-def _frame_image(rows, positions):
-    real = positions[:, 0] >= 0
-    xs, ys = positions[real, 0], positions[real, 1]
-    image = np.zeros(((ys.max() + 1) * 48, (xs.max() + 1) * 48, 3), np.float32)
-    for row, x, y in zip(rows[real], xs, ys):
-        image[y * 48:(y + 1) * 48, x * 48:(x + 1) * 48] = row.reshape(48, 48, 3)
-    return np.rint(image * 255).astype(np.uint8)
 
 
 def test_every_golden_clip_matches_transformers(fixtures_dir, golden_dir, golden_index):
@@ -45,7 +37,7 @@ def test_every_golden_clip_matches_transformers(fixtures_dir, golden_dir, golden
             assert diff <= MAX_PIXEL_DIFF, f"{stem} frame {frame}: {diff}"
         for frame in (0, case["frames"] - 1):
             expected = np.asarray(Image.open(golden_dir / "videos" / f"{stem}__frame{frame:02d}.png"))
-            np.testing.assert_array_equal(_frame_image(pixels[frame], positions[frame]), expected)
+            np.testing.assert_array_equal(reassemble(pixels[frame], positions[frame]), expected)
 
 
 def test_short_clip_takes_every_frame_where_transformers_refuses(fixtures_dir, golden_index):
