@@ -159,17 +159,18 @@ class Model(nn.Module):
 
         Raises CheckpointError naming the first key that belongs nowhere.
         """
-        out = {}
+        out, source = {}, {}
         for key, value in weights.items():
             name = _rename(key)
             if name is None or (name.startswith("lm_head.") and "lm_head" not in self):
                 continue
-            out[name] = value
+            out[name], source[name] = value, key
         expected = dict(tree_flatten(self.parameters()))
         unknown = sorted(k for k in out if k not in expected)
         if unknown:
-            raise CheckpointError(f"The checkpoint has a weight {unknown[0]!r} that this model does not have "
-                                  f"({len(unknown)} unknown in all); is config.json the one that came with it?")
+            raise CheckpointError(f"The checkpoint has a weight {source[unknown[0]]!r} (read as {unknown[0]!r}) that "
+                                  f"this model does not have ({len(unknown)} unknown in all); is config.json the one "
+                                  "that came with it?")
         return out
 
 

@@ -8,6 +8,7 @@ For each merged patch p (6,912 values, HWC order, in [0, 1]) at grid position (x
 
 Positions (-1, -1) mark padding: they add no position embedding and their soft tokens are dropped.
 Patches never see each other here; all mixing happens in the decoder. LayerNorms use eps 1e-5.
+LN1's statistics over the 6,912 values are reduced in two steps (see multimodal.two_step_mean).
 """
 
 import mlx.core as mx
@@ -16,9 +17,18 @@ import numpy as np
 
 from .config import VisionConfig
 from .errors import InputError
-from .multimodal import MultimodalEmbedder
+from .multimodal import MultimodalEmbedder, two_step_mean
 
 LAYER_NORM_EPS = 1e-5
+
+
+class PatchLayerNorm(nn.LayerNorm):
+    """LayerNorm over a whole patch, (..., 6912) -> (..., 6912), with two-step statistics: the mean,
+    then the variance of the centered values (flat patches have a small variance)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        centered = x - two_step_mean(x)
+        return centered * mx.rsqrt(two_step_mean(centered * centered) + self.eps) * self.weight + self.bias
 
 
 class VisionEmbedder(nn.Module):
@@ -26,7 +36,7 @@ class VisionEmbedder(nn.Module):
         super().__init__()
         self.config = config
         dim = config.mm_embed_dim
-        self.patch_ln1 = nn.LayerNorm(config.patch_values, eps=LAYER_NORM_EPS)
+        self.patch_ln1 = PatchLayerNorm(config.patch_values, eps=LAYER_NORM_EPS)
         self.patch_dense = nn.Linear(config.patch_values, dim)
         self.patch_ln2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.pos_embedding = mx.zeros((config.mm_posemb_size, 2, dim))
