@@ -34,8 +34,16 @@ class MultimodalEmbedder(nn.Module):
         self.embedding_projection = nn.Linear(in_dim, out_dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = x.astype(self.embedding_projection.weight.dtype)
-        return self.embedding_projection(x * mx.rsqrt(two_step_mean(x * x) + self.eps))
+        dtype = compute_dtype(self.embedding_projection)
+        x = x.astype(dtype).astype(mx.float32)  # rounded to the model dtype, normalized in float32
+        normed = x * mx.rsqrt(two_step_mean(x * x) + self.eps)
+        return self.embedding_projection(normed.astype(dtype))
+
+
+def compute_dtype(layer: nn.Module) -> mx.Dtype:
+    """The floating dtype a (possibly quantized) layer computes in."""
+    weight = layer.weight
+    return weight.dtype if mx.issubdtype(weight.dtype, mx.floating) else layer.scales.dtype
 
 
 def placeholder_positions(input_ids: mx.array, token_id: int) -> np.ndarray:

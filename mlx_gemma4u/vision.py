@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import VisionConfig
 from .errors import InputError
-from .multimodal import MultimodalEmbedder, two_step_mean
+from .multimodal import MultimodalEmbedder, compute_dtype, two_step_mean
 
 LAYER_NORM_EPS = 1e-5
 
@@ -27,8 +27,10 @@ class PatchLayerNorm(nn.LayerNorm):
     then the variance of the centered values (flat patches have a small variance)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        centered = x - two_step_mean(x)
-        return centered * mx.rsqrt(two_step_mean(centered * centered) + self.eps) * self.weight + self.bias
+        xf = x.astype(mx.float32)
+        centered = xf - two_step_mean(xf)
+        normed = centered * mx.rsqrt(two_step_mean(centered * centered) + self.eps)
+        return (normed * self.weight + self.bias).astype(x.dtype)
 
 
 class VisionEmbedder(nn.Module):
@@ -53,7 +55,7 @@ class VisionEmbedder(nn.Module):
     def __call__(self, pixel_values: mx.array, position_ids: mx.array) -> mx.array:
         """(N, P, 6912) patches and (N, P, 2) positions -> (M, D) soft tokens of the M real patches."""
         self._check(pixel_values, position_ids)
-        x = pixel_values.astype(self.patch_dense.weight.dtype)
+        x = pixel_values.astype(compute_dtype(self.patch_dense))
         h = self.patch_ln2(self.patch_dense(self.patch_ln1(x)))
         h = self.pos_norm(h + self.position_embedding(position_ids))
         soft = self.multimodal_embedder(h)
