@@ -1,7 +1,10 @@
 """KV caches: mlx-lm's `KVCache` for full layers and `RotatingKVCache` for sliding layers.
 
-A sliding layer never needs more than its window: the rotating cache keeps the last W - 1 tokens
-(a query then sees W keys, itself included), exactly like transformers' sliding cache. Layers that
+A sliding layer's query sees the last W keys (itself included). Its rotating cache holds W plus
+`REWIND` more tokens, so a conversation can take back up to that many tokens even after the
+buffer wrapped: when the next turn's prompt re-renders the last reply differently from the
+tokens that were generated (the chat template trims it, drops the thinking), the cache rewinds to
+where they part instead of starting over. The masks hide keys older than the window. Layers that
 reuse another layer's keys and values (KV sharing) get no cache at all.
 
 Masks need to know which absolute position each returned key holds; `key_positions` reads that
@@ -17,10 +20,40 @@ from .config import SLIDING, TextConfig
 def make_cache(config: TextConfig) -> list:
     """One cache per layer that owns keys and values, in layer order."""
     return [
-        RotatingKVCache(max_size=config.sliding_window) if spec.layer_type == SLIDING else KVCache()
+        RotatingKVCache(max_size=config.sliding_window + rewind_room(config)) if spec.layer_type == SLIDING
+        else KVCache()
         for spec in config.layers
         if spec.kv_mode != "reuse"
     ]
+
+
+def rewind_room(config: TextConfig) -> int:
+    """Tokens a wrapped sliding cache can take back: one window's worth."""
+    return config.sliding_window
+
+
+def can_rewind(cache, n: int, config: TextConfig) -> bool:
+    if isinstance(cache, RotatingKVCache) and cache.offset >= cache.max_size:
+        return n <= cache.max_size - config.sliding_window
+    return cache.is_trimmable()
+
+
+def rewind(cache, n: int) -> None:
+    """Forget the last n tokens (check `can_rewind` first).
+
+    A wrapped rotating buffer is laid out in time order, cut, and padded at the old end back to
+    its full size: the padding sits at positions older than any future query's window.
+    """
+    if not (isinstance(cache, RotatingKVCache) and cache.offset >= cache.max_size):
+        cache.trim(n)
+        return
+    size = cache.max_size
+    kept_k = cache._temporal_order(cache.keys)[..., : -n or None, :][..., -size:, :]
+    kept_v = cache._temporal_order(cache.values)[..., : -n or None, :][..., -size:, :]
+    pad = [(0, 0)] * 2 + [(size - kept_k.shape[2], 0), (0, 0)]
+    cache.keys, cache.values = mx.pad(kept_k, pad), mx.pad(kept_v, pad)
+    cache.offset -= n
+    cache._idx = size
 
 
 def key_positions(cache, n_keys: int) -> mx.array:

@@ -24,6 +24,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from . import cache as caches
 from .errors import InputError
 from .masks import vision_blocks
 
@@ -51,6 +52,7 @@ class PromptCache:
     """A conversation's KV caches and the tokens they hold, so turn N+1 prefills only its new tokens."""
 
     def __init__(self, model, kv_bits: int | None = None):
+        self.config = model.config.text
         self.caches = model.make_cache()
         self.tokens: list[int] = []
         self.kv_bits = kv_bits
@@ -68,7 +70,7 @@ class PromptCache:
         while 0 < n < len(ids) and blocks[n] >= 0 and blocks[n] == blocks[n - 1]:
             n -= 1
         surplus = len(self.tokens) - n
-        if surplus and not all(c.is_trimmable() for c in self.caches):
+        if surplus and not all(caches.can_rewind(c, surplus, self.config) for c in self.caches):
             return 0
         return n
 
@@ -78,7 +80,7 @@ class PromptCache:
             self.caches, self.tokens = model.make_cache(), []
             return
         for c in self.caches:
-            c.trim(len(self.tokens) - n)
+            caches.rewind(c, len(self.tokens) - n)
         self.tokens = self.tokens[:n]
 
     def save(self, path: str | os.PathLike) -> None:

@@ -136,11 +136,8 @@ class Model(nn.Module):
 
         def make_mask(layer_type, layer_cache, n_keys):
             k_pos = caches.key_positions(layer_cache, n_keys) if layer_cache is not None else mx.arange(n_keys)
-            if blocks is None and key_valid is None:
-                if T == 1:
-                    return None
-                if layer_type == FULL or n_keys <= text.sliding_window:
-                    return "causal"
+            if blocks is None and key_valid is None and (layer_type == FULL or n_keys <= text.sliding_window):
+                return None if T == 1 else "causal"
             k_blocks = None
             if blocks is not None:
                 local = k_pos - past

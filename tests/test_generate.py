@@ -152,3 +152,27 @@ def test_bad_prompts(demo):
     for prompt in ("", [], 3.5, [{"role": "user", "content": "x"}, "y"]):
         with pytest.raises(InputError):
             list(stream_generate(model, processor, prompt))
+
+
+def test_a_turn_that_rewrites_the_last_reply_rewinds_a_wrapped_cache(hf_checkpoints):
+    """The next turn keeps only part of the reply (as a chat template that trims it would): the
+    cache, already wrapped on its window of 8, takes back the rest instead of starting over."""
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_gemma4u.generate import generate_step
+    from mlx_gemma4u.loading import load_model
+
+    model = load_model(hf_checkpoints["full"][1])
+    greedy = make_sampler(0.0)
+
+    def run(ids, cache):
+        return [t for t, _ in generate_step(model, {"input_ids": mx.array([ids], dtype=mx.int32)}, cache, greedy,
+                                            max_tokens=10)]
+
+    turn1 = list(range(30, 60))
+    cache = PromptCache(model)
+    reply = run(turn1, cache)
+    turn2 = turn1 + reply[:5] + [70, 71, 72, 73, 74, 75]
+    warm = run(turn2, cache)
+    assert cache.reused == len(turn1) + 5  # 4 cached reply tokens were taken back
+    assert warm == run(turn2, PromptCache(model))

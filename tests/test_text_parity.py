@@ -98,7 +98,8 @@ def test_sliding_cache_stays_within_window(loaded):
         model(mx.array([[7]], dtype=mx.int32), cache=cache)
     sliding = [c for c, spec in zip(cache, [s for s in model.config.text.layers if s.kv_mode != "reuse"])
                if spec.layer_type == "sliding_attention"]
-    assert sliding and all(c.keys.shape[2] <= WINDOW for c in sliding)
+    # the window plus as many tokens again, which a conversation may take back (cache.rewind)
+    assert sliding and all(c.keys.shape[2] <= 2 * WINDOW for c in sliding)
     # Two layers reuse others' keys and values, so they own no cache.
     assert len(cache) == len(model.config.text.layers) - 2
 
@@ -116,3 +117,28 @@ def test_left_padded_batch_equals_transformers_generate_positions(hf_checkpoints
     ours = np.array(loaded["full"](mx.array(ids, dtype=mx.int32), attention_mask=mx.array(mask)))
     real = mask.astype(bool)
     assert np.abs(ours[real] - ref[real]).max() <= bound(ref[real])
+
+
+def test_rewinding_a_wrapped_cache_equals_a_cold_run(loaded):
+    """Prompt, 12 decoded tokens (the sliding buffers wrap), take back 6, continue with other
+    tokens: the logits equal one pass over the resulting sequence."""
+    from mlx_gemma4u.cache import can_rewind, rewind
+
+    model = loaded["full"]
+    ids = [int(i) for i in prompt(1, 3 * WINDOW, seed=9)[0]]
+    cache = model.make_cache()
+    model(mx.array([ids], dtype=mx.int32), cache=cache)
+    for t in range(12):
+        model(mx.array([[20 + t]], dtype=mx.int32), cache=cache)
+    assert all(can_rewind(c, 6, model.config.text) for c in cache)
+    assert not all(can_rewind(c, 2 * WINDOW, model.config.text) for c in cache)
+    for c in cache:
+        rewind(c, 6)
+    tail = [40, 41, 42, 43, 44]
+    warm = np.array(model(mx.array([tail], dtype=mx.int32), cache=cache))
+    whole = ids + [20 + t for t in range(6)] + tail
+    cold = np.array(model(mx.array([whole], dtype=mx.int32)))[:, -len(tail):]
+    assert np.abs(warm - cold).max() < 1e-4
+    step = np.array(model(mx.array([[45]], dtype=mx.int32), cache=cache))
+    cold = np.array(model(mx.array([whole + [45]], dtype=mx.int32)))[:, -1:]
+    assert np.abs(step - cold).max() < 1e-4
