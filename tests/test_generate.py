@@ -1,5 +1,7 @@
 """The generation loop on the demo checkpoint: prompts, prompt cache, sampling, stops, cache files."""
 
+from types import SimpleNamespace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -88,6 +90,7 @@ class CraftedModel:
 
     def __init__(self, logits):
         self.logits = mx.array(logits, dtype=mx.float32)
+        self.config = SimpleNamespace(text=None)  # no caches, so no window to know
 
     def make_cache(self):
         return []

@@ -14,6 +14,7 @@ import soundfile
 from PIL import Image
 from safetensors.numpy import load_file
 
+import bare_package
 from mlx_gemma4u.errors import InputError
 
 
@@ -106,11 +107,7 @@ def test_image_and_audio_processing_do_not_import_torch(fixtures_dir):
     # torch is installed in the test environment, and the package's own __init__ imports mlx-lm,
     # whose transformers import pulls torch in whenever it is installed. So this run registers a
     # bare `mlx_gemma4u` package to skip that __init__ and checks what the processing code imports.
-    script = """
-import importlib.util, sys, types
-bare = types.ModuleType("mlx_gemma4u")
-bare.__path__ = list(importlib.util.find_spec("mlx_gemma4u").submodule_search_locations)
-sys.modules["mlx_gemma4u"] = bare
+    script = bare_package.PRELUDE + """
 from mlx_gemma4u.processing.image import Gemma4UImageProcessor
 from mlx_gemma4u.processing.audio import Gemma4UAudioFeatureExtractor
 Gemma4UImageProcessor()(sys.argv[1], return_tensors="mlx")

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from mlx_gemma4u.errors import CheckpointError
 from mlx_gemma4u.tokenizer_files import _write_atomic, write_tokenizer_files
+import bare_package
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIAL_IDS = {
@@ -49,8 +50,8 @@ TEXTS = [
 def build(tmp_path_factory) -> dict:
     """Build our folder in a fresh interpreter; return its path and the heavy modules it imported."""
     out = tmp_path_factory.mktemp("ours")
-    code = (
-        "import json, sys; from pathlib import Path\n"
+    code = bare_package.PRELUDE + (
+        "import json; from pathlib import Path\n"
         "from mlx_gemma4u.tokenizer_files import write_tokenizer_files\n"
         f"write_tokenizer_files(Path({str(out)!r}))\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch'))))\n"
