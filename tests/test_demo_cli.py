@@ -59,3 +59,14 @@ def test_cli_errors_are_one_line(tmp_path, demo_home):
     run = cli("generate", "--demo", "--prompt", "Hi", "--max-tokens", "0", home=demo_home)
     assert run.returncode == 1 and "max_tokens must be a positive integer" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_generate_takes_media_files(demo_home, fixtures_dir):
+    run = cli("generate", "--demo", "--prompt", "Describe both.", "--max-tokens", "3",
+              "--image", str(fixtures_dir / "images/tiny_coffee_40x27.png"),
+              "--audio", str(fixtures_dir / "audio/speech_tiny_25ms_16k.wav"), home=demo_home)
+    assert run.returncode == 0, run.stderr
+    prompt_tokens = int(run.stderr.split("prompt: ")[1].split()[0])
+    assert prompt_tokens > 260  # 260 image soft tokens plus the audio token and the text
+    missing = cli("generate", "--demo", "--prompt", "Hi", "--image", "no/such.png", home=demo_home)
+    assert missing.returncode == 1 and "no/such.png" in missing.stderr and "Traceback" not in missing.stderr

@@ -179,3 +179,17 @@ def test_a_turn_that_rewrites_the_last_reply_rewinds_a_wrapped_cache(hf_checkpoi
     warm = run(turn2, cache)
     assert cache.reused == len(turn1) + 5  # 4 cached reply tokens were taken back
     assert warm == run(turn2, PromptCache(model))
+
+
+def test_multi_turn_with_an_image_reuses_the_image_tokens(demo, fixtures_dir):
+    model, processor = demo
+    image = str(fixtures_dir / "images/tiny_coffee_40x27.png")
+    turn1 = [{"role": "user", "content": [{"type": "image", "path": image}, {"type": "text", "text": "What is it?"}]}]
+    cache = PromptCache(model)
+    reply = generate(model, processor, turn1, max_tokens=5, prompt_cache=cache)
+    turn2 = turn1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And the colour?"}]
+    warm = list(stream_generate(model, processor, turn2, max_tokens=6, prompt_cache=cache))
+    cold = list(stream_generate(model, processor, turn2, max_tokens=6))
+    assert [r.token for r in warm] == [r.token for r in cold]
+    assert cache.reused > 250  # the image's soft tokens and the first turn stayed cached
+    assert warm[0].prefilled_tokens == warm[0].prompt_tokens - cache.reused
