@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig
+from .files import replacing_folder
 from .model import Model
 from .tokenizer_files import write_tokenizer_files
 
@@ -103,18 +102,9 @@ def default_path() -> Path:
 def ensure_demo(path: Path | None = None) -> Path:
     """The demo folder, written first if it is not there yet (atomically: all of it or none)."""
     path = Path(path) if path else default_path()
-    if (path / "config.json").is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        write_demo(staging)
-        os.replace(staging, path)
-    except OSError:
-        if not (path / "config.json").is_file():  # not a lost race with another process
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if not (path / "config.json").is_file():
+        with replacing_folder(path) as staging:
+            write_demo(staging)
     return path
 
 

@@ -26,6 +26,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from . import cache as caches
 from .errors import InputError
+from .files import replacing
 from .masks import vision_blocks
 
 MEDIA_KEYS = ("pixel_values", "image_position_ids", "pixel_values_videos", "video_position_ids",
@@ -85,10 +86,8 @@ class PromptCache:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the caches and their tokens to a safetensors file, atomically."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.stem}.partial.safetensors")
-        save_prompt_cache(str(tmp), self.caches, {"tokens": json.dumps(self.tokens)})
-        os.replace(tmp, path)
+        with replacing(Path(path)) as tmp:
+            save_prompt_cache(str(tmp), self.caches, {"tokens": json.dumps(self.tokens)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model) -> "PromptCache":

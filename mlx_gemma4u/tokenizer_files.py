@@ -16,8 +16,6 @@ renamed "<|video|>" because the Gemma 4 configs use 258884 as video_token_id.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
@@ -25,6 +23,7 @@ from tokenizers.models import BPE
 from tokenizers.processors import TemplateProcessing
 
 from .errors import CheckpointError
+from .files import write_text
 
 BUNDLED_SPM_MODEL = Path(__file__).resolve().parent / "assets" / "tokenizer_gemma4.model"
 VOCAB_SIZE = 262_144
@@ -118,9 +117,9 @@ def write_tokenizer_files(out_dir: Path, spm_model: Path = BUNDLED_SPM_MODEL) ->
     tokenizer = _build_tokenizer(pieces, scores, user_defined)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "tokenizer.json", tokenizer.to_str(pretty=False))
-    _write_atomic(out_dir / "tokenizer_config.json", json.dumps(_tokenizer_config(), indent=2) + "\n")
-    _write_atomic(out_dir / "chat_template.jinja", CHAT_TEMPLATE)
+    write_text(out_dir / "tokenizer.json", tokenizer.to_str(pretty=False))
+    write_text(out_dir / "tokenizer_config.json", json.dumps(_tokenizer_config(), indent=2) + "\n")
+    write_text(out_dir / "chat_template.jinja", CHAT_TEMPLATE)
 
 
 def _read_spm(path: Path) -> tuple[list[str], list[float], list[str]]:
@@ -219,19 +218,3 @@ def _tokenizer_config() -> dict:
         "padding_side": "left",
         "tokenizer_class": "GemmaTokenizer",
     }
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a uniquely named temporary file beside `path`, then rename it over `path`.
-
-    The temporary file is opened with "x" rather than mkstemp so it gets the usual umask
-    permissions instead of owner-only ones.
-    """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

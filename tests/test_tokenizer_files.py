@@ -17,7 +17,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from mlx_gemma4u.errors import CheckpointError
-from mlx_gemma4u.tokenizer_files import _write_atomic, write_tokenizer_files
+from mlx_gemma4u.tokenizer_files import write_tokenizer_files
 import bare_package
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,12 +194,3 @@ def test_unreadable_or_foreign_model_raises_checkpoint_error(tmp_path, content):
     bad.write_bytes(content)
     with pytest.raises(CheckpointError, match="bad.model"):
         write_tokenizer_files(tmp_path / "out", bad)
-
-
-def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
-    target = tmp_path / "tokenizer.json"
-    target.write_text("old")
-    with pytest.raises(TypeError):
-        _write_atomic(target, None)
-    assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]
