@@ -19,6 +19,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vision-mask", choices=["gemma4", "hf-forward"], default="gemma4",
                         help="attention of image/video tokens: Gemma 4's design (default) or transformers' "
                              "plain forward pass")
+    parser.add_argument("--no-memory-check", action="store_true",
+                        help="load even if the weights look larger than this machine's memory")
 
 
 def load_from_args(args: argparse.Namespace):
@@ -27,7 +29,8 @@ def load_from_args(args: argparse.Namespace):
 
     if args.demo:
         print(WARNING, file=sys.stderr)
-    return load(ensure_demo() if args.demo else args.model, vision_mask=args.vision_mask)
+    return load(ensure_demo() if args.demo else args.model, vision_mask=args.vision_mask,
+                check_memory=not args.no_memory_check)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

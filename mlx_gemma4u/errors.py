@@ -24,3 +24,7 @@ class InputError(Gemma4UError, ValueError):
 
 class DownloadError(Gemma4UError, OSError):
     """A Hugging Face repo could not be fetched (offline, missing, or gated)."""
+
+
+class MemoryLimitError(Gemma4UError, MemoryError):
+    """The model would not fit in this machine's memory."""

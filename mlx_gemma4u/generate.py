@@ -278,6 +278,10 @@ def stream_generate(
     detokenizer.reset()
 
     n_prompt = inputs["input_ids"].shape[1]
+    context = model.config.text.max_position_embeddings
+    if n_prompt + max_tokens > context:
+        raise InputError(f"The prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                         f"context of {context} tokens; shorten the prompt or lower max_tokens.")
     start = time.perf_counter()
     steps = generate_step(model, inputs, prompt_cache, sampler, processors, max_tokens, prefill_step_size)
     prompt_time = gen_start = None

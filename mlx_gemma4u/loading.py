@@ -8,6 +8,7 @@ a checkpoint is ever executed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -17,12 +18,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig
-from .errors import CheckpointError, DownloadError
+from .errors import CheckpointError, DownloadError, MemoryLimitError
 from .model import Model
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U32", "BOOL",
-                       "F8_E4M3", "F8_E5M2"}
+_SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                       "U32": 4, "U16": 2, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_FLOATS = {"F64", "F32", "F16", "BF16"}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -45,14 +47,16 @@ def resolve(path_or_repo: str | os.PathLike) -> Path:
         ) from e
 
 
-def load(path_or_repo: str | os.PathLike, vision_mask: str = "gemma4", dtype: str | None = None):
+def load(path_or_repo: str | os.PathLike, vision_mask: str = "gemma4", dtype: str | None = None,
+         check_memory: bool = True):
     """Load a checkpoint -> (model, processor).
 
     vision_mask: "gemma4" (default) or "hf-forward", see masks.py. dtype: cast floating weights
-    ("float32", "float16", "bfloat16"); by default they stay as stored.
+    ("float32", "float16", "bfloat16"); by default they stay as stored. check_memory: refuse
+    weights larger than the machine's memory instead of swapping.
     """
     path = resolve(path_or_repo)
-    model = load_model(path, vision_mask=vision_mask, dtype=dtype)
+    model = load_model(path, vision_mask=vision_mask, dtype=dtype, check_memory=check_memory)
     return model, load_processor(path)
 
 
@@ -77,17 +81,19 @@ def _stop_ids(path: Path) -> list[int]:
     return sorted(ids)
 
 
-def load_model(path: Path, vision_mask: str = "gemma4", dtype: str | None = None) -> Model:
+def load_model(path: Path, vision_mask: str = "gemma4", dtype: str | None = None,
+               check_memory: bool = True) -> Model:
     """config.json + *.safetensors in `path` -> a Model with every weight checked against the config."""
+    path = Path(path)
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     config = ModelConfig.from_file(path / "config.json")
     model = Model(config, vision_mask=vision_mask)
-    weights = model.sanitize(read_weights(path))
+    weights = model.sanitize(read_weights(path, dtype, check_memory))
     if config.quantization:
         _quantize_like(model, config.quantization, weights)
     _check_complete(model, weights)
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
         weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(".scales")
                    and not k.endswith(".biases") else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
@@ -117,28 +123,63 @@ def _check_complete(model: Model, weights: dict) -> None:
                                   f"calls for {tuple(param.shape)}.")
 
 
-def read_weights(path: Path) -> dict[str, mx.array]:
-    """Every tensor of the folder's safetensors files (sharded, with or without an index)."""
+def weight_files(path: Path) -> list[Path]:
+    """The folder's safetensors files: those its index names, else every *.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index ({e}).") from None
         files = [path / n for n in names]
     else:
         files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} has no *.safetensors weight files (pickled .bin files are never loaded).")
+    return files
+
+
+def read_weights(path: Path, dtype: str | None = None, check_memory: bool = True) -> dict[str, mx.array]:
+    """Every tensor of the folder's safetensors files (sharded, with or without an index).
+
+    All headers are checked, and the memory the weights will take is compared with the machine's,
+    before anything is loaded.
+    """
+    files = weight_files(path)
+    sizes: dict[str, int] = {}
+    for f in files:
+        for kind, nbytes in check_safetensors(f).items():
+            sizes[kind] = sizes.get(kind, 0) + nbytes
+    if check_memory:
+        _check_memory(sizes, dtype)
     weights = {}
     for f in files:
-        check_safetensors(f)
         weights.update(mx.load(str(f)))
     return weights
 
 
-def check_safetensors(file: Path) -> None:
-    """Check a safetensors header against the file before loading: size, dtypes, in-bounds, no overlap."""
+def _check_memory(sizes: dict[str, int], dtype: str | None) -> None:
+    """Refuse weights that cannot fit: over 90% of the machine's memory once cast to `dtype`."""
+    scale = {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype)
+    need = sum(n * scale // _SAFETENSORS_DTYPES[k] if scale and k in _FLOATS else n for k, n in sizes.items())
+    have = machine_memory()
+    if need > 0.9 * have:
+        raise MemoryLimitError(
+            f"The weights need {need / 1e9:.1f} GB but this machine has {have / 1e9:.1f} GB of memory; use a "
+            "quantized model (mlx-gemma4u convert -q), or pass check_memory=False (--no-memory-check) to try anyway."
+        )
+
+
+def machine_memory() -> int:
+    """Bytes of memory the model can live in: the GPU's on Apple silicon, else the RAM."""
+    if mx.metal.is_available():
+        return int(mx.metal.device_info()["memory_size"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_safetensors(file: Path) -> dict[str, int]:
+    """Check a safetensors header against the file before loading (sizes, dtypes, bounds, overlaps)
+    -> the bytes of tensor data per safetensors dtype."""
     if not file.is_file():
         raise CheckpointError(f"{file} is missing.")
     size = file.stat().st_size
@@ -155,20 +196,26 @@ def check_safetensors(file: Path) -> None:
             raise CheckpointError(f"{file} has an unreadable safetensors header.") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file} has an unreadable safetensors header.")
-    spans = []
+    spans, sizes = [], {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype, (start, end) = info["dtype"], info["data_offsets"]
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            count = math.prod(int(d) for d in shape)
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(f"{file}: the header entry for {name!r} is malformed.") from None
         if dtype not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{file}: tensor {name!r} has an unsupported dtype {dtype!r}.")
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= size - 8 - n):
             raise CheckpointError(f"{file} is truncated: tensor {name!r} lies past the end of the file.")
+        if end - start != count * _SAFETENSORS_DTYPES[dtype]:
+            raise CheckpointError(f"{file}: tensor {name!r} claims shape {shape} but holds {end - start} bytes; "
+                                  "the file is corrupt.")
         spans.append((start, end, name))
+        sizes[dtype] = sizes.get(dtype, 0) + end - start
     spans.sort()
     for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
         if start_b < end_a:
             raise CheckpointError(f"{file}: tensors {a!r} and {b!r} overlap; the file is corrupt.")
+    return sizes

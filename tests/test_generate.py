@@ -193,3 +193,10 @@ def test_multi_turn_with_an_image_reuses_the_image_tokens(demo, fixtures_dir):
     assert [r.token for r in warm] == [r.token for r in cold]
     assert cache.reused > 250  # the image's soft tokens and the first turn stayed cached
     assert warm[0].prefilled_tokens == warm[0].prompt_tokens - cache.reused
+
+
+def test_prompt_longer_than_the_context_is_refused(demo, monkeypatch):
+    model, processor = demo
+    monkeypatch.setattr(model.config.text, "max_position_embeddings", 20)
+    with pytest.raises(InputError, match="exceeds the model's context of 20 tokens"):
+        list(stream_generate(model, processor, "Hello there", max_tokens=18))

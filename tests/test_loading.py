@@ -114,3 +114,30 @@ def test_repo_id_offline_is_one_clear_sentence(tmp_path):
     with pytest.raises(CheckpointError, match="not a model folder"):
         resolve(tmp_path / "missing" / "folder")
     assert issubclass(DownloadError, OSError)
+
+
+def test_memory_guard_refuses_weights_larger_than_the_machine(checkpoint, monkeypatch):
+    from mlx_gemma4u import loading
+    from mlx_gemma4u.errors import MemoryLimitError
+
+    size = (checkpoint / "model.safetensors").stat().st_size
+    monkeypatch.setattr(loading, "machine_memory", lambda: size)  # 90% of it is less than the weights
+    with pytest.raises(MemoryLimitError, match=r"no-memory-check"):
+        load_model(checkpoint)
+    with pytest.raises(MemoryLimitError):  # float32 weights stay float32: same size
+        load_model(checkpoint, dtype="float32")
+    load_model(checkpoint, dtype="bfloat16")  # cast to bf16 they take half, which fits
+    load_model(checkpoint, check_memory=False)
+
+
+def test_tensor_size_that_disagrees_with_its_shape(checkpoint):
+    path = checkpoint / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [10**12]
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + n:])
+    with pytest.raises(CheckpointError, match="claims shape"):
+        load_model(checkpoint)
