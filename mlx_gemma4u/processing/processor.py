@@ -19,6 +19,7 @@ from mlx_gemma4u.errors import ConfigError, InputError
 from mlx_gemma4u.processing.audio import Gemma4UAudioFeatureExtractor, as_clip_list
 from mlx_gemma4u.processing.chat_template import read_chat_template, render_chat
 from mlx_gemma4u.processing.image import Gemma4UImageProcessor, flatten_images
+from mlx_gemma4u.processing.messages import MEDIA_SOURCES, check_messages
 from mlx_gemma4u.processing.tensors import convert_outputs
 from mlx_gemma4u.processing.text import (
     GEMMA4_STOP_IDS,
@@ -34,7 +35,6 @@ from mlx_gemma4u.processing.text import (
 )
 from mlx_gemma4u.processing.video import DEFAULT_NUM_FRAMES, DEFAULT_VIDEO_BUDGET, Gemma4UVideoProcessor
 
-_MEDIA_KEYS = {"image": ("image", "url", "path"), "video": ("video", "url", "path"), "audio": ("audio", "url", "path")}
 
 
 class Gemma4UProcessor:
@@ -173,6 +173,8 @@ class Gemma4UProcessor:
             raise InputError("This model folder has no chat template; format the prompt yourself and call the processor.")
         batched = bool(messages) and isinstance(messages[0], (list, tuple))
         conversations = list(messages) if batched else [messages]
+        for conversation in conversations:
+            check_messages(conversation)
         if enable_thinking is not None:
             template_kwargs["enable_thinking"] = enable_thinking
         special_tokens = self.tokenizer.special_tokens_map
@@ -182,7 +184,7 @@ class Gemma4UProcessor:
         ]
         if not tokenize:
             return prompts if batched else prompts[0]
-        media = {kind: [item for c in conversations for item in _media_items(c, kind)] for kind in _MEDIA_KEYS}
+        media = {kind: [item for c in conversations for item in _media_items(c, kind)] for kind in MEDIA_SOURCES}
         bos = self.tokenizer.bos_token
         out = self(
             text=prompts,
@@ -205,7 +207,7 @@ def _media_items(conversation: list[dict[str, Any]], kind: str) -> list[Any]:
             continue
         for block in content:
             if block.get("type") == kind:
-                items.extend(block[key] for key in _MEDIA_KEYS[kind] if key in block)
+                items.extend(block[key] for key in MEDIA_SOURCES[kind] if key in block)
     return items
 
 
