@@ -63,6 +63,8 @@ def to_waveform(audio: Any, sampling_rate: int | None = None, name: str = "audio
         raise InputError(f"The sampling rate of {name} must be positive; got {sampling_rate!r}.")
     if rate != SAMPLING_RATE:
         mono = soxr.resample(mono.astype(np.float32), rate, SAMPLING_RATE, quality="HQ")
+        if mono.size == 0:
+            raise InputError(f"The {name} is too short to keep a single sample at 16 kHz; pass a longer clip.")
     return mono
 
 
