@@ -9,12 +9,21 @@ reuse another layer's keys and values (KV sharing) get no cache at all.
 
 Masks need to know which absolute position each returned key holds; `key_positions` reads that
 off the cache, including the rotated order of a full rotating buffer.
+
+`PromptCache` is a conversation's caches plus the tokens they hold, carried from turn to turn.
 """
 
+import json
+import os
+from pathlib import Path
+
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+import numpy as np
+from mlx_lm.models.cache import KVCache, RotatingKVCache, load_prompt_cache, save_prompt_cache
 
 from .config import SLIDING, TextConfig
+from .errors import InputError
+from .files import replacing
 
 
 def make_cache(config: TextConfig) -> list:
@@ -69,3 +78,64 @@ def key_positions(cache, n_keys: int) -> mx.array:
     if isinstance(cache, RotatingKVCache) and idx < n_keys:
         positions = mx.where(slots >= idx, positions - cache.max_size, positions)
     return positions
+
+
+class PromptCache:
+    """A conversation's KV caches and the tokens they hold, so turn N+1 prefills only its new tokens."""
+
+    def __init__(self, model, kv_bits: int | None = None):
+        self.config = model.config.text
+        self._fresh = model.make_cache
+        self.caches = model.make_cache()
+        self.tokens: list[int] = []
+        self.kv_bits = kv_bits
+        self.reused = 0  # tokens of the last prompt that were already cached
+
+    def reusable(self, ids: list[int], blocks: np.ndarray) -> int:
+        """How many leading tokens of `ids` can stay cached: the common prefix, short of the last
+        token (its logits are needed), never ending inside a vision block, and only if the caches
+        can be trimmed back to it."""
+        n = 0
+        for a, b in zip(self.tokens, ids[:-1]):
+            if a != b:
+                break
+            n += 1
+        while 0 < n < len(ids) and blocks[n] >= 0 and blocks[n] == blocks[n - 1]:
+            n -= 1
+        surplus = len(self.tokens) - n
+        if surplus and not all(can_rewind(c, surplus, self.config) for c in self.caches):
+            return 0
+        return n
+
+    def keep(self, n: int) -> None:
+        """Drop everything after the first n cached tokens (all of it when n is 0)."""
+        if n == 0:
+            self.caches, self.tokens = self._fresh(), []
+            return
+        for c in self.caches:
+            rewind(c, len(self.tokens) - n)
+        self.tokens = self.tokens[:n]
+
+    def quantize(self) -> None:
+        """Quantize the full-attention caches to kv_bits, if set (mlx-lm cannot quantize rotating ones)."""
+        if self.kv_bits is None:
+            return
+        self.caches = [
+            c.to_quantized(group_size=64 if c.keys.shape[-1] % 64 == 0 else 32, bits=self.kv_bits)
+            if isinstance(c, KVCache) and c.keys is not None else c
+            for c in self.caches
+        ]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the caches and their tokens to a safetensors file, atomically."""
+        with replacing(Path(path)) as tmp:
+            save_prompt_cache(str(tmp), self.caches, {"tokens": json.dumps(self.tokens)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model) -> "PromptCache":
+        caches, metadata = load_prompt_cache(str(path), return_metadata=True)
+        if len(caches) != len(model.make_cache()):
+            raise InputError(f"{path} holds a prompt cache for a different model.")
+        cache = cls(model)
+        cache.caches, cache.tokens = caches, json.loads(metadata["tokens"])
+        return cache

@@ -12,21 +12,16 @@ see each other both ways, so they must reach the cache together).
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from . import cache as caches
+from .cache import PromptCache
 from .errors import InputError
-from .files import replacing
 from .masks import vision_blocks
 
 MEDIA_KEYS = ("pixel_values", "image_position_ids", "pixel_values_videos", "video_position_ids",
@@ -47,56 +42,6 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     finish_reason: str | None = None
-
-
-class PromptCache:
-    """A conversation's KV caches and the tokens they hold, so turn N+1 prefills only its new tokens."""
-
-    def __init__(self, model, kv_bits: int | None = None):
-        self.config = model.config.text
-        self.caches = model.make_cache()
-        self.tokens: list[int] = []
-        self.kv_bits = kv_bits
-        self.reused = 0  # tokens of the last prompt that were already cached
-
-    def reusable(self, ids: list[int], blocks: np.ndarray) -> int:
-        """How many leading tokens of `ids` can stay cached: the common prefix, short of the last
-        token (its logits are needed), never ending inside a vision block, and only if the caches
-        can be trimmed back to it."""
-        n = 0
-        for a, b in zip(self.tokens, ids[:-1]):
-            if a != b:
-                break
-            n += 1
-        while 0 < n < len(ids) and blocks[n] >= 0 and blocks[n] == blocks[n - 1]:
-            n -= 1
-        surplus = len(self.tokens) - n
-        if surplus and not all(caches.can_rewind(c, surplus, self.config) for c in self.caches):
-            return 0
-        return n
-
-    def keep(self, n: int, model) -> None:
-        """Drop everything after the first n cached tokens (all of it when n is 0)."""
-        if n == 0:
-            self.caches, self.tokens = model.make_cache(), []
-            return
-        for c in self.caches:
-            caches.rewind(c, len(self.tokens) - n)
-        self.tokens = self.tokens[:n]
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the caches and their tokens to a safetensors file, atomically."""
-        with replacing(Path(path)) as tmp:
-            save_prompt_cache(str(tmp), self.caches, {"tokens": json.dumps(self.tokens)})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, model) -> "PromptCache":
-        caches, metadata = load_prompt_cache(str(path), return_metadata=True)
-        if len(caches) != len(model.make_cache()):
-            raise InputError(f"{path} holds a prompt cache for a different model.")
-        cache = cls(model)
-        cache.caches, cache.tokens = caches, json.loads(metadata["tokens"])
-        return cache
 
 
 def prefill_chunks(start: int, n_tokens: int, step_size: int, blocks: np.ndarray) -> list[tuple[int, int]]:
@@ -130,7 +75,7 @@ def generate_step(
     types = inputs.get("mm_token_type_ids")
     blocks = np.array(vision_blocks(types))[0] if types is not None else np.full(len(ids), -1)
     start = prompt_cache.reused = prompt_cache.reusable(ids, blocks)
-    prompt_cache.keep(start, model)
+    prompt_cache.keep(start)
     cache = prompt_cache.caches
     history = input_ids[0]
     processors = logits_processors or []
@@ -150,7 +95,7 @@ def generate_step(
                        mm_token_type_ids=None if types is None else types[:, lo:hi], logits_to_keep=1)
         if hi < len(ids):
             mx.eval([c.state for c in cache])
-    _maybe_quantize(prompt_cache)
+    prompt_cache.quantize()
     prompt_cache.tokens = list(ids)
     token, logprobs = sample(logits[:, -1].astype(mx.float32))
     mx.async_eval(token, logprobs)
@@ -165,17 +110,6 @@ def generate_step(
         if more:  # the token just handed out is now in the cache
             prompt_cache.tokens.append(value)
             token, logprobs = next_token, next_logprobs
-
-
-def _maybe_quantize(prompt_cache: PromptCache) -> None:
-    """Quantize the full-attention caches (mlx-lm cannot quantize rotating ones) once, after prefill."""
-    if prompt_cache.kv_bits is None:
-        return
-    prompt_cache.caches = [
-        c.to_quantized(group_size=64 if c.keys.shape[-1] % 64 == 0 else 32, bits=prompt_cache.kv_bits)
-        if isinstance(c, KVCache) and c.keys is not None else c
-        for c in prompt_cache.caches
-    ]
 
 
 def prepare_inputs(processor, prompt, images=None, videos=None, audio=None, enable_thinking: bool = False,
