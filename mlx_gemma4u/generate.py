@@ -106,9 +106,12 @@ def generate_step(
             next_token, next_logprobs = sample(logits[:, -1].astype(mx.float32))
             mx.async_eval(next_token, next_logprobs)
         value = token.item()
-        yield value, logprobs
-        if more:  # the token just handed out is now in the cache
-            prompt_cache.tokens.append(value)
+        try:
+            yield value, logprobs
+        finally:  # the token just handed out is in the cache now, even if the caller stops here
+            if more:
+                prompt_cache.tokens.append(value)
+        if more:
             token, logprobs = next_token, next_logprobs
 
 
