@@ -10,6 +10,9 @@ Attention has QK-norm, a scale-free V-norm, scaling 1.0, RoPE per layer type, an
 heads whose count and size differ on full layers. On full layers with `attention_k_eq_v` the value
 is the raw key projection. The last `num_kv_shared_layers` layers reuse the keys and values of the
 last earlier layer of their type instead of computing their own.
+
+The per-token element-wise work goes through the fused kernels of `kernels/` (q/k norm + RoPE,
+post-norm + residual + next pre-norm, the GELU gate), which run their MLX references off Metal.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 
 from .config import LayerSpec, TextConfig
+from .kernels import gelu_mul, norm_rope, residual_norm
 from .rope import RoPE
 
 
@@ -70,7 +74,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         raw_k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
         raw_v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim) if "v_proj" in self else raw_k
-        k = self.rope(self.k_norm(raw_k).transpose(0, 2, 1, 3), step.offset)
+        k = norm_rope(raw_k, self.k_norm.weight, self.eps, self.rope, step.offset)
         v = rms_norm_no_scale(raw_v, self.eps).transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
@@ -78,8 +82,8 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, step: Step, cache=None) -> mx.array:
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)).transpose(0, 2, 1, 3)
-        q = self.rope(q, step.offset)
+        raw_q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
+        q = norm_rope(raw_q, self.q_norm.weight, self.eps, self.rope, step.offset)
         if self.reuse:
             k, v, cache = step.shared[self.layer_type]
         else:
@@ -100,13 +104,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gelu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: TextConfig, spec: LayerSpec):
         super().__init__()
         dim, eps = config.hidden_size, config.rms_norm_eps
+        self.eps = eps
         self.self_attn = Attention(config, spec)
         self.mlp = MLP(dim, spec.intermediate_size)
         self.input_layernorm = nn.RMSNorm(dim, eps=eps)
@@ -116,9 +121,21 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))
 
     def __call__(self, x: mx.array, step: Step, cache=None) -> mx.array:
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), step, cache))
-        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        return h * self.layer_scalar
+        """The layer on its own, x -> x' (TextModel chains `forward` instead)."""
+        return self.forward(x, self.input_layernorm(x), self.input_layernorm.weight, step, cache)[0]
+
+    def forward(self, x: mx.array, normed: mx.array, next_norm: mx.array, step: Step,
+                cache=None) -> tuple[mx.array, mx.array]:
+        """x and normed = input_layernorm(x) -> x' and the next norm (weight `next_norm`) of x'.
+
+        Each post-norm, residual add and following pre-norm is one fused step (kernels.residual_norm),
+        so the next layer's input norm is computed here, at the end of this one.
+        """
+        attn = self.self_attn(normed, step, cache)
+        h, normed = residual_norm(x, attn, self.post_attention_layernorm.weight,
+                                  self.pre_feedforward_layernorm.weight, self.eps, None)
+        return residual_norm(h, self.mlp(normed), self.post_feedforward_layernorm.weight, next_norm,
+                             self.eps, self.layer_scalar)
 
 
 class TextModel(nn.Module):
@@ -141,7 +158,10 @@ class TextModel(nn.Module):
 
     def __call__(self, h: mx.array, step: Step, cache: list | None = None) -> mx.array:
         """(B, T, D) input embeddings -> (B, T, D) final-normed hidden states."""
-        for i, layer in enumerate(self.layers):
+        next_norms = [layer.input_layernorm.weight for layer in self.layers[1:]] + [self.norm.weight]
+        normed = self.layers[0].input_layernorm(h)
+        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
             slot = self._cache_slot.get(i)
-            h = layer(h, step, cache[slot] if cache is not None and slot is not None else None)
-        return self.norm(h)
+            layer_cache = cache[slot] if cache is not None and slot is not None else None
+            h, normed = layer.forward(h, normed, next_norm, step, layer_cache)
+        return normed

@@ -19,6 +19,7 @@ from .audio import AudioEmbedder
 from .config import FULL, ModelConfig
 from .decoder import Step, TextModel
 from .errors import CheckpointError, InputError
+from .kernels import softcap
 from .masks import SEMANTICS, build_mask, vision_blocks
 from .multimodal import placeholder_positions, scatter_soft_tokens
 from .vision import VisionEmbedder
@@ -112,9 +113,7 @@ class Model(nn.Module):
         else:
             out = self.language_model.embed_tokens.as_linear(h)
         cap = self.config.text.final_logit_softcapping
-        if cap:
-            out = mx.tanh(out / cap) * cap
-        return out
+        return softcap(out, cap) if cap else out
 
     def _step(self, shape, cache, attention_mask, mm_token_type_ids) -> Step:
         """Positions and masks of one forward pass over T new tokens after `past` cached ones."""

@@ -17,6 +17,7 @@ import numpy as np
 
 from .config import VisionConfig
 from .errors import InputError
+from .kernels import position_norm
 from .multimodal import MultimodalEmbedder, compute_dtype, two_step_mean
 
 LAYER_NORM_EPS = 1e-5
@@ -45,19 +46,13 @@ class VisionEmbedder(nn.Module):
         self.pos_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.multimodal_embedder = MultimodalEmbedder(dim, text_hidden_size, config.rms_norm_eps)
 
-    def position_embedding(self, position_ids: mx.array) -> mx.array:
-        """(N, P, 2) (x, y) positions -> (N, P, dim): T[x, 0] + T[y, 1], zero where a coordinate is -1."""
-        table = self.pos_embedding
-        valid = (position_ids != -1)[..., None].astype(table.dtype)
-        clamped = mx.maximum(position_ids, 0)
-        return table[clamped[..., 0], 0] * valid[..., 0, :] + table[clamped[..., 1], 1] * valid[..., 1, :]
-
     def __call__(self, pixel_values: mx.array, position_ids: mx.array) -> mx.array:
         """(N, P, 6912) patches and (N, P, 2) positions -> (M, D) soft tokens of the M real patches."""
         self._check(pixel_values, position_ids)
         x = pixel_values.astype(compute_dtype(self.patch_dense))
         h = self.patch_ln2(self.patch_dense(self.patch_ln1(x)))
-        h = self.pos_norm(h + self.position_embedding(position_ids))
+        norm = self.pos_norm
+        h = position_norm(h, self.pos_embedding, position_ids, norm.weight, norm.bias, norm.eps)
         soft = self.multimodal_embedder(h)
         real = np.flatnonzero(np.all(np.array(position_ids) != -1, axis=-1).reshape(-1))
         return soft.reshape(-1, soft.shape[-1])[mx.array(real)]

@@ -1,0 +1,15 @@
+"""Fused kernels for the operations Gemma 4 runs on every token of every layer.
+
+Each module holds one Metal kernel (`mx.fast.metal_kernel` source) beside its pure-MLX reference,
+and exposes a `Kernel` called like the reference: the Metal version runs only where Metal is
+available and it has passed a self-check against the reference in this process (dispatch.py).
+`MLX_GEMMA4U_KERNELS=reference` forces the references everywhere.
+"""
+
+from .gelu_mul import gelu_mul
+from .norm_rope import norm_rope
+from .position_norm import position_norm
+from .residual_norm import residual_norm
+from .softcap import softcap
+
+__all__ = ["gelu_mul", "norm_rope", "position_norm", "residual_norm", "softcap"]
