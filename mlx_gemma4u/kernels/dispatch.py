@@ -108,7 +108,7 @@ class Kernel:
                 self._metal = self.build()
             small = self.sample(*args)
             got, want = self._metal(*small), self.reference(*small)
-            error = _excess(got, want, TOLERANCE[key[0]])
+            error = mismatch(got, want, TOLERANCE[key[0]])
         except Exception as e:  # a Metal compile or launch failure surfaces as any exception type
             error = f"failed to run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         if error is None:
@@ -118,7 +118,7 @@ class Kernel:
         return "disabled"
 
 
-def _excess(got, want, tol: float) -> str | None:
+def mismatch(got, want, tol: float) -> str | None:
     """None if every output matches the reference within tol, else what is off."""
     got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
     for g, w in zip(got, want, strict=True):
