@@ -1,4 +1,4 @@
-"""`mlx-gemma4u`: the command line. Subcommands: generate.
+"""`mlx-gemma4u`: the command line. Subcommands: generate, chat (chat.py).
 
 Errors the user can fix are printed as one line (add --debug for the traceback) with exit code 1.
 """
@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--min-p", type=float, default=0.0, help="minimum probability relative to the top token")
     gen.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     gen.set_defaults(run=cmd_generate)
+
+    from .chat import add_chat_command
+
+    add_chat_command(commands)
     return parser
 
 

@@ -1,0 +1,277 @@
+"""`mlx-gemma4u chat`: the terminal chat. rich draws the output; readline gives line editing and history.
+
+    load (spinner) -> read a line -> a /command runs (chat_session) | a message is sent ->
+    the reply streams live (thought dimmed, answer as Markdown, the newest screenful shown) ->
+    printed whole as Markdown, then a status line -> read the next line
+
+The conversation's PromptCache lives here, so each turn prefills only its new tokens. Ctrl-C during
+a reply only sets a flag, checked between tokens: the reply stops cleanly and the cache stays valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from contextlib import contextmanager
+from typing import Iterator
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.segment import Segment
+from rich.spinner import Spinner
+from rich.table import Table
+from rich.text import Text
+
+from .chat_session import (HELP, Conversation, ReplySplitter, Settings, media_item, parse_command,
+                           pull_media_paths, split_paths, status_line)
+from .errors import Gemma4UError, InputError
+from .generate import PromptCache, stream_generate
+
+THOUGHT_STYLE = "dim italic"
+
+
+def add_chat_command(commands: argparse._SubParsersAction) -> None:
+    """Register `chat` on the CLI's subcommands."""
+    from .cli import add_model_args
+
+    chat = commands.add_parser("chat", help="chat in the terminal, with images, audio and video",
+                               description="Chat with the model in the terminal. Type /help inside for commands.")
+    add_model_args(chat)
+    chat.add_argument("--system", help="a system prompt")
+    chat.add_argument("--max-tokens", type=int, default=1024, help="most tokens per reply (default 1024)")
+    chat.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    chat.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")
+    chat.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    chat.add_argument("--min-p", type=float, default=0.0, help="minimum probability relative to the top token")
+    chat.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    chat.add_argument("--think", action="store_true", help="let the model think before answering")
+    chat.add_argument("--hide-thinking", action="store_true", help="think, but do not show the thoughts")
+    chat.set_defaults(run=main)
+
+
+def main(args: argparse.Namespace) -> None:
+    from .cli import load_from_args
+
+    console = Console(highlight=False)
+    with console.status("Loading the model…"):
+        model, processor = load_from_args(args)
+    settings = Settings(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p, args.seed)
+    conversation = Conversation(system=args.system, thinking=args.think or args.hide_thinking)
+    Chat(console, model, processor, conversation, settings, show_thinking=not args.hide_thinking).run()
+
+
+class Chat:
+    """The read-command-or-message loop on a console; every state change goes through Conversation."""
+
+    def __init__(self, console: Console, model, processor, conversation: Conversation, settings: Settings,
+                 show_thinking: bool = True):
+        self.console, self.model, self.processor = console, model, processor
+        self.conversation, self.settings, self.show_thinking = conversation, settings, show_thinking
+        self.cache = PromptCache(model)
+        self.last = None  # the last reply's final GenerationResponse
+        self.can_think = "enable_thinking" in (processor.chat_template or "")
+        ids = processor.tokenizer.convert_tokens_to_ids(["<|channel>", "<channel|>"])
+        self.channel_ids = (ids[0], ids[1])
+
+    def run(self) -> None:
+        _enable_history()
+        self.say("Chat ready. Type a message, /help for commands, Ctrl-D to quit.", "bold")
+        while True:
+            try:
+                line = input(self.prompt_text())
+            except (EOFError, KeyboardInterrupt):
+                self.console.print()
+                return
+            try:
+                if not self.handle(line):
+                    return
+            except Gemma4UError as exc:
+                self.say(f"error: {exc}", "red")
+
+    def prompt_text(self) -> str:
+        pending = self.conversation.pending
+        return f"[{len(pending)} attached] > " if pending else "> "
+
+    def say(self, message: str, style: str = "") -> None:
+        self.console.print(Text(message, style=style))
+
+    def handle(self, line: str) -> bool:
+        """Run one typed line; False when the chat should end."""
+        command = parse_command(line)
+        if command is None:
+            self.send(line)
+            return True
+        name, argument = command
+        if name in ("quit", "exit"):
+            return False
+        method = getattr(self, f"cmd_{name}", None)
+        if method is None:
+            raise InputError(f"Unknown command /{name}; /help lists the commands.")
+        method(argument)
+        return True
+
+    def send(self, line: str) -> None:
+        text, dragged = pull_media_paths(line)
+        self.conversation.pending.extend(dragged)
+        if not text:
+            if dragged:
+                self.say(f"Attached {len(dragged)} file(s); they go with your next message.", "green")
+            return
+        self.conversation.add_user(text)
+        try:
+            self.reply()
+        except Gemma4UError:
+            self.conversation.drop_last_user()
+            raise
+
+    def reply(self) -> None:
+        """Stream one reply into a live view, then print it whole with its status line."""
+        splitter = ReplySplitter(*self.channel_ids)
+        view = ReplyView(splitter, self.show_thinking)
+        last = None
+        with _sigint_as_flag() as stop, Live(view, console=self.console, transient=True, refresh_per_second=8,
+                                              vertical_overflow="crop"):
+            for last in stream_generate(self.model, self.processor, self.conversation.prompt(),
+                                        prompt_cache=self.cache, enable_thinking=self.conversation.thinking,
+                                        **self.settings.as_kwargs()):
+                splitter.add(last.token, last.text)
+                if stop.requested:
+                    break
+        self.console.print(view.final())
+        self.conversation.add_reply(splitter.answer.strip())
+        if last is not None:
+            self.last = last
+            stopped = "stopped (Ctrl-C) · " if stop.requested else ""
+            self.say(stopped + status_line(last, len(self.cache.tokens), self.context_size()), "dim")
+
+    def context_size(self) -> int:
+        return self.model.config.text.max_position_embeddings
+
+    def attach(self, kind: str, argument: str) -> None:
+        items = [media_item(path, kind) for path in split_paths(argument)]
+        self.conversation.pending.extend(items)
+        names = ", ".join(item["path"] for item in items)
+        self.say(f"Attached {kind} {names}; it goes with your next message.", "green")
+
+    def cmd_image(self, argument: str) -> None:
+        self.attach("image", argument)
+
+    def cmd_audio(self, argument: str) -> None:
+        self.attach("audio", argument)
+
+    def cmd_video(self, argument: str) -> None:
+        self.attach("video", argument)
+
+    def cmd_help(self, _: str) -> None:
+        table = Table(show_header=False, box=None, padding=(0, 2))
+        for usage, meaning in HELP:
+            table.add_row(Text(usage, style="bold"), meaning)
+        self.console.print(table)
+        self.say("Ctrl-C stops a reply; at the prompt it quits. Arrow keys recall earlier lines.", "dim")
+
+    def cmd_reset(self, _: str) -> None:
+        self.conversation.reset()
+        self.cache = PromptCache(self.model)
+        self.say("New conversation.", "green")
+
+    def cmd_system(self, argument: str) -> None:
+        self.conversation.system = argument or None
+        self.say("System prompt set." if argument else "System prompt cleared.", "green")
+
+    def cmd_think(self, argument: str) -> None:
+        if argument not in ("on", "off"):
+            raise InputError("Use /think on or /think off.")
+        if argument == "on" and not self.can_think:
+            raise InputError("This model's chat template has no thinking mode.")
+        self.conversation.thinking = argument == "on"
+        self.say(f"Thinking {argument}.", "green")
+
+    def cmd_set(self, argument: str) -> None:
+        attr = self.settings.set(argument)
+        self.say(f"{attr} = {getattr(self.settings, attr)}", "green")
+
+    def cmd_retry(self, _: str) -> None:
+        self.conversation.take_back_reply()
+        self.reply()
+
+    def cmd_save(self, argument: str) -> None:
+        path = _one_path(argument, "/save FILE")
+        self.conversation.save(path)
+        self.say(f"Saved {len(self.conversation.messages)} messages to {path}", "green")
+
+    def cmd_load(self, argument: str) -> None:
+        path = _one_path(argument, "/load FILE")
+        self.conversation = Conversation.load(path)
+        self.say(f"Loaded {len(self.conversation.messages)} messages from {path}", "green")
+
+    def cmd_stats(self, _: str) -> None:
+        messages = self.conversation.messages
+        self.say(f"{len(messages)} messages · context {len(self.cache.tokens):,} of {self.context_size():,} tokens · "
+                 f"thinking {'on' if self.conversation.thinking else 'off'} · settings {self.settings.as_kwargs()}")
+        if self.last is not None:
+            self.say("last reply: " + status_line(self.last, len(self.cache.tokens), self.context_size()))
+
+
+class ReplyView:
+    """The reply as it streams: the thought dimmed (if shown), the answer as Markdown.
+
+    Live redraws only what fits on the screen, so while streaming only the newest lines are shown;
+    final() is the whole reply, printed once it is complete.
+    """
+
+    def __init__(self, splitter: ReplySplitter, show_thinking: bool):
+        self.splitter, self.show_thinking = splitter, show_thinking
+
+    def final(self) -> Group:
+        return self._render(empty=Text("(no reply)", style="dim"))
+
+    def _render(self, empty) -> Group:
+        thought, answer = self.splitter.thought.strip(), self.splitter.answer
+        parts = [Text(thought, style=THOUGHT_STYLE)] if self.show_thinking and thought else []
+        if answer.strip():
+            parts.append(Markdown(answer))
+        elif not parts:
+            parts.append(empty)
+        return Group(*parts)
+
+    def __rich_console__(self, console, options):
+        label = " thinking…" if self.splitter.in_thought else " reading the prompt…"
+        lines = console.render_lines(self._render(Spinner("dots", text=Text(label, style="dim"))), options, pad=False)
+        for line in lines[-max(1, console.size.height - 2):]:
+            yield from line
+            yield Segment.line()
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextmanager
+def _sigint_as_flag() -> Iterator[_StopFlag]:
+    """While a reply streams, Ctrl-C sets a flag instead of raising, so the loop can stop between tokens."""
+    flag = _StopFlag()
+
+    def on_sigint(signum, frame):
+        flag.requested = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _one_path(argument: str, usage: str) -> str:
+    paths = split_paths(argument) if argument else []
+    if len(paths) != 1:
+        raise InputError(f"Use {usage} with one file path.")
+    return paths[0]
+
+
+def _enable_history() -> None:
+    """Arrow keys recall earlier lines: importing readline hooks it into input()."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:  # Windows has none; input() still works
+        pass
