@@ -1,0 +1,197 @@
+"""The terminal chat: its state and commands directly, then the real `mlx-gemma4u chat` in a pseudo-terminal."""
+
+import io
+import json
+import os
+import re
+import shutil
+import sys
+
+import pexpect
+import pytest
+
+from mlx_gemma4u.chat_session import (Conversation, ReplySplitter, Settings, media_item, parse_command,
+                                      pull_media_paths, split_paths)
+from mlx_gemma4u.errors import InputError
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|[\r\x1b]")
+
+
+@pytest.fixture
+def photo(fixtures_dir, tmp_path):
+    """A real image whose path has a space, as Finder names often do."""
+    path = tmp_path / "my photo.gif"
+    shutil.copy(fixtures_dir / "images" / "palette_coffee_300x200.gif", path)
+    return path
+
+
+def test_commands_are_slash_words_and_absolute_paths_are_not():
+    assert parse_command("/image  a b.png ") == ("image", "a b.png")
+    assert parse_command("/RESET") == ("reset", "")
+    assert parse_command("/Users/me/photo.png what is this?") is None
+    assert parse_command("hello /image") is None
+
+
+def test_dragged_paths_become_attachments(photo):
+    for dragged in (f"'{photo}'", f'"{photo}"', str(photo).replace(" ", "\\ ")):
+        text, items = pull_media_paths(f"What is in {dragged} here?")
+        assert text == "What is in here?"
+        assert items == [{"type": "image", "path": str(photo)}]
+    assert pull_media_paths("see notes.txt and a.png") == ("see notes.txt and a.png", [])
+    assert split_paths(f"'{photo}' {photo.parent}/x\\ y.wav") == [str(photo), f"{photo.parent}/x y.wav"]
+
+
+def test_bad_media_and_bad_settings_are_one_sentence(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        media_item(str(tmp_path / "gone.png"), "image")
+    with pytest.raises(InputError, match="is a folder"):
+        media_item(str(tmp_path), "audio")
+    with pytest.raises(InputError, match="quote is not closed"):
+        split_paths("'open.png")
+    settings = Settings()
+    assert settings.set("max-tokens 12") == "max_tokens" and settings.max_tokens == 12
+    with pytest.raises(InputError, match="whole number"):
+        settings.set("top-k lots")
+    with pytest.raises(InputError, match="NAME one of"):
+        settings.set("warp 9")
+
+
+def test_conversation_turns_retry_and_reset(photo):
+    chat = Conversation(system="Be terse.")
+    chat.pending.append(media_item(str(photo), "image"))
+    chat.add_user("What is it?")
+    assert chat.pending == []
+    with pytest.raises(InputError, match="no reply"):
+        chat.take_back_reply()
+    chat.add_reply("Coffee.")
+    assert [m["role"] for m in chat.prompt()] == ["system", "user", "assistant"]
+    assert chat.prompt()[1]["content"][0] == {"type": "image", "path": str(photo)}
+    chat.take_back_reply()
+    assert chat.messages[-1]["role"] == "user"
+    chat.drop_last_user()
+    assert chat.messages == []
+    chat.add_user("Hi")
+    chat.reset()
+    assert chat.messages == [] and chat.system == "Be terse."
+
+
+def test_save_load_round_trip_is_atomic(photo, tmp_path):
+    chat = Conversation(system="Be terse.", thinking=True)
+    chat.pending.append(media_item(str(photo), "image"))
+    chat.add_user("What is it?")
+    chat.add_reply("Coffee ☕")
+    path = tmp_path / "chat.json"
+    chat.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json", "my photo.gif"]  # no temp file left
+    loaded = Conversation.load(path)
+    assert (loaded.system, loaded.thinking, loaded.messages) == ("Be terse.", True, chat.messages)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not valid JSON"),
+    ('{"messages": []}', "not a saved chat"),
+    ('{"format": "mlx-gemma4u-chat", "messages": [{"role": "robot", "content": "x"}]}', "role 'robot'"),
+    ('{"format": "mlx-gemma4u-chat", "messages": [{"role": "user", "content": '
+     '[{"type": "image", "path": "/nowhere/a.png"}]}]}', "no longer exists"),
+])
+def test_a_broken_chat_file_is_refused_in_one_line(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message) as info:
+        Conversation.load(path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match="Could not read"):
+        Conversation.load(tmp_path / "missing.json")
+
+
+def test_thought_channel_is_split_from_the_answer():
+    split = ReplySplitter(100, 101)
+    for token, text in [(100, ""), (7, "thought\n"), (8, "Sky is"), (9, " blue."), (101, ""), (10, "It is blue.")]:
+        split.add(token, text)
+    assert (split.thought, split.answer, split.in_thought) == ("Sky is blue.", "It is blue.", False)
+
+
+def test_a_stopped_reply_leaves_the_prompt_cache_usable(demo_home):
+    """Ctrl-C breaks out of stream_generate mid-reply; the next turn must still match a cold run."""
+    from mlx_gemma4u.generate import PromptCache, stream_generate
+    from mlx_gemma4u.loading import load
+
+    model, processor = load(demo_home / "demo-v1")
+    cache = PromptCache(model)
+    turn1 = [{"role": "user", "content": "Hello"}]
+    reply = ""
+    for n, response in enumerate(stream_generate(model, processor, turn1, max_tokens=50, prompt_cache=cache)):
+        reply += response.text
+        if n == 3:
+            break
+    assert all(c.offset == len(cache.tokens) for c in cache.caches)
+    turn2 = [*turn1, {"role": "assistant", "content": reply}, {"role": "user", "content": "Go on"}]
+
+    def tokens(prompt_cache):
+        return [r.token for r in stream_generate(model, processor, turn2, max_tokens=5, prompt_cache=prompt_cache)]
+
+    assert tokens(cache) == tokens(PromptCache(model))
+    assert cache.reused > 0
+
+
+def visible(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+def test_chat_in_a_terminal(demo_home, photo, tmp_path):
+    """Drive the real chat: stream, attach, save, reset, load, interrupt, keep chatting, quit."""
+    env = {**os.environ, "MLX_GEMMA4U_HOME": str(demo_home), "TERM": "xterm-256color", "COLUMNS": "200"}
+    child = pexpect.spawn(sys.executable, ["-m", "mlx_gemma4u", "chat", "--demo", "--max-tokens", "6"], env=env,
+                          encoding="utf-8", dimensions=(40, 200), timeout=60, cwd=str(tmp_path))
+    child.logfile_read = log = io.StringIO()
+    stats = re.compile(r"prompt (\d+) tokens \((\d+) new\)")
+    try:
+        child.expect("Chat ready", timeout=180)
+        child.sendline("Hello")
+        child.expect(stats)
+        first_prompt = int(child.match.group(1))
+
+        child.sendline(f"/image {tmp_path / 'gone.png'}")
+        child.expect("error: The image file .* does not exist")
+        child.sendline(f"'{photo}' What is this?")  # dragged into the terminal: quoted, with a space
+        child.expect(stats)
+        total, new = int(child.match.group(1)), int(child.match.group(2))
+        assert total > first_prompt + 200 and new < total  # the image is in; turn 1 came from the cache
+
+        child.sendline("/frobnicate")
+        child.expect("error: Unknown command /frobnicate")
+        saved = tmp_path / "chat.json"
+        child.sendline(f"/save {saved}")
+        child.expect("Saved 4 messages")
+        child.sendline("/reset")
+        child.expect("New conversation")
+        (tmp_path / "corrupt.json").write_text('{"format": "mlx-gemma4u-chat", "messa')
+        child.sendline(f"/load {tmp_path / 'corrupt.json'}")
+        child.expect("error: .*corrupt.json is not a saved chat")
+        child.sendline(f"/load {saved}")
+        child.expect("Loaded 4 messages")
+        child.sendline("And now?")
+        child.expect(stats)
+        assert int(child.match.group(1)) > total
+
+        # A fresh "Hello" with room for thousands of tokens starts with the same greedy words as turn 1:
+        # seeing them before the reply could have finished shows the streaming; Ctrl-C then stops it.
+        first_reply = json.loads(saved.read_text())["messages"][1]["content"]
+        word = next(w for w in first_reply.split() if re.fullmatch(r"\w{2,}", w))
+        child.sendline("/reset")
+        child.sendline("/set max-tokens 20000")
+        child.expect("max_tokens = 20000")
+        child.sendline("Hello")
+        child.expect(re.escape(word))
+        child.sendintr()
+        child.expect("stopped \\(Ctrl-C\\)")
+        child.sendline("/set max-tokens 4")
+        child.sendline("Still there?")
+        child.expect(stats)
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    assert "Traceback" not in visible(log.getvalue())
+    assert len(json.loads(saved.read_text())["messages"]) == 4
