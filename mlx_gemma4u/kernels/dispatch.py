@@ -8,9 +8,9 @@ builder for its Metal version, and is called like the reference:
             with the reference)--> Metal if it matched, else reference for the rest of the process
 
 No Metal kernel can be run before it reaches a user's Mac, so each proves itself where it runs. A
-builder that raises or whose output is off by more than the dtype's tolerance disables that kernel
-(for that dtype and row size) with one warning; it never takes the model down. The builder is the
-only code that creates Metal objects, and it is called only when `metal_available()`.
+kernel that fails to build or run, or whose output is off by more than the dtype's tolerance, is
+switched off for the process with one warning line; it never takes the model down. Builders
+create Metal objects only through `metal_kernel`, and are called only when `metal_available()`.
 """
 
 from __future__ import annotations
@@ -35,18 +35,19 @@ template <int TG>
 inline float row_sum(float v, threadgroup float* partial, uint lane, uint simd) {
     v = metal::simd_sum(v);
     if (lane == 0) { partial[simd] = v; }
-    threadgroup_barrier(metal::mem_flags::mem_threadgroup);
+    metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
     float total = 0.0f;
     for (int i = 0; i < TG / 32; ++i) { total += partial[i]; }
-    threadgroup_barrier(metal::mem_flags::mem_threadgroup);
+    metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
     return total;
 }
 """
 
 
 def metal_available() -> bool:
-    """The one question asked of the machine; tests answer it differently to reach the Metal path."""
-    return mx.metal.is_available()
+    """Whether Metal kernels can run here: Metal present and the GPU the default device. The one
+    question asked of the machine; tests answer it differently to reach the Metal path."""
+    return mx.metal.is_available() and mx.default_device() == mx.gpu
 
 
 def forced_reference() -> bool:
@@ -60,8 +61,9 @@ def metal_kernel(name: str, inputs: list[str], outputs: list[str], source: str, 
 
 
 def row_threads(n: int) -> int:
-    """Threads per row for a row of n values: about 4 values a thread, whole simdgroups, <= 1024."""
-    return min(1024, max(32, -(-n // 128) * 32))
+    """Threads per row for a row of n values: about 4 values a thread, whole simdgroups, at most 256
+    (which every pipeline allows, whatever its register use)."""
+    return min(256, max(32, -(-n // 128) * 32))
 
 
 def normal(shape: tuple, dtype, seed: int) -> mx.array:
@@ -80,7 +82,8 @@ class Kernel:
     def __init__(self, name: str, reference: Callable, build: Callable[[], Callable],
                  supports: Callable[..., bool], sample: Callable[..., tuple]):
         self.name, self.reference, self.build, self.supports, self.sample = name, reference, build, supports, sample
-        self.states: dict[tuple, str] = {}  # (dtype, row size) -> "ok" or "disabled"
+        self.checked: set[tuple] = set()  # (dtype, row size) pairs the Metal version has matched on
+        self.disabled = False
         self._metal: Callable | None = None
         KERNELS[name] = self
 
@@ -90,32 +93,37 @@ class Kernel:
         return self.reference(*args)
 
     def uses_metal(self, *args) -> bool:
-        if forced_reference() or not metal_available() or not self.supports(*args):
+        """Whether these arguments go to Metal, self-checking first for a new dtype and row size
+        (each is its own compiled instance of the kernel)."""
+        if self.disabled or forced_reference() or not metal_available() or not self.supports(*args):
             return False
         key = (args[0].dtype, args[0].shape[-1])
-        if key not in self.states:
-            self.states[key] = self._self_check(key, args)
-        return self.states[key] == "ok"
+        if key not in self.checked:
+            error = self._self_check(key, args)
+            if error is not None:
+                self.disabled = True
+                warnings.warn(f"mlx-gemma4u: Metal kernel {self.name!r} switched off ({key[0]}, rows of "
+                              f"{key[1]}): {error}; using the MLX reference.", RuntimeWarning, stacklevel=3)
+                return False
+            self.checked.add(key)
+        return True
 
     def reset(self) -> None:
         """Forget what the self-checks found (and the built kernel), as in a fresh process."""
-        self.states.clear()
+        self.checked.clear()
+        self.disabled = False
         self._metal = None
 
-    def _self_check(self, key: tuple, args: tuple) -> str:
+    def _self_check(self, key: tuple, args: tuple) -> str | None:
+        """None if the Metal version builds, runs and matches the reference on small random
+        arguments like `args`, else why not."""
         try:
             if self._metal is None:
                 self._metal = self.build()
             small = self.sample(*args)
-            got, want = self._metal(*small), self.reference(*small)
-            error = mismatch(got, want, TOLERANCE[key[0]])
+            return mismatch(self._metal(*small), self.reference(*small), TOLERANCE[key[0]])
         except Exception as e:  # a Metal compile or launch failure surfaces as any exception type
-            error = f"failed to run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        if error is None:
-            return "ok"
-        warnings.warn(f"mlx-gemma4u: Metal kernel {self.name!r} disabled for {key[0]} rows of {key[1]}: "
-                      f"{error}; using the MLX reference.", RuntimeWarning, stacklevel=4)
-        return "disabled"
+            return f"failed to run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
 
 
 def mismatch(got, want, tol: float) -> str | None:
