@@ -158,6 +158,11 @@ def test_chat_in_a_terminal(demo_home, photo, tmp_path):
         total, new = int(child.match.group(1)), int(child.match.group(2))
         assert total > first_prompt + 200 and new < total  # the image is in; turn 1 came from the cache
 
+        (tmp_path / "broken.png").write_text("not a picture")
+        child.sendline(f"/image {tmp_path / 'broken.png'}")
+        child.expect("Attached image")
+        child.sendline("Look at this")  # fails before any reply: one line, and the message is not kept
+        child.expect("error: The file .*broken.png' is not an image")
         child.sendline("/frobnicate")
         child.expect("error: Unknown command /frobnicate")
         saved = tmp_path / "chat.json"
