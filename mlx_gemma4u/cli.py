@@ -1,4 +1,4 @@
-"""`mlx-gemma4u`: the command line. Subcommands: generate, chat (chat.py).
+"""`mlx-gemma4u`: the command line. Subcommands: generate, chat (chat.py), bench (benchmarks/).
 
 Errors the user can fix are printed as one line (add --debug for the traceback) with exit code 1.
 """
@@ -51,6 +51,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
               f"peak memory: {last.peak_memory:.2f} GB", file=sys.stderr)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Run benchmarks/compare.py, which ships with the source checkout, not with the package."""
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "benchmarks" / "compare.py").is_file():
+        raise Gemma4UError("The benchmark lives in the source checkout: clone the repository, "
+                           "pip install -e '.[bench]', then run `mlx-gemma4u bench` there.")
+    sys.path.insert(0, str(checkout))
+    from benchmarks.compare import main as bench_main
+
+    bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-gemma4u",
                                      description="Run Gemma 4 12B Unified (text, images, video, audio) with MLX.")
@@ -78,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .chat import add_chat_command
 
     add_chat_command(commands)
+    bench = commands.add_parser("bench", help="compare speed and logits with mlx-vlm and transformers "
+                                              "(source checkout only; `mlx-gemma4u bench --help`)",
+                                add_help=False, prefix_chars="+")  # every option goes to the benchmark
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 
