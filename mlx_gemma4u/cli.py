@@ -1,4 +1,4 @@
-"""`mlx-gemma4u`: the command line. Subcommands: generate, chat (chat.py), bench (benchmarks/).
+"""`mlx-gemma4u`: the command line. Subcommands: generate, chat (chat.py), convert (convert.py), bench (benchmarks/).
 
 Errors the user can fix are printed as one line (add --debug for the traceback) with exit code 1.
 """
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .chat import add_chat_command
 
     add_chat_command(commands)
+    from .convert import add_convert_command
+
+    add_convert_command(commands)
     bench = commands.add_parser("bench", help="compare speed and logits with mlx-vlm and transformers "
                                               "(source checkout only; `mlx-gemma4u bench --help`)",
                                 add_help=False, prefix_chars="+")  # every option goes to the benchmark

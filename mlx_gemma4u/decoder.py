@@ -151,10 +151,10 @@ class TextModel(nn.Module):
         self._cache_slot = {layer: slot for slot, layer in enumerate(owners)}
 
     def embed(self, input_ids: mx.array) -> mx.array:
-        """(B, T) ids -> (B, T, D) embeddings times sqrt(D), the scale rounded to the weight dtype."""
-        table = self.embed_tokens.weight
-        scale = mx.array(self.config.hidden_size**0.5, dtype=mx.float32).astype(table.dtype)
-        return self.embed_tokens(input_ids) * scale
+        """(B, T) ids -> (B, T, D) embeddings times sqrt(D), the scale rounded to the embeddings' dtype
+        (the table's, or its scales' when it is quantized)."""
+        h = self.embed_tokens(input_ids)
+        return h * mx.array(self.config.hidden_size**0.5, dtype=mx.float32).astype(h.dtype)
 
     def __call__(self, h: mx.array, step: Step, cache: list | None = None) -> mx.array:
         """(B, T, D) input embeddings -> (B, T, D) final-normed hidden states."""

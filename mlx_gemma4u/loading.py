@@ -89,9 +89,10 @@ def load_model(path: Path, vision_mask: str = "gemma4", dtype: str | None = None
         raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     config = ModelConfig.from_file(path / "config.json")
     model = Model(config, vision_mask=vision_mask)
-    weights = model.sanitize(read_weights(path, dtype, check_memory))
-    if config.quantization:
+    weights = read_weights(path, dtype, check_memory)
+    if config.quantization:  # quantized checkpoints are written under our names: quantize first, then check them
         _quantize_like(model, config.quantization, weights)
+    weights = model.sanitize(weights)
     _check_complete(model, weights)
     if dtype is not None:
         weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(".scales")

@@ -1,0 +1,346 @@
+"""Hugging Face checkpoint -> MLX folder: cast, quantize or dequantize, shard, write atomically, upload.
+
+    source safetensors --mx.load (lazy)--> Model.sanitize names --cast / quantize (lazy)-->
+    shards of <= 5 GiB --one tensor at a time: compute, write, drop--> staging folder --rename--> DST
+
+Nothing is computed until a tensor is written, and each is dropped once written, so the peak
+memory is about the largest tensor (the token embedding), never the whole model. Outputs carry
+our module names, so `load_model` reads them directly; config.json's "quantization" says how to
+rebuild the quantized layers. Everything is written into a staging folder beside DST, renamed
+into place at the end (files.replacing_folder): a killed run leaves no DST or the previous one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.utils import make_shards
+
+from . import quantize as q
+from .config import ModelConfig
+from .errors import CheckpointError, InputError
+from .files import replacing_folder
+from .loading import DTYPES, _check_complete, _quantize_like, check_safetensors, resolve, weight_files
+from .model import Model
+from .upload import upload, write_model_card
+
+EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+               "added_tokens.json", "chat_template.jinja", "chat_template.json", "processor_config.json",
+               "preprocessor_config.json", "video_preprocessor_config.json", "generation_config.json")
+_ST_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.uint8: "U8",
+              mx.int32: "I32", mx.int64: "I64", mx.uint16: "U16", mx.int8: "I8", mx.bool_: "BOOL"}
+_OWNER = ".convert-owner"
+
+
+@dataclass
+class Options:
+    """What to do to the weights (the command-line flags)."""
+
+    dtype: str | None = None
+    quantize: bool = False
+    q_bits: int | None = None
+    q_group_size: int | None = None
+    q_mode: str = "affine"
+    quant_recipe: str = "default"
+    dequantize: bool = False
+
+
+@dataclass
+class Summary:
+    path: Path
+    bytes_on_disk: int
+    parameters: int
+    bits_per_weight: float
+    url: str | None = None
+
+    def __str__(self) -> str:
+        return (f"{self.path}: {self.bytes_on_disk / 1e9:.2f} GB on disk, {self.parameters / 1e6:.1f}M parameters, "
+                f"{self.bits_per_weight:.2f} bits per weight")
+
+
+def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, options: Options | None = None,
+            upload_repo: str | None = None, force: bool = False, quiet: bool = False, shard_gb: int = 5) -> Summary:
+    """Convert `hf_path` (folder or repo id) into the MLX folder `mlx_path` -> what was written."""
+    options = options or Options()
+    dst = Path(mlx_path).expanduser()
+    _check_destination(dst, force)
+    src = resolve(hf_path)
+    config = ModelConfig.from_file(src / "config.json")
+    raw = json.loads((src / "config.json").read_text())
+    dtype = _output_dtype(options.dtype, raw)
+    with _Bars(quiet) as bars:
+        weights = _read(src, bars)
+        source = Model(config)
+        if config.quantization:  # as load_model does: a quantized source has our names already
+            _quantize_like(source, config.quantization, weights)
+        outputs, quantization = _convert(source, source.sanitize(weights), config.quantization, options, dtype)
+        del weights
+        target = Model(config)
+        _quantize_like(target, quantization or {}, outputs)
+        _check_complete(target, outputs)  # exactly what load_model will check
+        parameters, total = parameter_count(target), sum(v.nbytes for v in outputs.values())
+        _clean_stale_staging(dst)
+        with replacing_folder(dst) as staging:
+            (staging / _OWNER).write_text(str(os.getpid()))
+            _write_weights(staging, outputs, shard_gb, parameters, quantization, bars)
+            _write_config(staging, raw, quantization, dtype)
+            _copy_extras(src, staging)
+            summary = Summary(dst, 0, parameters, 8 * total / parameters)
+            _card(staging, dst.name, src, hf_path, options, quantization, summary)
+            (staging / _OWNER).unlink()
+    summary.bytes_on_disk = sum(f.stat().st_size for f in dst.iterdir() if f.is_file())
+    if upload_repo:
+        summary.url = upload(dst, upload_repo)
+    return summary
+
+
+def parameter_count(model: Model) -> int:
+    """Weights the model has, a quantized layer's counted as the floats they stand for (mlx-lm's
+    get_total_parameters skips arrays held by non-leaf modules, like the position table)."""
+    bits = {path: module.bits for path, module in model.named_modules() if hasattr(module, "bits")}
+    count = 0
+    for name, value in tree_flatten(model.parameters()):
+        module, leaf = name.rsplit(".", 1)
+        if module not in bits:
+            count += value.size
+        elif leaf == "weight":
+            count += value.size * 32 // bits[module]
+    return count
+
+
+def _check_destination(dst: Path, force: bool) -> None:
+    if not dst.exists():
+        return
+    if not force:
+        raise InputError(f"{dst} already exists; pass --force to replace it, or choose another --mlx-path.")
+    if not dst.is_dir() or (any(dst.iterdir()) and not (dst / "config.json").is_file()):
+        raise InputError(f"{dst} is not a model folder (no config.json), so --force will not replace it.")
+
+
+def _output_dtype(requested: str | None, raw: dict) -> str | None:
+    """--dtype, else the dtype the source config declares, else None (floats stay as stored)."""
+    if requested is not None and requested not in DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {requested!r}.")
+    declared = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
+    return requested or (declared if declared in DTYPES else None)
+
+
+def _read(src: Path, bars) -> dict[str, mx.array]:
+    """Every source tensor, checked and loaded lazily (no data is read until it is needed)."""
+    files = weight_files(src)
+    task = bars.add_task("reading", total=sum(f.stat().st_size for f in files if f.is_file()))
+    weights = {}
+    for f in files:
+        check_safetensors(f)
+        weights.update(mx.load(str(f)))
+        bars.advance(task, f.stat().st_size)
+    return weights
+
+
+def _convert(model: Model, weights: dict, stored: dict | None, options: Options,
+             dtype: str | None) -> tuple[dict[str, mx.array], dict | None]:
+    """Sanitized source tensors -> (lazy output tensors, config.json's "quantization" or None).
+
+    Source tensors are popped as they are used, so only the lazy graphs refer to them.
+    """
+    if options.quantize and options.dequantize:
+        raise InputError("Choose either --quantize or --dequantize, not both.")
+    if options.dequantize and not stored:
+        raise InputError("--dequantize needs a quantized source; this one is not quantized.")
+    if options.quantize and stored:
+        raise InputError("The source is already quantized; convert it with --dequantize first, then quantize.")
+    cast = (lambda a: a.astype(DTYPES[dtype])) if dtype else (lambda a: a)
+    outputs, quantization = {}, stored
+    if options.dequantize:
+        for path, spec in q.stored_specs(stored, weights).items():
+            outputs[f"{path}.weight"] = cast(q.dequantize_weight(path, weights, spec))
+        quantization = None
+    elif stored:  # quantized layers stay as stored; the rest is cast
+        specs = q.stored_specs(stored, weights)
+        outputs.update({n: weights.pop(n) for n in list(weights) if n.rsplit(".", 1)[0] in specs})
+    if options.quantize:
+        body = q.body_spec(options.q_bits, options.q_group_size, options.q_mode)
+        layers = q.plan(model, options.quant_recipe, body)
+        for path, spec in layers.items():
+            outputs.update(q.quantize_weight(path, cast(weights.pop(f"{path}.weight")), spec))
+        quantization = q.config_entry(body, layers)
+    for name in list(weights):
+        value = weights.pop(name)
+        outputs[name] = cast(value) if mx.issubdtype(value.dtype, mx.floating) else value
+    return outputs, quantization
+
+
+def _write_weights(out: Path, outputs: dict, shard_gb: int, parameters: int, quantization: dict | None,
+                   bars: _Bars) -> None:
+    """Shards of at most `shard_gb` GiB (mlx-lm's make_shards) plus model.safetensors.index.json."""
+    quantized = {n.rsplit(".", 1)[0] for n in outputs if n.endswith(".scales")} if quantization else set()
+    shards = make_shards(outputs, shard_gb)
+    outputs.clear()
+    names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    index = {"metadata": {"total_size": sum(v.nbytes for s in shards for v in s.values()),
+                          "total_parameters": parameters},
+             "weight_map": {k: name for shard, name in zip(shards, names) for k in sorted(shard)}}
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    sizes = {"quantizing": 0, "converting": 0}
+    for shard in shards:
+        for k, v in shard.items():
+            sizes["quantizing" if k.rsplit(".", 1)[0] in quantized else "converting"] += v.nbytes
+    tasks = {what: bars.add_task(what, total=n) for what, n in sizes.items() if n}
+    writing = bars.add_task("writing", total=index["metadata"]["total_size"])
+
+    def done(name: str, a: mx.array) -> None:
+        bars.advance(tasks["quantizing" if name.rsplit(".", 1)[0] in quantized else "converting"], a.nbytes)
+        bars.advance(writing, a.nbytes)
+
+    for shard, name in zip(shards, names):
+        write_safetensors(out / name, shard, done)
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_safetensors(path: Path, tensors: dict[str, mx.array], done=lambda name, a: None) -> None:
+    """Write `tensors` as one safetensors file, computing each just before it is written and
+    dropping it after (the dict is emptied), so at most one tensor's data is held at a time."""
+    header, offset = {}, 0
+    for name, a in tensors.items():
+        header[name] = {"dtype": _ST_DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    header["__metadata__"] = {"format": "mlx"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name in list(tensors):
+            a = mx.contiguous(tensors.pop(name))
+            mx.eval(a)
+            f.write(memoryview(a).cast("B"))
+            done(name, a)
+            del a
+
+
+def _write_config(out: Path, raw: dict, quantization: dict | None, dtype: str | None) -> None:
+    config = {k: v for k, v in raw.items() if k not in ("quantization", "quantization_config")}
+    if quantization:
+        config["quantization"] = quantization
+    if dtype:
+        config["dtype"] = dtype
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"] = {**config["text_config"], "dtype": dtype}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _copy_extras(src: Path, out: Path) -> None:
+    """Tokenizer, chat template and processor files, as the source has them."""
+    for name in EXTRA_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+
+
+def _card(out: Path, dst_name: str, src: Path, hf_path, options: Options, quantization: dict | None, summary: Summary) -> None:
+    base = str(hf_path) if not Path(hf_path).expanduser().exists() else None
+    license_ = None
+    if (src / "README.md").is_file():
+        from huggingface_hub import ModelCard
+
+        data = ModelCard.load(src / "README.md").data
+        license_, base = data.license, base or data.base_model
+    flags = [f"--dtype {options.dtype}"] if options.dtype else []
+    if options.quantize:
+        flags += ["-q", f"--quant-recipe {options.quant_recipe}", f"--q-mode {options.q_mode}"]
+        flags += [f"--q-bits {options.q_bits}"] * bool(options.q_bits)
+        flags += [f"--q-group-size {options.q_group_size}"] * bool(options.q_group_size)
+    flags += ["--dequantize"] * options.dequantize
+    made = " ".join(["mlx-gemma4u convert --hf-path", str(base or "SRC"), "--mlx-path", dst_name, *flags])
+    stats = f"{summary.parameters / 1e9:.2f}B parameters, {summary.bits_per_weight:.2f} bits per weight."
+    if quantization:
+        stats += f" Quantization (config.json): {json.dumps({k: v for k, v in quantization.items() if not isinstance(v, dict)})}."
+    write_model_card(out, base, license_, made, stats)
+
+
+def _clean_stale_staging(dst: Path) -> None:
+    """Remove staging folders of this DST left by killed runs (their owner process is gone)."""
+    for folder in dst.parent.glob(f".{dst.name}.*.partial"):
+        owner = folder / _OWNER
+        pid = int(owner.read_text() or 0) if owner.is_file() else 0
+        if pid == 0 or not _alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Bars:
+    """rich progress bars on stderr (nothing when quiet): add_task / advance."""
+
+    def __init__(self, quiet: bool):
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description:>10}"), BarColumn(), DownloadColumn(),
+                                 TimeRemainingColumn(), console=Console(stderr=True), disable=quiet)
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def add_task(self, what: str, total: int) -> int:
+        return self.progress.add_task(what, total=total)
+
+    def advance(self, task: int, amount: int = 1) -> None:
+        self.progress.advance(task, amount)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags mlx-lm's convert has, plus --quant-recipe names of ours and --force."""
+    parser.add_argument("--hf-path", "--model", required=True, help="source: a local folder or a Hugging Face repo id")
+    parser.add_argument("--mlx-path", default="mlx_model", help="destination folder (default: mlx_model)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="dtype of the float weights (default: the source's)")
+    parser.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
+    parser.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="bits per weight (default 4)")
+    parser.add_argument("--q-group-size", type=int, choices=[32, 64, 128], help="group size (default 64)")
+    parser.add_argument("--q-mode", choices=list(q.MODE_DEFAULTS), default="affine", help="quantization mode")
+    parser.add_argument("--quant-recipe", choices=list(q.RECIPES), default="default",
+                        help="which layers get how many bits (see the README)")
+    parser.add_argument("--dequantize", action="store_true", help="turn a quantized source back into floats")
+    parser.add_argument("--upload-repo", metavar="USER/NAME", help="upload the result to this Hugging Face repo")
+    parser.add_argument("--force", action="store_true", help="replace an existing --mlx-path model folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> None:
+    options = Options(dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits, q_group_size=args.q_group_size,
+                      q_mode=args.q_mode, quant_recipe=args.quant_recipe, dequantize=args.dequantize)
+    summary = convert(args.hf_path, args.mlx_path, options, upload_repo=args.upload_repo, force=args.force,
+                      quiet=args.quiet)
+    print(summary, file=sys.stderr)
+    if summary.url:
+        print(f"uploaded to {summary.url}", file=sys.stderr)
+
+
+def add_convert_command(commands) -> None:
+    """Register `mlx-gemma4u convert` on the CLI's subparsers."""
+    parser = commands.add_parser("convert", help="convert a Hugging Face checkpoint to MLX, quantize, upload",
+                                 description="Convert a Hugging Face Gemma 4 Unified checkpoint to an MLX folder "
+                                             "(cast, quantize or dequantize), optionally uploading it.")
+    add_arguments(parser)
+    parser.set_defaults(run=run)

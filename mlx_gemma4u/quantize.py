@@ -1,0 +1,123 @@
+"""Quantization recipes: which layers get how many bits, and the per-tensor work behind them.
+
+A recipe maps each quantizable module path (every Linear and the token Embedding) to a `Spec` or
+to None (kept in float). The position table and the norms are plain arrays, never quantized.
+
+    "default"   the decoder's linears at --q-bits; the token embedding (which is also the output
+                head: the model ties them) at 8 bits; the image/audio embedders in float.
+    "uniform"   every quantizable layer at --q-bits (what mlx-lm does by default).
+    "mixed-6-4" attention projections and token embedding at 6 bits, MLP at 4; embedders in float.
+    "mixed-8-4" the same with 8 bits instead of 6.
+
+Why: see benchmarks/quant_recipes.py and the README (top-1 agreement and KL against the float
+model). The config entry written for a plan is mlx-lm's: {"group_size", "bits", "mode"} plus one
+entry per layer whose settings differ, which `loading._quantize_like` reads back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import InputError
+
+MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+RECIPES = ("default", "uniform", "mixed-6-4", "mixed-8-4")
+_MEDIA = ("embed_vision.", "embed_audio.")
+_EMBEDDINGS = ("language_model.embed_tokens", "lm_head")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one layer is quantized: the arguments of mx.quantize / to_quantized."""
+
+    group_size: int
+    bits: int
+    mode: str = "affine"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def body_spec(bits: int | None, group_size: int | None, mode: str) -> Spec:
+    """The settings of the bulk of the model, checked: non-affine modes fix their bits and group size."""
+    if mode not in MODE_DEFAULTS:
+        raise InputError(f"--q-mode must be one of {', '.join(MODE_DEFAULTS)}, got {mode!r}.")
+    default_group, default_bits = MODE_DEFAULTS[mode]
+    spec = Spec(group_size or default_group, bits or default_bits, mode)
+    if mode != "affine" and (spec.group_size, spec.bits) != (default_group, default_bits):
+        raise InputError(f"--q-mode {mode} means {default_bits} bits in groups of {default_group}; "
+                         f"leave --q-bits and --q-group-size out or use --q-mode affine.")
+    if mode == "affine" and spec.bits not in (2, 3, 4, 5, 6, 8):
+        raise InputError(f"--q-bits must be one of 2, 3, 4, 5, 6, 8, got {spec.bits}.")
+    if mode == "affine" and spec.group_size not in (32, 64, 128):
+        raise InputError(f"--q-group-size must be 32, 64 or 128, got {spec.group_size}.")
+    return spec
+
+
+def recipe_spec(recipe: str, path: str, body: Spec) -> Spec | None:
+    """The recipe's choice for one module path (None: keep it in float)."""
+    media, embedding, attention = path.startswith(_MEDIA), path in _EMBEDDINGS, ".self_attn." in path
+    if recipe == "uniform":
+        return body
+    if media:
+        return None
+    if recipe == "default":
+        return Spec(64, 8) if embedding and body.bits < 8 else body
+    high = {"mixed-6-4": 6, "mixed-8-4": 8}[recipe]
+    return Spec(body.group_size, high) if embedding or attention else Spec(body.group_size, 4)
+
+
+def plan(model: nn.Module, recipe: str, body: Spec) -> dict[str, Spec]:
+    """Module path -> Spec for every layer the recipe quantizes and whose width the group size divides."""
+    if recipe not in RECIPES:
+        raise InputError(f"--quant-recipe must be one of {', '.join(RECIPES)}, got {recipe!r}.")
+    if recipe.startswith("mixed") and body.mode != "affine":
+        raise InputError(f"The {recipe} recipe is affine only; use --q-mode affine or --quant-recipe uniform.")
+    chosen = {}
+    for path, module in model.named_modules():
+        if not hasattr(module, "to_quantized"):
+            continue
+        spec = recipe_spec(recipe, path, body)
+        if spec is not None and module.weight.shape[-1] % spec.group_size == 0:
+            chosen[path] = spec
+    return chosen
+
+
+def config_entry(body: Spec, layers: dict[str, Spec]) -> dict:
+    """config.json's "quantization": the body's settings, then every layer that differs from them."""
+    entry = body.as_dict()
+    entry.update({path: spec.as_dict() for path, spec in sorted(layers.items()) if spec != body})
+    return entry
+
+
+def quantize_weight(prefix: str, weight: mx.array, spec: Spec) -> dict[str, mx.array]:
+    """One float weight -> the lazily computed tensors a quantized layer stores (weight, scales[, biases])."""
+    out = mx.quantize(weight, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+    names = ("weight", "scales", "biases")
+    return {f"{prefix}.{name}": value for name, value in zip(names, out) if value is not None}
+
+
+def dequantize_weight(prefix: str, weights: dict[str, mx.array], spec: Spec) -> mx.array:
+    """Pop a stored quantized layer's tensors from `weights` -> its float weight (lazily)."""
+    biases = weights.pop(f"{prefix}.biases", None)
+    return mx.dequantize(weights.pop(f"{prefix}.weight"), weights.pop(f"{prefix}.scales"), biases,
+                         group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+
+
+def stored_specs(quantization: dict, weights: dict) -> dict[str, Spec]:
+    """The layers a quantized checkpoint stores quantized (those with scales) and their settings."""
+    body = Spec(quantization.get("group_size", 64), quantization.get("bits", 4), quantization.get("mode", "affine"))
+    specs = {}
+    for name in weights:
+        if name.endswith(".scales"):
+            path = name.removesuffix(".scales")
+            override = quantization.get(path)
+            if isinstance(override, dict):
+                specs[path] = Spec(override.get("group_size", body.group_size), override.get("bits", body.bits),
+                                   override.get("mode", body.mode))
+            else:
+                specs[path] = body
+    return specs

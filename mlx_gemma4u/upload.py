@@ -1,0 +1,79 @@
+"""Model card and upload of a converted folder to the Hugging Face hub.
+
+The upload goes through huggingface_hub (create_repo, then upload_folder: one commit, large files
+through LFS). HF_ENDPOINT and HF_TOKEN are read when the upload starts, not when huggingface_hub
+was imported, so a caller may set them late. Every failure is one sentence (UploadError).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import Gemma4UError
+
+
+class UploadError(Gemma4UError, OSError):
+    """The converted folder could not be uploaded (no token, offline, refused)."""
+
+
+def write_model_card(out: Path, base_model: str | None, license_: str | None, made_with: str, stats: str) -> None:
+    """README.md with the hub metadata block, how the folder was made, and how to run it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(library_name="mlx", pipeline_tag="image-text-to-text", license=license_,
+                         base_model=base_model, tags=["mlx", "gemma4", "mlx-gemma4u"])
+    name = out.name if base_model is None else f"{base_model} for MLX"
+    text = f"""---
+{data.to_yaml()}
+---
+
+# {name}
+
+Gemma 4 Unified (text, images, video, audio) in MLX format for Apple silicon, made with
+mlx-gemma4u from {f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a local checkpoint"}.
+
+## How it was made
+
+```sh
+{made_with}
+```
+
+{stats}
+
+## Run it
+
+```sh
+pip install mlx-gemma4u
+mlx-gemma4u generate --model <this repo or folder> --prompt "Describe this picture." --image photo.jpg
+```
+
+```python
+import mlx_gemma4u
+model, processor = mlx_gemma4u.load("<this repo or folder>")
+print(mlx_gemma4u.generate(model, processor, [{{"role": "user", "content": "Hello"}}], max_tokens=100))
+```
+"""
+    ModelCard(text).save(out / "README.md")
+
+
+def upload(folder: Path, repo: str) -> str:
+    """Create `repo` if needed and upload `folder` in one commit -> the repo's URL."""
+    from huggingface_hub import HfApi, get_token
+
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise UploadError(f"--upload-repo must look like USER/NAME, got {repo!r}.")
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    token = os.environ.get("HF_TOKEN") or get_token()
+    if not token:
+        raise UploadError("Uploading needs a Hugging Face token: set HF_TOKEN or run `hf auth login`; "
+                          f"the converted model is in {folder}.")
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        url = api.create_repo(repo, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=folder, commit_message="Upload MLX model made with mlx-gemma4u")
+    except Exception as e:  # the hub client raises many types: offline, 401, 403, 5xx
+        where = endpoint or "the Hugging Face hub"
+        raise UploadError(f"Could not upload {folder} to {repo} on {where} ({type(e).__name__}); check the network "
+                          "and that your token may write there; the converted model stays in place.") from e
+    return str(url)

@@ -1,0 +1,272 @@
+"""The converter: float dtypes equal the source, quantized models agree with it, dequantize round-trips,
+the output is complete and atomic (kill -9), and --upload-repo talks to a hub (a local stand-in)."""
+
+import base64
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+import reference
+from mlx_gemma4u.cli import main
+from mlx_gemma4u.convert import Options, convert
+from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.loading import load, load_model
+from mlx_gemma4u.upload import UploadError
+
+PROMPTS = np.random.default_rng(0).integers(3, reference.V - 16, size=(4, 24))
+CONVERSIONS = {
+    "float32": Options(dtype="float32"),
+    "float16": Options(dtype="float16"),
+    "bfloat16": Options(dtype="bfloat16"),
+    "q4": Options(quantize=True),  # default recipe: 4-bit body, 8-bit embedding, float media embedders
+    "q8": Options(quantize=True, q_bits=8, quant_recipe="uniform"),
+    "mxfp4": Options(quantize=True, q_mode="mxfp4", quant_recipe="uniform"),
+}
+
+
+@pytest.fixture(scope="module")
+def source(hf_checkpoints, tmp_path_factory):
+    """The "full" float32 checkpoint (vocabulary 512, so no real tokenizer: load_model, not load)."""
+    out = tmp_path_factory.mktemp("src") / "hf"
+    shutil.copytree(hf_checkpoints["full"][1], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tame(tmp_path_factory):
+    """A "full" checkpoint whose random weights keep it well-conditioned, for measuring quantization.
+
+    tests/reference.py's weights make a chaotic model (float16 rounding alone moves its logits by
+    5%, 8-bit weights flip 16% of its argmaxes), useless for telling recipes apart. Here: linears
+    N(0, 1/fan_in), embedding N(0, 1/4), norms near 1 (q/k norms near 0.4, post-norms near 4, so
+    attention is not one-hot and layers outweigh the tied embedding), layer scalars 1.
+    """
+    model = reference.build(reference.TEXT_CONFIGS["full"], seed=1)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 0.0 if name.endswith("bias") else 4.0 if "post_" in name else 0.4 if "_norm." in name else 1.0
+            std = 0.05 if p.ndim == 1 else 0.5 if "embed_tokens" in name else p.shape[-1] ** -0.5
+            p.copy_((base if p.ndim == 1 else 0.0) + std * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.fill_(1.0)
+    return reference.save(model, tmp_path_factory.mktemp("tame") / "hf")
+
+
+@pytest.fixture(scope="module")
+def converted(source, tame, tmp_path_factory):
+    root = tmp_path_factory.mktemp("converted")
+    done = {name: convert(tame if name.startswith(("q", "mx")) else source, root / name, options, quiet=True)
+            for name, options in CONVERSIONS.items()}
+    done["dequantized"] = convert(root / "q8", root / "dequantized", Options(dequantize=True), quiet=True)
+    return done
+
+
+def logits(model) -> np.ndarray:
+    return np.array(model(mx.array(PROMPTS, dtype=mx.int32)).astype(mx.float32))
+
+
+# |converted - transformers float32| / max|logit|, measured: float32 9.5e-6; float16 0.049 and bfloat16 0.21,
+# where transformers' own float16 / bfloat16 model is 0.032 / 0.27 away (this random model amplifies
+# rounding: its norms are scaled up). Bound: 1e-4 in float32, else twice transformers' own error.
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_float_dtypes_equal_the_source_cast_and_match_transformers(dtype, converted, source, hf_checkpoints):
+    ours = logits(load_model(converted[dtype].path))
+    assert np.array_equal(ours, logits(load_model(source, dtype=dtype)))
+    torch_model = hf_checkpoints["full"][0]
+    truth = reference.logits(torch_model, PROMPTS)
+    scale = np.abs(truth).max()
+    bound = 1e-4 if dtype == "float32" else 2 * np.abs(
+        reference.logits(copy.deepcopy(torch_model).to(getattr(torch, dtype)), PROMPTS) - truth).max() / scale
+    assert np.abs(ours - truth).max() / scale < bound
+    assert converted[dtype].bits_per_weight == pytest.approx({"float32": 32, "float16": 16, "bfloat16": 16}[dtype])
+
+
+# Top-1 agreement with the float32 model over PROMPTS (96 positions), measured on the tame checkpoint:
+# q8 0.958 (bfloat16 alone: 0.958), q4 (default recipe) 0.615, mxfp4 0.396; chance is 1/512. Hidden
+# 64 is one quantization group per row, so 4 bits hurt far more here than at hidden 3840.
+FLOORS = {"q8": 0.9, "q4": 0.5, "mxfp4": 0.3}
+
+
+@pytest.mark.parametrize("name", list(FLOORS))
+def test_quantized_models_agree_with_the_float_model(name, converted, tame):
+    agreement = (logits(load_model(converted[name].path)).argmax(-1) == logits(load_model(tame)).argmax(-1)).mean()
+    assert agreement >= FLOORS[name], agreement
+    quantization = json.loads((converted[name].path / "config.json").read_text())["quantization"]
+    assert quantization["bits"] == {"q4": 4, "q8": 8, "mxfp4": 4}[name]
+    # measured 20.4, 9.8, 5.2: float32 media embedders (q4) and norms weigh a lot in so small a model
+    assert converted[name].bits_per_weight < {"q4": 21, "q8": 10, "mxfp4": 5.5}[name]
+
+
+def test_default_recipe_keeps_the_embedding_at_8_bits_and_the_media_embedders_in_float(converted):
+    model = load_model(converted["q4"].path)
+    assert model.language_model.embed_tokens.bits == 8
+    assert model.language_model.layers[0].mlp.up_proj.bits == 4
+    assert model.embed_vision.patch_dense.weight.dtype == mx.float32
+    assert model.embed_audio.embedding_projection.weight.dtype == mx.float32
+
+
+def test_dequantize_round_trips(converted):
+    quantized, floats = load_model(converted["q8"].path), load_model(converted["dequantized"].path)
+    layer = quantized.language_model.layers[1].mlp.down_proj
+    restored = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+    assert mx.array_equal(floats.language_model.layers[1].mlp.down_proj.weight, restored)
+    assert "quantization" not in json.loads((converted["dequantized"].path / "config.json").read_text())
+    np.testing.assert_allclose(logits(floats), logits(quantized), atol=2e-3 * np.abs(logits(floats)).max())
+
+
+def test_demo_converts_to_a_complete_sharded_folder_that_load_reads(demo_home, tmp_path):
+    out = tmp_path / "sharded"
+    convert(demo_home / "demo-v1", out, Options(quantize=True), quiet=True, shard_gb=0)  # 0: a tensor per shard
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 50 and sorted(set(index["weight_map"].values())) == shards
+    assert all(not k.startswith("model.") for k in index["weight_map"])
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "README.md"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: mlx" in card and "--quant-recipe default" in card
+    model, processor = load(out)
+    ids = processor(text="Hello there", return_tensors="mlx")["input_ids"]
+    assert model(ids).shape == (1, ids.shape[1], 262144)
+    assert model.language_model.embed_tokens.bits == 8
+
+
+def test_existing_destination_is_refused_without_force(source, tmp_path, capsys):
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "notes.txt").write_text("mine")
+    assert main(["convert", "--hf-path", str(source), "--mlx-path", str(tmp_path / "dst"), "--quiet"]) == 1
+    assert "already exists; pass --force" in capsys.readouterr().err
+    with pytest.raises(InputError, match="not a model folder"):
+        convert(source, tmp_path / "dst", force=True, quiet=True)
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["notes.txt"]
+    with pytest.raises(InputError, match="either --quantize or --dequantize"):
+        convert(source, tmp_path / "new", Options(quantize=True, dequantize=True), quiet=True)
+    with pytest.raises(InputError, match="--q-mode mxfp4 means 4 bits"):
+        convert(source, tmp_path / "new", Options(quantize=True, q_mode="mxfp4", q_bits=8), quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+# The child makes the second shard's write stall after half a file, says so, and is killed there.
+STALL = """
+import sys, time
+from pathlib import Path
+from mlx_gemma4u import convert as c
+real, written = c.write_safetensors, []
+def stalling(path, tensors, done=lambda name, a: None):
+    if written:
+        Path(path).write_bytes(b"half a shard")
+        print("writing", flush=True)
+        time.sleep(60)
+    written.append(path)
+    real(path, tensors, done)
+c.write_safetensors = stalling
+c.convert(sys.argv[1], sys.argv[2], c.Options(quantize=True), force=True, quiet=True, shard_gb=0)
+"""
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_kill_9_mid_write_leaves_no_destination_or_the_previous_one(previous, source, converted, tmp_path):
+    dst = tmp_path / "dst"
+    if previous:
+        shutil.copytree(converted["float16"].path, dst)
+    before = {p.name: p.read_bytes() for p in dst.iterdir()} if previous else None
+    child = subprocess.Popen([sys.executable, "-c", STALL, str(source), str(dst)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    if previous:
+        assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+    else:
+        assert not dst.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")]  # the killed run's staging
+    convert(source, dst, Options(quantize=True), force=True, quiet=True)  # the next run works and cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+    assert load_model(dst).language_model.embed_tokens.bits == 8
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """The Hub API calls of create_repo + upload_folder: files come inline (base64) in the commit."""
+
+    repos: dict = {}
+
+    def do_POST(self):
+        size = int(self.headers.get("Content-Length", 0))
+        assert size < 64 << 20
+        body = self.rfile.read(size)
+        if self.path == "/api/repos/create":
+            spec = json.loads(body)
+            repo = f"{spec['organization']}/{spec['name']}"
+            self.repos.setdefault(repo, {})
+            return self.reply({"url": f"http://{self.headers['Host']}/{repo}"})
+        if self.path == "/api/validate-yaml":
+            return self.reply({"errors": [], "warnings": []})
+        parts = self.path.split("/")  # /api/models/{user}/{name}/{preupload|commit}/{revision}
+        repo, action = f"{parts[3]}/{parts[4]}", parts[5]
+        if action == "preupload":
+            files = json.loads(body)["files"]
+            return self.reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                         for f in files]})
+        for line in body.splitlines():
+            item = json.loads(line)
+            if item["key"] == "file":
+                self.repos[repo][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+        self.reply({"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/1", "commitOid": "1" * 40})
+
+    def reply(self, data: dict) -> None:
+        raw = json.dumps(data).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    yield FakeHub.repos
+    server.shutdown()
+    FakeHub.repos.clear()
+
+
+def test_upload_sends_every_file_to_the_hub(source, tmp_path, hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    summary = convert(source, tmp_path / "up", Options(dtype="bfloat16"), upload_repo="me/tiny-mlx", quiet=True)
+    local = {p.name: p.read_bytes() for p in (tmp_path / "up").iterdir()}
+    assert hub["me/tiny-mlx"] == local and "model.safetensors" in local
+    assert summary.url.endswith("/me/tiny-mlx")
+
+
+def test_upload_without_token_or_hub_is_one_sentence(source, tmp_path, hub, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token either
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    with pytest.raises(UploadError, match="needs a Hugging Face token"):
+        convert(source, tmp_path / "a", upload_repo="me/x", quiet=True)
+    assert (tmp_path / "a" / "config.json").is_file()  # the conversion itself is kept
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(UploadError, match=r"Could not upload .* to me/x on http://127\.0\.0\.1:9"):
+        convert(source, tmp_path / "b", upload_repo="me/x", quiet=True)
