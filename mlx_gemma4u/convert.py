@@ -31,7 +31,7 @@ from .errors import CheckpointError, InputError
 from .files import replacing_folder
 from .loading import DTYPES, _check_complete, _quantize_like, check_safetensors, resolve, weight_files
 from .model import Model
-from .upload import upload, write_model_card
+from .upload import upload, upload_token, write_model_card
 
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                "added_tokens.json", "chat_template.jinja", "chat_template.json", "processor_config.json",
@@ -73,6 +73,7 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, options: Op
     options = options or Options()
     dst = Path(mlx_path).expanduser()
     _check_destination(dst, force)
+    token = upload_token(upload_repo) if upload_repo else None
     src = resolve(hf_path)
     config = ModelConfig.from_file(src / "config.json")
     raw = json.loads((src / "config.json").read_text())
@@ -91,6 +92,7 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, options: Op
         _clean_stale_staging(dst)
         with replacing_folder(dst) as staging:
             (staging / _OWNER).write_text(str(os.getpid()))
+            staging.chmod(0o777 & ~_umask())  # mkdtemp made it private; a model folder is not
             _write_weights(staging, outputs, shard_gb, parameters, quantization, bars)
             _write_config(staging, raw, quantization, dtype)
             _copy_extras(src, staging)
@@ -99,7 +101,7 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, options: Op
             (staging / _OWNER).unlink()
     summary.bytes_on_disk = sum(f.stat().st_size for f in dst.iterdir() if f.is_file())
     if upload_repo:
-        summary.url = upload(dst, upload_repo)
+        summary.url = upload(dst, upload_repo, token)
     return summary
 
 
@@ -274,6 +276,12 @@ def _clean_stale_staging(dst: Path) -> None:
         pid = int(owner.read_text() or 0) if owner.is_file() else 0
         if pid == 0 or not _alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _alive(pid: int) -> bool:

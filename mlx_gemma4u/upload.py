@@ -57,17 +57,23 @@ print(mlx_gemma4u.generate(model, processor, [{{"role": "user", "content": "Hell
     ModelCard(text).save(out / "README.md")
 
 
-def upload(folder: Path, repo: str) -> str:
-    """Create `repo` if needed and upload `folder` in one commit -> the repo's URL."""
-    from huggingface_hub import HfApi, get_token
+def upload_token(repo: str) -> str:
+    """Check `repo` and find a token before any work is done -> the token (HF_TOKEN or the login's)."""
+    from huggingface_hub import get_token
 
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise UploadError(f"--upload-repo must look like USER/NAME, got {repo!r}.")
-    endpoint = os.environ.get("HF_ENDPOINT") or None
     token = os.environ.get("HF_TOKEN") or get_token()
     if not token:
-        raise UploadError("Uploading needs a Hugging Face token: set HF_TOKEN or run `hf auth login`; "
-                          f"the converted model is in {folder}.")
+        raise UploadError("Uploading needs a Hugging Face token: set HF_TOKEN or run `hf auth login`.")
+    return token
+
+
+def upload(folder: Path, repo: str, token: str) -> str:
+    """Create `repo` if needed and upload `folder` in one commit -> the repo's URL."""
+    from huggingface_hub import HfApi
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint, token=token)
     try:
         url = api.create_repo(repo, exist_ok=True)

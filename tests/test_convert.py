@@ -265,8 +265,26 @@ def test_upload_without_token_or_hub_is_one_sentence(source, tmp_path, hub, monk
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     with pytest.raises(UploadError, match="needs a Hugging Face token"):
         convert(source, tmp_path / "a", upload_repo="me/x", quiet=True)
-    assert (tmp_path / "a" / "config.json").is_file()  # the conversion itself is kept
+    assert not (tmp_path / "a").exists()  # refused before any work
+    with pytest.raises(UploadError, match="must look like USER/NAME"):
+        convert(source, tmp_path / "a", upload_repo="just-a-name", quiet=True)
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(UploadError, match=r"Could not upload .* to me/x on http://127\.0\.0\.1:9"):
         convert(source, tmp_path / "b", upload_repo="me/x", quiet=True)
+    assert (tmp_path / "b" / "config.json").is_file()  # the conversion itself is kept
+
+
+def test_cli_shows_the_phases_and_a_summary(source, tmp_path, capsys):
+    assert main(["convert", "--hf-path", str(source), "--mlx-path", str(tmp_path / "cli"), "-q"]) == 0
+    err = capsys.readouterr().err
+    for phase in ("reading", "quantizing", "converting", "writing"):
+        assert phase in err, phase
+    assert "GB on disk" in err and "bits per weight" in err
+    assert oct((tmp_path / "cli").stat().st_mode & 0o777) == oct(0o777 & ~current_umask())
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
