@@ -3,8 +3,9 @@
 A recipe maps each quantizable module path (every Linear and the token Embedding) to a `Spec` or
 to None (kept in float). The position table and the norms are plain arrays, never quantized.
 
-    "default"   the decoder's linears at --q-bits; the token embedding (which is also the output
-                head: the model ties them) at 8 bits; the image/audio embedders in float.
+    "default"   MLP at --q-bits; attention projections and the token embedding (which is also the
+                output head: the model ties them) at 6 bits when --q-bits is below 6; the
+                image/audio embedders in float. At 4 bits it is mixed-6-4.
     "uniform"   every quantizable layer at --q-bits (what mlx-lm does by default).
     "mixed-6-4" attention projections and token embedding at 6 bits, MLP at 4; embedders in float.
     "mixed-8-4" the same with 8 bits instead of 6.
@@ -65,7 +66,8 @@ def recipe_spec(recipe: str, path: str, body: Spec) -> Spec | None:
     if media:
         return None
     if recipe == "default":
-        return Spec(64, 8) if embedding and body.bits < 8 else body
+        high = Spec(body.group_size if body.mode == "affine" else 64, 6)
+        return high if (embedding or attention) and body.bits < 6 else body
     high = {"mixed-6-4": 6, "mixed-8-4": 8}[recipe]
     return Spec(body.group_size, high) if embedding or attention else Spec(body.group_size, 4)
 

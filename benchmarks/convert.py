@@ -1,0 +1,96 @@
+"""Converter throughput and peak memory on a multi-GB random checkpoint.
+
+    python -m benchmarks.convert [--layers 4] [--dir /tmp] [--out benchmarks/results/convert.json]
+
+The checkpoint has the real 12B shapes (hidden 3840, MLP 15360, 262,144-token vocabulary, the
+real vision and audio embedders) cut to --layers decoder layers, in bfloat16 under transformers'
+names: 4 layers is 3.9 GB, of which the token embedding (the largest tensor) is 2.0 GB. Each
+conversion runs in its own process; its peak resident memory comes from wait4, its speed is
+source bytes over wall time. The converter holds about one tensor at a time, so its peak should
+track the largest tensor (times the dtypes it passes through), not the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlx_gemma4u.config import ModelConfig
+from mlx_gemma4u.convert import write_safetensors
+from mlx_gemma4u.demo import CONFIG as DEMO_CONFIG
+from mlx_gemma4u.demo import checkpoint_name
+from mlx_gemma4u.model import Model
+
+RUNS = {"bfloat16 copy": [], "float32": ["--dtype", "float32"], "4-bit default": ["-q"],
+        "8-bit uniform": ["-q", "--q-bits", "8", "--quant-recipe", "uniform"]}
+
+
+def config(layers: int) -> dict:
+    c = copy.deepcopy(DEMO_CONFIG)
+    c["text_config"].update(hidden_size=3840, intermediate_size=15360, num_hidden_layers=layers,
+                            num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+                            layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"])
+    c["vision_config"].update(mm_embed_dim=3840, output_proj_dims=3840)
+    return c
+
+
+def write_checkpoint(out: Path, layers: int) -> int:
+    """Random bfloat16 weights, generated and written one tensor at a time -> bytes written."""
+    raw = config(layers)
+    model = Model(ModelConfig.from_dict(raw))
+    weights = {checkpoint_name(name): (0.02 * mx.random.normal(p.shape)).astype(mx.bfloat16)
+               for name, p in tree_flatten(model.parameters())}
+    del model
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    total = sum(v.nbytes for v in weights.values())
+    write_safetensors(out / "model.safetensors", weights)
+    return total
+
+
+def run(source: Path, dest: Path, flags: list[str]) -> tuple[float, float]:
+    """One conversion in a child process -> (seconds, peak resident GB)."""
+    cmd = [sys.executable, "-m", "mlx_gemma4u.cli", "convert", "--hf-path", str(source), "--mlx-path", str(dest),
+           "--force", "--quiet", *flags]
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"conversion {flags} failed with status {status}")
+    return seconds, usage.ru_maxrss * 1024 / 1e9
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "convert.json")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        source = Path(tmp) / "source"
+        size = write_checkpoint(source, args.layers)
+        rows = []
+        for label, flags in RUNS.items():
+            seconds, peak = run(source, Path(tmp) / "out", flags)
+            rows.append({"run": label, "source_gb": round(size / 1e9, 2), "seconds": round(seconds, 1),
+                         "gb_per_s": round(size / 1e9 / seconds, 3), "peak_rss_gb": round(peak, 2)})
+            print(rows[-1], flush=True)
+    result = {"machine": f"{os.uname().sysname} {os.uname().machine}, {os.cpu_count()} cores, MLX {mx.__version__} "
+                         f"({'GPU' if mx.metal.is_available() else 'CPU'})", "layers": args.layers, "runs": rows}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
