@@ -18,6 +18,7 @@ import os
 import shutil
 import struct
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, options: Op
     config = ModelConfig.from_file(src / "config.json")
     raw = json.loads((src / "config.json").read_text())
     dtype = _output_dtype(options.dtype, raw)
-    with _Bars(quiet) as bars:
+    with _Bars(quiet) as bars, _no_buffer_cache():
         weights = _read(src, bars)
         source = Model(config)
         if config.quantization:  # as load_model does: a quantized source has our names already
@@ -276,6 +277,17 @@ def _clean_stale_staging(dst: Path) -> None:
         pid = int(owner.read_text() or 0) if owner.is_file() else 0
         if pid == 0 or not _alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def _no_buffer_cache():
+    """Free each written tensor's memory at once: MLX otherwise keeps freed buffers for reuse, and
+    the process would grow towards the size of the whole model."""
+    previous = mx.set_cache_limit(0)
+    try:
+        yield
+    finally:
+        mx.set_cache_limit(previous)
 
 
 def _umask() -> int:

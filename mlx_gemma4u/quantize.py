@@ -6,7 +6,8 @@ to None (kept in float). The position table and the norms are plain arrays, neve
     "default"   MLP at --q-bits; attention projections and the token embedding (which is also the
                 output head: the model ties them) at 6 bits when --q-bits is below 6; the
                 image/audio embedders in float. At 4 bits it is mixed-6-4.
-    "uniform"   every quantizable layer at --q-bits (what mlx-lm does by default).
+    "uniform"   every quantizable layer at --q-bits (what mlx-lm does by default); in the mxfp4,
+                nvfp4 and mxfp8 modes the image/audio embedders stay in float.
     "mixed-6-4" attention projections and token embedding at 6 bits, MLP at 4; embedders in float.
     "mixed-8-4" the same with 8 bits instead of 6.
 
@@ -61,10 +62,10 @@ def body_spec(bits: int | None, group_size: int | None, mode: str) -> Spec:
 def recipe_spec(recipe: str, path: str, body: Spec) -> Spec | None:
     """The recipe's choice for one module path (None: keep it in float)."""
     media, embedding, attention = path.startswith(_MEDIA), path in _EMBEDDINGS, ".self_attn." in path
+    if media and (recipe != "uniform" or body.mode != "affine"):
+        return None  # the media embedders compute in their weights' float dtype: affine scales only
     if recipe == "uniform":
         return body
-    if media:
-        return None
     if recipe == "default":
         high = Spec(body.group_size if body.mode == "affine" else 64, 6)
         return high if (embedding or attention) and body.bits < 6 else body
