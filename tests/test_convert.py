@@ -107,8 +107,8 @@ def test_quantized_models_agree_with_the_float_model(name, converted, tame):
     assert agreement >= FLOORS[name], agreement
     quantization = json.loads((converted[name].path / "config.json").read_text())["quantization"]
     assert quantization["bits"] == {"q4": 4, "q8": 8, "mxfp4": 4}[name]
-    # measured 20.5, 9.8, 5.2: float32 media embedders (q4) and norms weigh a lot in so small a model
-    assert converted[name].bits_per_weight < {"q4": 21, "q8": 10, "mxfp4": 5.5}[name]
+    # measured 20.5, 9.8, 19.9: float32 media embedders (q4, mxfp4) and norms weigh a lot in so small a model
+    assert converted[name].bits_per_weight < {"q4": 21, "q8": 10, "mxfp4": 20.5}[name]
 
 
 def test_default_recipe_keeps_attention_and_embedding_at_6_bits_and_the_media_embedders_in_float(converted):
