@@ -23,7 +23,6 @@ import time
 from typing import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from mlx_gemma4u.kernels import dispatch
 from mlx_gemma4u.rope import RoPE

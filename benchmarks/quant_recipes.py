@@ -25,7 +25,6 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_gemma4u.config import ModelConfig

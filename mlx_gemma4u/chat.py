@@ -33,18 +33,13 @@ THOUGHT_STYLE = "dim italic"
 
 def add_chat_command(commands: argparse._SubParsersAction) -> None:
     """Register `chat` on the CLI's subcommands."""
-    from .cli import add_model_args
+    from .cli import add_model_args, add_sampling_args
 
     chat = commands.add_parser("chat", help="chat in the terminal, with images, audio and video",
                                description="Chat with the model in the terminal. Type /help inside for commands.")
     add_model_args(chat)
     chat.add_argument("--system", help="a system prompt")
-    chat.add_argument("--max-tokens", type=int, default=1024, help="most tokens per reply (default 1024)")
-    chat.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
-    chat.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")
-    chat.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    chat.add_argument("--min-p", type=float, default=0.0, help="minimum probability relative to the top token")
-    chat.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    add_sampling_args(chat, max_tokens=1024)
     chat.add_argument("--think", action="store_true", help="let the model think before answering")
     chat.add_argument("--hide-thinking", action="store_true", help="think, but do not show the thoughts")
     chat.set_defaults(run=main)

@@ -23,6 +23,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="load even if the weights look larger than this machine's memory")
 
 
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The sampling options generate and chat share (mlx-lm's samplers; 0 switches one off)."""
+    parser.add_argument("--max-tokens", type=int, default=max_tokens,
+                        help=f"most tokens per reply (default {max_tokens})")
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    parser.add_argument("--min-p", type=float, default=0.0,
+                        help="minimum probability relative to the top token (0 = off)")
+    parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+
+
 def load_from_args(args: argparse.Namespace):
     from .demo import WARNING, ensure_demo
     from .loading import load
@@ -81,12 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", action="append", metavar="PATH", help="an image file or URL (repeatable)")
     gen.add_argument("--video", action="append", metavar="PATH", help="a video file (repeatable)")
     gen.add_argument("--audio", action="append", metavar="PATH", help="an audio file: wav, flac, ogg (repeatable)")
-    gen.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    gen.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
-    gen.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")
-    gen.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    gen.add_argument("--min-p", type=float, default=0.0, help="minimum probability relative to the top token")
-    gen.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    add_sampling_args(gen, max_tokens=256)
     gen.set_defaults(run=cmd_generate)
 
     from .chat import add_chat_command

@@ -28,7 +28,7 @@ from mlx_lm.utils import make_shards
 
 from . import quantize as q
 from .config import ModelConfig
-from .errors import CheckpointError, InputError
+from .errors import InputError
 from .files import replacing_folder
 from .loading import DTYPES, _check_complete, _quantize_like, check_safetensors, resolve, weight_files
 from .model import Model

@@ -6,9 +6,6 @@ import copy
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -18,6 +15,7 @@ import pytest
 import torch
 
 import reference
+from killing import kill_mid_write
 from mlx_gemma4u.cli import main
 from mlx_gemma4u.convert import Options, convert
 from mlx_gemma4u.errors import InputError
@@ -185,13 +183,7 @@ def test_kill_9_mid_write_leaves_no_destination_or_the_previous_one(previous, so
     if previous:
         shutil.copytree(converted["float16"].path, dst)
     before = {p.name: p.read_bytes() for p in dst.iterdir()} if previous else None
-    child = subprocess.Popen([sys.executable, "-c", STALL, str(source), str(dst)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "writing"
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.wait(timeout=30)
-    assert child.returncode == -signal.SIGKILL
+    kill_mid_write(STALL, str(source), str(dst))
     if previous:
         assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
     else:

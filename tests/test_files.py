@@ -1,12 +1,8 @@
 """Atomic writes: a failure, or a kill -9 in the middle of a write, leaves the old file or folder."""
 
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
 
+from killing import kill_mid_write
 from mlx_gemma4u.files import replacing_folder, write_text
 
 
@@ -74,14 +70,7 @@ def test_kill_9_mid_write_leaves_the_previous_version(writer, tmp_path, hf_check
     else:
         target.mkdir()
         (target / "marker").write_text("previous")  # no config.json: ensure_demo rewrites it
-    child = subprocess.Popen([sys.executable, "-c", STALL + code, str(target), str(hf_checkpoints["full"][1])],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "writing"
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.wait(timeout=30)
-    assert child.returncode == -signal.SIGKILL
+    kill_mid_write(STALL + code, str(target), str(hf_checkpoints["full"][1]))
     if kind == "file":
         assert target.read_bytes() == b"previous"
     else:

@@ -2,7 +2,6 @@
 outputs or raise our InputError, never anything else."""
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
