@@ -1,9 +1,13 @@
 """Atomic writes: a failure, or a kill -9 in the middle of a write, leaves the old file or folder."""
 
+from pathlib import Path
+
 import pytest
 
 from killing import kill_mid_write
 from mlx_gemma4u.files import replacing_folder, write_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_write_text_replaces_and_a_failure_keeps_the_old_file(tmp_path):
@@ -33,8 +37,9 @@ def test_replacing_folder_swaps_whole_folders_and_a_failure_keeps_the_old_one(tm
 
 
 # Each writer runs in a child process whose disk writes stall half-way (the stand-in for a slow
-# disk is installed by the child itself), and is killed there with SIGKILL.
-STALL = """
+# disk is installed by the child itself), and is killed there with SIGKILL. The converter's own
+# kill -9 test is in test_convert.py.
+STALL_TENSORS = """
 import sys, time
 import mlx.core as mx
 def stalled_save(path, arrays, metadata=None):
@@ -45,35 +50,64 @@ def stalled_save(path, arrays, metadata=None):
 mx.save_safetensors = stalled_save
 """
 
+STALL_TEXT = """
+import sys, time, pathlib
+def stalled_write_text(self, text, encoding=None, errors=None, newline=None):
+    with open(self, "w") as f:
+        f.write(text[: len(text) // 2])
+    print("writing", flush=True)
+    time.sleep(60)
+pathlib.Path.write_text = stalled_write_text
+"""
+
+# name: (child script, the file or folder it replaces)
 WRITERS = {
     "prompt cache": (
-        "from mlx_gemma4u.generate import PromptCache\n"
+        STALL_TENSORS + "from mlx_gemma4u.generate import PromptCache\n"
         "from mlx_gemma4u.loading import load_model\n"
-        "model = load_model(__import__('pathlib').Path(sys.argv[2]))\n"
+        "model = load_model(pathlib.Path(sys.argv[2]))\n"
         "PromptCache(model).save(sys.argv[1])\n",
-        "file",
+        "cache.safetensors",
     ),
     "demo checkpoint": (
-        "from mlx_gemma4u.demo import ensure_demo\n"
-        "ensure_demo(__import__('pathlib').Path(sys.argv[1]))\n",
-        "folder",
+        STALL_TENSORS + "from mlx_gemma4u.demo import ensure_demo\n"
+        "ensure_demo(pathlib.Path(sys.argv[1]))\n",
+        "demo/",
+    ),
+    "saved chat": (
+        STALL_TEXT + "from mlx_gemma4u.chat_session import Conversation\n"
+        "chat = Conversation(system='be brief', thinking=False)\n"
+        "chat.add_user('hello')\n"
+        "chat.save(sys.argv[1])\n",
+        "chat.json",
+    ),
+    "tokenizer files": (
+        STALL_TEXT + "from mlx_gemma4u.tokenizer_files import write_tokenizer_files\n"
+        "write_tokenizer_files(pathlib.Path(sys.argv[1]).parent)\n",
+        "tokenizer.json",
+    ),
+    "benchmark report": (
+        STALL_TEXT + "sys.path.insert(0, sys.argv[3])\n"
+        "from benchmarks import compare\n"
+        "compare.write_text(pathlib.Path(sys.argv[1]), '{\"results\": []}')\n",
+        "report.json",
     ),
 }
 
 
 @pytest.mark.parametrize("writer", list(WRITERS))
 def test_kill_9_mid_write_leaves_the_previous_version(writer, tmp_path, hf_checkpoints):
-    code, kind = WRITERS[writer]
-    target = tmp_path / ("out.safetensors" if kind == "file" else "demo")
-    if kind == "file":
-        target.write_bytes(b"previous")
-    else:
+    script, name = WRITERS[writer]
+    target = tmp_path / name.rstrip("/")
+    if name.endswith("/"):
         target.mkdir()
         (target / "marker").write_text("previous")  # no config.json: ensure_demo rewrites it
-    kill_mid_write(STALL + code, str(target), str(hf_checkpoints["full"][1]))
-    if kind == "file":
-        assert target.read_bytes() == b"previous"
     else:
+        target.write_bytes(b"previous")
+    kill_mid_write("import pathlib\n" + script, str(target), str(hf_checkpoints["full"][1]), str(REPO))
+    if target.is_dir():
         assert [p.name for p in target.iterdir()] == ["marker"]
+    else:
+        assert target.read_bytes() == b"previous"
     leftovers = [p.name for p in tmp_path.iterdir() if p != target]
-    assert all(name.startswith(".") and ".partial" in name for name in leftovers)
+    assert leftovers and all(name.startswith(".") and ".partial" in name for name in leftovers)
