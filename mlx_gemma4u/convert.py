@@ -25,6 +25,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.utils import make_shards
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import quantize as q
 from .config import ModelConfig
@@ -79,7 +81,7 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, options: Op
     config = ModelConfig.from_file(src / "config.json")
     raw = json.loads((src / "config.json").read_text())
     dtype = _output_dtype(options.dtype, raw)
-    with _Bars(quiet) as bars, _no_buffer_cache():
+    with _progress(quiet) as bars, _no_buffer_cache():
         weights = _read(src, bars)
         source = Model(config)
         if config.quantization:  # as load_model does: a quantized source has our names already
@@ -137,7 +139,7 @@ def _output_dtype(requested: str | None, raw: dict) -> str | None:
     return requested or (declared if declared in DTYPES else None)
 
 
-def _read(src: Path, bars) -> dict[str, mx.array]:
+def _read(src: Path, bars: Progress) -> dict[str, mx.array]:
     """Every source tensor, checked and loaded lazily (no data is read until it is needed)."""
     files = weight_files(src)
     task = bars.add_task("reading", total=sum(f.stat().st_size for f in files if f.is_file()))
@@ -183,7 +185,7 @@ def _convert(model: Model, weights: dict, stored: dict | None, options: Options,
 
 
 def _write_weights(out: Path, outputs: dict, shard_gb: int, parameters: int, quantization: dict | None,
-                   bars: _Bars) -> None:
+                   bars: Progress) -> None:
     """Shards of at most `shard_gb` GiB (mlx-lm's make_shards) plus model.safetensors.index.json."""
     quantized = {n.rsplit(".", 1)[0] for n in outputs if n.endswith(".scales")} if quantization else set()
     shards = make_shards(outputs, shard_gb)
@@ -306,28 +308,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class _Bars:
-    """rich progress bars on stderr (nothing when quiet): add_task / advance."""
-
-    def __init__(self, quiet: bool):
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("{task.description:>10}"), BarColumn(), DownloadColumn(),
-                                 TimeRemainingColumn(), console=Console(stderr=True), disable=quiet)
-
-    def __enter__(self):
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
-
-    def add_task(self, what: str, total: int) -> int:
-        return self.progress.add_task(what, total=total)
-
-    def advance(self, task: int, amount: int = 1) -> None:
-        self.progress.advance(task, amount)
+def _progress(quiet: bool) -> Progress:
+    """rich progress bars on stderr, one per phase (none when quiet)."""
+    return Progress(TextColumn("{task.description:>10}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=quiet)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
