@@ -13,7 +13,6 @@ Unknown keys are tolerated (the real config carries unused Gemma 3n keys); bad v
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -206,9 +205,6 @@ class TextConfig:
                    f"config.json: layer {i} reuses the keys of layer {s.kv_source} but their head shapes differ.")
         return specs
 
-    def rope_for(self, layer_type: str) -> dict:
-        return self.rope_parameters[layer_type]
-
 
 @dataclass
 class VisionConfig:
@@ -300,7 +296,3 @@ class ModelConfig:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path} is not readable JSON ({e}).") from None
         return cls.from_dict(raw)
-
-    @property
-    def embed_scale(self) -> float:
-        return math.sqrt(self.text.hidden_size)

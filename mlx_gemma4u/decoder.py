@@ -68,7 +68,7 @@ class Attention(nn.Module):
             if not spec.k_eq_v:
                 self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
-        self.rope = RoPE(self.head_dim, config.rope_for(spec.layer_type))
+        self.rope = RoPE(self.head_dim, config.rope_parameters[spec.layer_type])
 
     def _keys_values(self, x: mx.array, step: Step, cache):
         B, T, _ = x.shape
