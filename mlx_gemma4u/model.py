@@ -134,9 +134,9 @@ class Model(nn.Module):
         q_pos = mx.arange(past, past + T)
 
         def make_mask(layer_type, layer_cache, n_keys):
-            k_pos = caches.key_positions(layer_cache, n_keys) if layer_cache is not None else mx.arange(n_keys)
             if blocks is None and key_valid is None and (layer_type == FULL or n_keys <= text.sliding_window):
                 return None if T == 1 else "causal"
+            k_pos = caches.key_positions(layer_cache, n_keys) if layer_cache is not None else mx.arange(n_keys)
             k_blocks = None
             if blocks is not None:
                 local = k_pos - past
