@@ -1,8 +1,8 @@
 """KV caches: mlx-lm's `KVCache` for full layers and `RotatingKVCache` for sliding layers.
 
 A sliding layer's query sees the last W keys (itself included). Its rotating cache holds W plus
-`REWIND` more tokens, so a conversation can take back up to that many tokens even after the
-buffer wrapped: when the next turn's prompt re-renders the last reply differently from the
+`rewind_room` (another W) more tokens, so a conversation can take back up to that many tokens even
+after the buffer wrapped: when the next turn's prompt re-renders the last reply differently from the
 tokens that were generated (the chat template trims it, drops the thinking), the cache rewinds to
 where they part instead of starting over. The masks hide keys older than the window. Layers that
 reuse another layer's keys and values (KV sharing) get no cache at all.
