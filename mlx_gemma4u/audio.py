@@ -11,7 +11,7 @@ import numpy as np
 
 from .config import AudioConfig
 from .errors import InputError
-from .multimodal import MultimodalEmbedder
+from .multimodal import MultimodalEmbedder, kept_rows
 
 
 class AudioEmbedder(MultimodalEmbedder):
@@ -27,6 +27,4 @@ class AudioEmbedder(MultimodalEmbedder):
         if tuple(input_features_mask.shape) != tuple(input_features.shape[:2]):
             raise InputError(f"input_features_mask must have shape {tuple(input_features.shape[:2])}, "
                              f"got {tuple(input_features_mask.shape)}.")
-        soft = super().__call__(input_features)
-        kept = np.flatnonzero(np.array(input_features_mask).astype(bool).reshape(-1))
-        return soft.reshape(-1, soft.shape[-1])[mx.array(kept)]
+        return kept_rows(super().__call__(input_features), np.array(input_features_mask).astype(bool))

@@ -51,6 +51,11 @@ def placeholder_positions(input_ids: mx.array, token_id: int) -> np.ndarray:
     return np.flatnonzero(np.array(input_ids).reshape(-1) == token_id)
 
 
+def kept_rows(soft: mx.array, keep: np.ndarray) -> mx.array:
+    """(N, P, D) soft tokens and an (N, P) boolean mask -> (M, D): the M kept ones, in row-major order."""
+    return soft.reshape(-1, soft.shape[-1])[mx.array(np.flatnonzero(keep.reshape(-1)))]
+
+
 def scatter_soft_tokens(h: mx.array, positions: np.ndarray, features: mx.array, what: str) -> mx.array:
     """Write features (N, D) over h (B, T, D) at the N flat positions."""
     if len(positions) != features.shape[0]:

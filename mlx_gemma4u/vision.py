@@ -18,7 +18,7 @@ import numpy as np
 from .config import VisionConfig
 from .errors import InputError
 from .kernels import position_norm
-from .multimodal import MultimodalEmbedder, compute_dtype, two_step_mean
+from .multimodal import MultimodalEmbedder, compute_dtype, kept_rows, two_step_mean
 
 LAYER_NORM_EPS = 1e-5
 
@@ -48,26 +48,24 @@ class VisionEmbedder(nn.Module):
 
     def __call__(self, pixel_values: mx.array, position_ids: mx.array) -> mx.array:
         """(N, P, 6912) patches and (N, P, 2) positions -> (M, D) soft tokens of the M real patches."""
-        self._check(pixel_values, position_ids)
+        positions = np.array(position_ids)
+        self._check(pixel_values, positions)
         x = pixel_values.astype(compute_dtype(self.patch_dense))
         h = self.patch_ln2(self.patch_dense(self.patch_ln1(x)))
         norm = self.pos_norm
         h = position_norm(h, self.pos_embedding, position_ids, norm.weight, norm.bias, norm.eps)
-        soft = self.multimodal_embedder(h)
-        real = np.flatnonzero(np.all(np.array(position_ids) != -1, axis=-1).reshape(-1))
-        return soft.reshape(-1, soft.shape[-1])[mx.array(real)]
+        return kept_rows(self.multimodal_embedder(h), np.all(positions != -1, axis=-1))
 
-    def _check(self, pixel_values: mx.array, position_ids: mx.array) -> None:
+    def _check(self, pixel_values: mx.array, positions: np.ndarray) -> None:
         values = self.config.patch_values
         if pixel_values.ndim != 3 or pixel_values.shape[-1] != values:
             raise InputError(f"pixel_values must have shape (images, patches, {values}), got {tuple(pixel_values.shape)}.")
         if not mx.issubdtype(pixel_values.dtype, mx.floating):
             raise InputError(f"pixel_values must be floating point (pixels scaled to [0, 1]), got {pixel_values.dtype}.")
-        if tuple(position_ids.shape) != (*pixel_values.shape[:2], 2):
+        if positions.shape != (*pixel_values.shape[:2], 2):
             raise InputError(f"position ids must have shape {(*pixel_values.shape[:2], 2)} to match pixel_values, "
-                             f"got {tuple(position_ids.shape)}.")
+                             f"got {positions.shape}.")
         size = self.config.mm_posemb_size
-        pos = np.array(position_ids)
-        if pos.min(initial=0) < -1 or pos.max(initial=0) >= size:
+        if positions.min(initial=0) < -1 or positions.max(initial=0) >= size:
             raise InputError(f"patch positions must lie in [0, {size}) (or be -1 for padding); "
-                             f"got values from {pos.min()} to {pos.max()}.")
+                             f"got values from {positions.min()} to {positions.max()}.")
