@@ -161,7 +161,7 @@ def read_weights(path: Path, dtype: str | None = None, check_memory: bool = True
 
 def _check_memory(sizes: dict[str, int], dtype: str | None) -> None:
     """Refuse weights that cannot fit: over 90% of the machine's memory once cast to `dtype`."""
-    scale = {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype)
+    scale = DTYPES[dtype].size if dtype in DTYPES else None
     need = sum(n * scale // _SAFETENSORS_DTYPES[k] if scale and k in _FLOATS else n for k, n in sizes.items())
     have = machine_memory()
     if need > 0.9 * have:
