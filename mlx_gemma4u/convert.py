@@ -74,6 +74,7 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, options: Op
             upload_repo: str | None = None, force: bool = False, quiet: bool = False, shard_gb: int = 5) -> Summary:
     """Convert `hf_path` (folder or repo id) into the MLX folder `mlx_path` -> what was written."""
     options = options or Options()
+    body = _check_options(options)
     dst = Path(mlx_path).expanduser()
     _check_destination(dst, force)
     token = upload_token(upload_repo) if upload_repo else None
@@ -86,7 +87,7 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, options: Op
         source = Model(config)
         if config.quantization:  # as load_model does: a quantized source has our names already
             _quantize_like(source, config.quantization, weights)
-        outputs, quantization = _convert(source, source.sanitize(weights), config.quantization, options, dtype)
+        outputs, quantization = _convert(source, source.sanitize(weights), config.quantization, options, body, dtype)
         del weights
         target = Model(config)
         _quantize_like(target, quantization or {}, outputs)
@@ -133,8 +134,6 @@ def _check_destination(dst: Path, force: bool) -> None:
 
 def _output_dtype(requested: str | None, raw: dict) -> str | None:
     """--dtype, else the dtype the source config declares, else None (floats stay as stored)."""
-    if requested is not None and requested not in DTYPES:
-        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {requested!r}.")
     declared = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
     return requested or (declared if declared in DTYPES else None)
 
@@ -151,14 +150,26 @@ def _read(src: Path, bars: Progress) -> dict[str, mx.array]:
     return weights
 
 
-def _convert(model: Model, weights: dict, stored: dict | None, options: Options,
+def _check_options(options: Options) -> q.Spec | None:
+    """Refuse flags that contradict each other before anything is downloaded -> the body's Spec when quantizing."""
+    if options.dtype is not None and options.dtype not in DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}.")
+    if options.quantize and options.dequantize:
+        raise InputError("Choose either --quantize or --dequantize, not both.")
+    if not options.quantize:
+        return None
+    body = q.body_spec(options.q_bits, options.q_group_size, options.q_mode)
+    q.check_recipe(options.quant_recipe, body)
+    return body
+
+
+def _convert(model: Model, weights: dict, stored: dict | None, options: Options, body: q.Spec | None,
              dtype: str | None) -> tuple[dict[str, mx.array], dict | None]:
     """Sanitized source tensors -> (lazy output tensors, config.json's "quantization" or None).
 
-    Source tensors are popped as they are used, so only the lazy graphs refer to them.
+    `body` is the checked Spec of the bulk of the model when quantizing. Source tensors are popped
+    as they are used, so only the lazy graphs refer to them.
     """
-    if options.quantize and options.dequantize:
-        raise InputError("Choose either --quantize or --dequantize, not both.")
     if options.dequantize and not stored:
         raise InputError("--dequantize needs a quantized source; this one is not quantized.")
     if options.quantize and stored:
@@ -172,8 +183,7 @@ def _convert(model: Model, weights: dict, stored: dict | None, options: Options,
     elif stored:  # quantized layers stay as stored; the rest is cast
         specs = q.stored_specs(stored, weights)
         outputs.update({n: weights.pop(n) for n in list(weights) if n.rsplit(".", 1)[0] in specs})
-    if options.quantize:
-        body = q.body_spec(options.q_bits, options.q_group_size, options.q_mode)
+    if body is not None:
         layers = q.plan(model, options.quant_recipe, body)
         for path, spec in layers.items():
             outputs.update(q.quantize_weight(path, cast(weights.pop(f"{path}.weight")), spec))

@@ -73,12 +73,17 @@ def recipe_spec(recipe: str, path: str, body: Spec) -> Spec | None:
     return Spec(body.group_size, high) if embedding or attention else Spec(body.group_size, 4)
 
 
-def plan(model: nn.Module, recipe: str, body: Spec) -> dict[str, Spec]:
-    """Module path -> Spec for every layer the recipe quantizes and whose width the group size divides."""
+def check_recipe(recipe: str, body: Spec) -> None:
+    """Refuse a recipe that does not exist or does not go with the body's mode."""
     if recipe not in RECIPES:
         raise InputError(f"--quant-recipe must be one of {', '.join(RECIPES)}, got {recipe!r}.")
     if recipe.startswith("mixed") and body.mode != "affine":
         raise InputError(f"The {recipe} recipe is affine only; use --q-mode affine or --quant-recipe uniform.")
+
+
+def plan(model: nn.Module, recipe: str, body: Spec) -> dict[str, Spec]:
+    """Module path -> Spec for every layer the recipe quantizes and whose width the group size divides."""
+    check_recipe(recipe, body)
     chosen = {}
     for path, module in model.named_modules():
         if not hasattr(module, "to_quantized"):

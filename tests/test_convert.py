@@ -159,6 +159,18 @@ def test_existing_destination_is_refused_without_force(source, tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
 
 
+@pytest.mark.parametrize("options, message", [
+    (Options(quantize=True, dequantize=True), "either --quantize or --dequantize"),
+    (Options(quantize=True, q_mode="mxfp4", q_bits=8), "--q-mode mxfp4 means 4 bits"),
+    (Options(quantize=True, q_mode="mxfp4", quant_recipe="mixed-6-4"), "affine only"),
+    (Options(dtype="int8"), "--dtype must be one of"),
+])
+def test_contradicting_flags_are_refused_before_the_source_is_fetched(options, message, tmp_path, monkeypatch):
+    monkeypatch.setattr("mlx_gemma4u.convert.resolve", lambda path: pytest.fail(f"{path} was fetched"))
+    with pytest.raises(InputError, match=message):
+        convert("google/gemma-4-12B-it", tmp_path / "new", options, quiet=True)
+
+
 # The child makes the second shard's write stall after half a file, says so, and is killed there.
 STALL = """
 import sys, time
