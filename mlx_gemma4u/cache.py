@@ -134,8 +134,8 @@ class PromptCache:
     @classmethod
     def load(cls, path: str | os.PathLike, model) -> "PromptCache":
         caches, metadata = load_prompt_cache(str(path), return_metadata=True)
-        if len(caches) != len(model.make_cache()):
-            raise InputError(f"{path} holds a prompt cache for a different model.")
         cache = cls(model)
+        if len(caches) != len(cache.caches):
+            raise InputError(f"{path} holds a prompt cache for a different model.")
         cache.caches, cache.tokens = caches, json.loads(metadata["tokens"])
         return cache
