@@ -79,8 +79,8 @@ def build():
     def run(x, y, w_post, w_next, eps, scale):
         D = x.shape[-1]
         rows, tg = x.size // D, row_threads(D)
-        ones = mx.ones((1,), x.dtype) if scale is None else scale.reshape(1)
-        return tuple(kernel(inputs=[x, y, w_post, w_next, mx.array(eps, mx.float32), ones],
+        factor = mx.ones((1,), x.dtype) if scale is None else scale.reshape(1)
+        return tuple(kernel(inputs=[x, y, w_post, w_next, mx.array(eps, mx.float32), factor],
                             template=[("T", x.dtype), ("D", D), ("TG", tg)], grid=(rows * tg, 1, 1),
                             threadgroup=(tg, 1, 1), output_shapes=[x.shape, x.shape],
                             output_dtypes=[x.dtype, x.dtype]))
