@@ -80,13 +80,14 @@ def generate_step(
     history = input_ids[0]
     processors = logits_processors or []
 
-    def sample(logits: mx.array):
+    def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal history
         for process in processors:
             logits = process(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         token = sampler(logprobs)
-        history = mx.concatenate([history, token])
+        if processors:  # only they read the history, and growing it costs a copy per token
+            history = mx.concatenate([history, token])
         return token, logprobs[0]
 
     embeds = model.embed(input_ids, **{k: v for k, v in inputs.items() if k in MEDIA_KEYS})
