@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -23,18 +22,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from mlx_gemma4u.errors import InputError
 
 
-def read_chat_template(model_dir: Path) -> str | None:
-    """The template from chat_template.jinja, else from tokenizer_config.json, else None."""
-    jinja_file = model_dir / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
-    config_file = model_dir / "tokenizer_config.json"
-    if config_file.is_file():
-        template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
-        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-            template = {entry["name"]: entry["template"] for entry in template}.get("default")
-        return template
-    return None
+def default_template(template: str | dict[str, str] | None) -> str | None:
+    """The template to render with, from a tokenizer's `chat_template` attribute.
+
+    transformers loads chat_template.jinja or tokenizer_config.json's "chat_template" into it; a
+    list of named templates there becomes {name: template}, of which "default" is the one used.
+    """
+    return template.get("default") if isinstance(template, dict) else template
 
 
 def render_chat(

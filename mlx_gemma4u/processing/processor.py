@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from mlx_gemma4u.errors import ConfigError, InputError
 from mlx_gemma4u.processing.audio import Gemma4UAudioFeatureExtractor, as_clip_list
-from mlx_gemma4u.processing.chat_template import read_chat_template, render_chat
+from mlx_gemma4u.processing.chat_template import default_template, render_chat
 from mlx_gemma4u.processing.image import Gemma4UImageProcessor, flatten_images
 from mlx_gemma4u.processing.messages import MEDIA_SOURCES, check_messages
 from mlx_gemma4u.processing.tensors import convert_outputs
@@ -34,7 +34,6 @@ from mlx_gemma4u.processing.text import (
     video_block,
 )
 from mlx_gemma4u.processing.video import DEFAULT_NUM_FRAMES, DEFAULT_VIDEO_BUDGET, Gemma4UVideoProcessor
-
 
 
 class Gemma4UProcessor:
@@ -71,20 +70,21 @@ class Gemma4UProcessor:
         """Build the processor from a model folder (tokenizer files, optional config and processor JSON).
 
         Arguments given here override the folder's processor_config.json / preprocessor_config.json.
+        The chat template is the one the tokenizer loaded (chat_template.jinja or tokenizer_config.json).
         """
         model_dir = Path(model_dir)
         image_settings, video_settings = _processor_settings(model_dir)
         tokenizer = load_tokenizer(model_dir, eos_token_ids)
         return cls(
             tokenizer=tokenizer,
-            tokens=multimodal_tokens(tokenizer, model_dir),
+            tokens=multimodal_tokens(tokenizer, _read_json(model_dir / "config.json")),
             image_processor=Gemma4UImageProcessor(max_soft_tokens or image_settings.get("max_soft_tokens", 280)),
             video_processor=Gemma4UVideoProcessor(
                 num_frames=num_frames or video_settings.get("num_frames", DEFAULT_NUM_FRAMES),
                 max_soft_tokens=video_settings.get("max_soft_tokens", DEFAULT_VIDEO_BUDGET),
             ),
             feature_extractor=Gemma4UAudioFeatureExtractor(max_audio_seconds),
-            chat_template=read_chat_template(model_dir) or tokenizer.chat_template,
+            chat_template=default_template(tokenizer.chat_template),
         )
 
     def __call__(
@@ -213,20 +213,16 @@ def _media_items(conversation: list[dict[str, Any]], kind: str) -> list[Any]:
 
 def _processor_settings(model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Image and video processor settings from processor_config.json / preprocessor_config.json."""
-    image_settings: dict[str, Any] = {}
-    video_settings: dict[str, Any] = {}
-    preprocessor = model_dir / "preprocessor_config.json"
-    if preprocessor.is_file():
-        image_settings.update(_read_json(preprocessor))
-    processor = model_dir / "processor_config.json"
-    if processor.is_file():
-        nested = _read_json(processor)
-        image_settings.update(nested.get("image_processor", {}))
-        video_settings.update(nested.get("video_processor", {}))
-    return image_settings, video_settings
+    image_settings = _read_json(model_dir / "preprocessor_config.json")
+    nested = _read_json(model_dir / "processor_config.json")
+    image_settings.update(nested.get("image_processor", {}))
+    return image_settings, nested.get("video_processor", {})
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; {} when the folder has no such file."""
+    if not path.is_file():
+        return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -10,7 +10,6 @@ expanded, in order, to the block of soft tokens the model fills with that item's
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,13 +71,10 @@ def load_tokenizer(model_dir: Path, eos_token_ids: Sequence[int] = GEMMA4_STOP_I
     return tokenizer
 
 
-def multimodal_tokens(tokenizer: TokenizerWrapper, model_dir: Path) -> MultimodalTokens:
-    """Token ids from config.json (or Gemma 4's defaults) and their strings from the tokenizer."""
+def multimodal_tokens(tokenizer: TokenizerWrapper, config: dict) -> MultimodalTokens:
+    """Token ids from the parsed config.json (or Gemma 4's defaults) and their strings from the tokenizer."""
     ids = dict(_CONFIG_IDS)
-    config_file = Path(model_dir) / "config.json"
-    if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        ids.update({key: config[key] for key in _CONFIG_IDS if isinstance(config.get(key), int)})
+    ids.update({key: config[key] for key in _CONFIG_IDS if isinstance(config.get(key), int)})
     video_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
     if video_id != ids["video_token_id"]:
         raise ConfigError(
