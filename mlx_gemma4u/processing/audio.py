@@ -42,12 +42,13 @@ def load_audio(source: str | Path) -> tuple[np.ndarray, int]:
     return samples, int(rate)
 
 
-def to_waveform(audio: Any, sampling_rate: int | None = None, name: str = "audio") -> np.ndarray:
+def to_waveform(audio: Any, sampling_rate: int | None = None) -> np.ndarray:
     """Any accepted audio input as a 16 kHz mono float32 waveform of shape (samples,).
 
     Arrays without a `sampling_rate` are taken to be 16 kHz already, as transformers assumes.
     A (array, rate) tuple carries its own rate.
     """
+    name = "audio"
     if isinstance(audio, tuple) and len(audio) == 2:
         audio, sampling_rate = audio
     if isinstance(audio, (str, Path)):
@@ -117,7 +118,7 @@ class Gemma4UAudioFeatureExtractor:
         clips = as_clip_list(raw_speech)
         if not clips:
             raise InputError("No audio was given to the feature extractor; pass at least one clip.")
-        framed = [frame_waveform(self._within_limit(to_waveform(clip, sampling_rate, _clip_name(clip)), clip)) for clip in clips]
+        framed = [frame_waveform(self._within_limit(to_waveform(clip, sampling_rate), clip)) for clip in clips]
         longest = max(frames.shape[0] for frames in framed)
         features = np.zeros((len(framed), longest, SAMPLES_PER_TOKEN), dtype=np.float32)
         mask = np.zeros((len(framed), longest), dtype=bool)
