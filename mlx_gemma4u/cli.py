@@ -104,14 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_command(commands)
     bench = commands.add_parser("bench", help="compare speed and logits with mlx-vlm and transformers "
                                               "(source checkout only; `mlx-gemma4u bench --help`)",
-                                add_help=False, prefix_chars="+")  # every option goes to the benchmark
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+                                add_help=False)  # its options, --help included, are benchmarks/compare.py's
     bench.set_defaults(run=cmd_bench)
     return parser
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line; the arguments after `bench` are left unparsed, in args.bench_args."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         args.run(args)
     except Gemma4UError as e:

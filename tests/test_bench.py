@@ -68,3 +68,18 @@ def test_tables_render(report, capsys):
     assert "Speed and memory" in printed and "decode / bandwidth bound" in printed
     md = report.with_suffix(".md").read_text()
     assert md.count("| demo | bfloat16 |") >= len(FIGURES) and "Machine:" in md
+
+
+def test_cli_bench_hands_every_argument_to_the_benchmark(monkeypatch, capsys):
+    from mlx_gemma4u.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--help"])
+    assert exited.value.code == 0 and "usage: mlx-gemma4u bench" in capsys.readouterr().out
+    received = []
+    monkeypatch.setattr(compare, "main", received.append)
+    assert main(["bench", "--quick", "--sizes", "demo", "mid", "--out", "r.json"]) == 0
+    assert received == [["--quick", "--sizes", "demo", "mid", "--out", "r.json"]]
+    with pytest.raises(SystemExit):
+        main(["generate", "--demo", "--prompt", "Hi", "--quick"])
+    assert "unrecognized arguments: --quick" in capsys.readouterr().err
