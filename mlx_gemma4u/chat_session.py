@@ -43,7 +43,6 @@ HELP = [
     ("/help", "this list"),
     ("/quit", "leave (Ctrl-D does too)"),
 ]
-COMMANDS = {usage.split()[0][1:] for usage, _ in HELP} | {"exit"}
 # A quoted path, or a run of non-space characters where "\ " stands for a space (macOS Terminal's drag).
 _PATH_LIKE = re.compile(r"'[^']+'|\"[^\"]+\"|(?:\\.|[^\s'\"\\])+")
 
