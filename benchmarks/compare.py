@@ -33,10 +33,8 @@ import numpy as np
 from mlx_gemma4u.files import write_text
 
 from .checkpoints import ensure_checkpoint
-from .report import machine, markdown, print_tables
+from .report import IMPLS, PEERS, machine, markdown, print_tables
 
-IMPLS = ("ours", "mlx-vlm", "transformers")
-PEERS = IMPLS[1:]
 NEEDS = {"ours": ("mlx",), "mlx-vlm": ("mlx_vlm",), "transformers": ("torch", "transformers")}
 DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "4bit": 0.5 + 2 * 2 / 64}  # 4-bit: bf16 scale and bias per 64
 KV_BYTES = {"float32": 4, "bfloat16": 2, "4bit": 2}

@@ -27,7 +27,6 @@ import numpy as np
 
 GROUP_SIZE, BITS = 64, 4
 LOGIT_POSITIONS = 8
-MEDIA = ("pixel_values", "image_position_ids", "input_features", "input_features_mask")
 
 
 def quantizable(path: str, module) -> bool:
@@ -57,21 +56,16 @@ class Ours:
             nn.quantize(self.model, group_size=GROUP_SIZE, bits=BITS, class_predicate=quantizable)
             _mx_eval(self.model.parameters())
 
-    def _inputs(self, case: dict) -> dict:
-        import mlx.core as mx
-
-        return {k: mx.array(v.astype(np.int32) if v.dtype == np.int64 else v) for k, v in case.items()}
-
     def stream(self, case: dict, n: int) -> Iterator[int]:
         from mlx_lm.sample_utils import make_sampler
 
         from mlx_gemma4u.generate import PromptCache, generate_step
 
-        steps = generate_step(self.model, self._inputs(case), PromptCache(self.model), make_sampler(0.0), max_tokens=n)
+        steps = generate_step(self.model, _mx_inputs(case), PromptCache(self.model), make_sampler(0.0), max_tokens=n)
         return (token for token, _ in steps)
 
     def logits(self, case: dict) -> np.ndarray:
-        inputs = self._inputs(case)
+        inputs = _mx_inputs(case)
         out = self.model(inputs.pop("input_ids"), **inputs, logits_to_keep=LOGIT_POSITIONS)
         return _mx_numpy(out)
 
@@ -91,21 +85,16 @@ class MlxVlm:
             nn.quantize(self.model, group_size=GROUP_SIZE, bits=BITS, class_predicate=quantizable)
         _mx_eval(self.model.parameters())
 
-    def _inputs(self, case: dict) -> dict:
-        import mlx.core as mx
-
-        return {k: mx.array(v.astype(np.int32) if v.dtype == np.int64 else v) for k, v in case.items()}
-
     def stream(self, case: dict, n: int) -> Iterator[int]:
         from mlx_vlm.generate import generate_step
 
-        inputs = self._inputs(case)
+        inputs = _mx_inputs(case)
         ids, pixels = inputs.pop("input_ids"), inputs.pop("pixel_values", None)
         steps = generate_step(ids, self.model, pixels, None, max_tokens=n, temperature=0.0, **inputs)
         return (int(token) for token, _ in steps)
 
     def logits(self, case: dict) -> np.ndarray:
-        inputs = self._inputs(case)
+        inputs = _mx_inputs(case)
         out = self.model(inputs.pop("input_ids"), **inputs, logits_to_keep=LOGIT_POSITIONS)
         return _mx_numpy(out.logits)
 
@@ -246,6 +235,13 @@ def load(job: dict):
     if job["impl"] == "ours" and job["mode"] == "logits":
         return Ours(Path(job["checkpoint"]), job["dtype"], vision_mask="hf-forward")
     return IMPLEMENTATIONS[job["impl"]](Path(job["checkpoint"]), job["dtype"])
+
+
+def _mx_inputs(case: dict) -> dict:
+    """The npz arrays as MLX arrays, int64 ids narrowed to int32 (what both MLX models take)."""
+    import mlx.core as mx
+
+    return {k: mx.array(v.astype(np.int32) if v.dtype == np.int64 else v) for k, v in case.items()}
 
 
 def _mx_eval(tree) -> None:
