@@ -31,7 +31,7 @@ VERSION = 1
 NOTE = "mlx-gemma4u benchmark checkpoint: random weights, for timing only."
 
 
-def _variant(text: dict, vision_dim: int) -> dict:
+def variant(text: dict, vision_dim: int) -> dict:
     """The demo config with its text config updated and the vision width set to `vision_dim`."""
     config = copy.deepcopy(DEMO_CONFIG)
     config.pop("mlx_gemma4u_demo")
@@ -41,12 +41,12 @@ def _variant(text: dict, vision_dim: int) -> dict:
     return config
 
 
-MID = _variant(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=6, num_attention_heads=8,
-                    num_key_value_heads=4, head_dim=256, global_head_dim=512, sliding_window=1024,
-                    layer_types=[S] * 5 + [F]), vision_dim=1024)
-REAL_12B_2L = _variant(dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=2, num_attention_heads=16,
-                            num_key_value_heads=8, head_dim=256, global_head_dim=512, sliding_window=1024,
-                            layer_types=[S, F]), vision_dim=3840)
+MID = variant(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=6, num_attention_heads=8,
+                   num_key_value_heads=4, head_dim=256, global_head_dim=512, sliding_window=1024,
+                   layer_types=[S] * 5 + [F]), vision_dim=1024)
+REAL_12B_2L = variant(dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=2, num_attention_heads=16,
+                           num_key_value_heads=8, head_dim=256, global_head_dim=512, sliding_window=1024,
+                           layer_types=[S, F]), vision_dim=3840)
 SIZES = {"demo": None, "mid": MID, "12b-2l": REAL_12B_2L}
 
 

@@ -13,7 +13,6 @@ track the largest tensor (times the dtypes it passes through), not the checkpoin
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -27,21 +26,20 @@ from mlx.utils import tree_flatten
 
 from mlx_gemma4u.config import ModelConfig
 from mlx_gemma4u.convert import write_safetensors
-from mlx_gemma4u.demo import CONFIG as DEMO_CONFIG
 from mlx_gemma4u.demo import checkpoint_name
 from mlx_gemma4u.model import Model
+
+from .checkpoints import F, S, variant
 
 RUNS = {"bfloat16 copy": [], "float32": ["--dtype", "float32"], "4-bit default": ["-q"],
         "8-bit uniform": ["-q", "--q-bits", "8", "--quant-recipe", "uniform"]}
 
 
 def config(layers: int) -> dict:
-    c = copy.deepcopy(DEMO_CONFIG)
-    c["text_config"].update(hidden_size=3840, intermediate_size=15360, num_hidden_layers=layers,
-                            num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
-                            layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"])
-    c["vision_config"].update(mm_embed_dim=3840, output_proj_dims=3840)
-    return c
+    """The real 12B shapes cut to `layers` decoder layers, the last one global."""
+    return variant(dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=layers, num_attention_heads=16,
+                        num_key_value_heads=8, head_dim=256, global_head_dim=512,
+                        layer_types=[S] * (layers - 1) + [F]), vision_dim=3840)
 
 
 def write_checkpoint(out: Path, layers: int) -> None:

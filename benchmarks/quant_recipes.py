@@ -19,7 +19,6 @@ are close, and the token embedding (which is also the output head) decides them.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import tempfile
 from pathlib import Path
@@ -29,11 +28,12 @@ from mlx.utils import tree_flatten
 
 from mlx_gemma4u.config import ModelConfig
 from mlx_gemma4u.convert import Options, convert
-from mlx_gemma4u.demo import CONFIG as DEMO_CONFIG
 from mlx_gemma4u.demo import checkpoint_name
 from mlx_gemma4u.loading import load, load_model
 from mlx_gemma4u.model import Model
 from mlx_gemma4u.tokenizer_files import write_tokenizer_files
+
+from .checkpoints import F, S, variant
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TEXTS = [
@@ -57,12 +57,10 @@ RECIPES = {
 
 def config(hidden: int = 256, layers: int = 4) -> dict:
     """The demo config, widened: real vocabulary, `hidden` wide, `layers` deep."""
-    c = copy.deepcopy(DEMO_CONFIG)
+    c = variant(dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64, global_head_dim=128, layer_types=[S] * (layers - 1) + [F]),
+                vision_dim=hidden)
     c["dtype"] = "float32"
-    c["text_config"].update(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=64, global_head_dim=128,
-                            layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"])
-    c["vision_config"].update(mm_embed_dim=hidden, output_proj_dims=hidden)
     return c
 
 
