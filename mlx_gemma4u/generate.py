@@ -249,6 +249,7 @@ class _StopText:
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
+        self.hold = max((len(s) - 1 for s in self.stops), default=0)  # a stop string may start this far back
         self.pending = ""
 
     def add(self, segment: str, final: bool) -> tuple[str, bool]:
@@ -258,7 +259,7 @@ class _StopText:
         if cuts:
             out, self.pending = self.pending[:min(cuts)], ""
             return out, True
-        keep = 0 if final else max((len(s) - 1 for s in self.stops), default=0)
+        keep = 0 if final else self.hold
         out = self.pending[:len(self.pending) - keep] if keep else self.pending
         self.pending = self.pending[len(out):]
         return out, False

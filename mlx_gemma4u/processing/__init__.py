@@ -2,7 +2,9 @@
 
 Modules: `image` (images to 48x48 patch rows), `video` (PyAV decoding and frame sampling),
 `audio` (16 kHz mono 640-sample frames), `text` (tokenizer, placeholders, type ids),
-`chat_template` (Jinja rendering), `processor` (all of them behind one call).
+`chat_template` (Jinja rendering), `messages` (chat message checks), `processor` (all of them
+behind one call). Helpers: `patches` (budgets and patch rows, shared by images and video frames),
+`resample` (torch-exact bicubic resize), `sources` (paths and URLs), `tensors` (numpy or mlx out).
 """
 
 from mlx_gemma4u.processing.audio import Gemma4UAudioFeatureExtractor
