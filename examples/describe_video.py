@@ -1,6 +1,7 @@
 """Describe a video: python examples/describe_video.py clip.mp4 [--model google/gemma-4-12B-it]
 
-Frames are sampled as transformers does (32 by default) and each is shown with its mm:ss time.
+Frames are sampled as transformers does (32 by default; 8 here, to stay quick) and each is shown
+with its mm:ss time.
 """
 
 import mlx_gemma4u

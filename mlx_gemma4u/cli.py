@@ -1,6 +1,7 @@
 """`mlx-gemma4u`: the command line. Subcommands: generate, chat (chat.py), convert (convert.py), bench (benchmarks/).
 
-Errors the user can fix are printed as one line (add --debug for the traceback) with exit code 1.
+Errors the user can fix are printed as one line with exit code 1; `mlx-gemma4u --debug SUBCOMMAND ...` shows
+the traceback instead.
 """
 
 from __future__ import annotations
