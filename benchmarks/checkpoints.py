@@ -13,18 +13,11 @@ load the very same files:
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
-import mlx.core as mx
-from mlx.utils import tree_flatten
-
-from mlx_gemma4u.config import ModelConfig
 from mlx_gemma4u.demo import CONFIG as DEMO_CONFIG
-from mlx_gemma4u.demo import GENERATION_CONFIG, checkpoint_name, ensure_demo
+from mlx_gemma4u.demo import ensure_demo, write_checkpoint
 from mlx_gemma4u.files import replacing_folder
-from mlx_gemma4u.model import Model
-from mlx_gemma4u.tokenizer_files import write_tokenizer_files
 
 S, F = "sliding_attention", "full_attention"
 VERSION = 1
@@ -59,26 +52,3 @@ def ensure_checkpoint(size: str, root: Path) -> Path:
         with replacing_folder(path) as staging:
             write_checkpoint(staging, SIZES[size])
     return path
-
-
-def write_checkpoint(out: Path, config: dict, seed: int = 0) -> None:
-    """config.json, generation_config.json, tokenizer files and random bfloat16 weights into `out`."""
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
-    write_tokenizer_files(out)
-    mx.save_safetensors(str(out / "model.safetensors"), random_weights(config, seed), metadata={"format": "pt"})
-
-
-def random_weights(config: dict, seed: int) -> dict[str, mx.array]:
-    """N(0, 0.02) matrices and unit norms under transformers' names, in bfloat16."""
-    model = Model(ModelConfig.from_dict(config))
-    key = mx.random.key(seed)
-    weights = {}
-    for name, param in tree_flatten(model.parameters()):
-        key, sub = mx.random.split(key)
-        if param.ndim == 1:
-            value = mx.zeros(param.shape) if name.endswith("bias") else mx.ones(param.shape)
-        else:
-            value = 0.02 * mx.random.normal(param.shape, key=sub)
-        weights[checkpoint_name(name)] = value.astype(mx.bfloat16)
-    return weights

@@ -110,21 +110,28 @@ def ensure_demo(path: Path | None = None) -> Path:
 
 def write_demo(out: Path) -> None:
     """Write the demo checkpoint files into the (empty) folder `out`."""
-    (out / "config.json").write_text(json.dumps(CONFIG, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+    write_checkpoint(out, CONFIG)
     (out / "README.md").write_text(MODEL_CARD)
+
+
+def write_checkpoint(out: Path, config: dict) -> None:
+    """A random-weight checkpoint of `config` in transformers' layout: config.json,
+    generation_config.json, the bundled tokenizer's files and bfloat16 safetensors."""
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
     write_tokenizer_files(out)
-    mx.save_safetensors(str(out / "model.safetensors"), random_weights(), metadata={"format": "pt"})
+    mx.save_safetensors(str(out / "model.safetensors"), random_weights(config), metadata={"format": "pt"})
 
 
-def random_weights(seed: int = 0) -> dict[str, mx.array]:
-    """Random bfloat16 weights under transformers' on-disk names; norms and layer scalars are 1."""
-    model = Model(ModelConfig.from_dict(CONFIG))
-    key = mx.random.key(seed)
+def random_weights(config: dict) -> dict[str, mx.array]:
+    """N(0, 0.02) bfloat16 matrices (fixed seed) under transformers' on-disk names; norms and layer
+    scalars are 1, biases 0."""
+    model = Model(ModelConfig.from_dict(config))
+    key = mx.random.key(0)
     weights = {}
     for name, param in tree_flatten(model.parameters()):
         key, sub = mx.random.split(key)
-        if param.ndim == 1:  # norm scales and layer scalars start at 1, biases at 0
+        if param.ndim == 1:
             value = mx.zeros(param.shape) if name.endswith("bias") else mx.ones(param.shape)
         else:
             value = 0.02 * mx.random.normal(param.shape, key=sub)

@@ -73,7 +73,9 @@ def load_processor(path: Path, **processor_kwargs):
 
 
 def _stop_ids(path: Path) -> list[int]:
-    ids = {1, 106, 50}
+    from .processing.text import GEMMA4_STOP_IDS
+
+    ids = set(GEMMA4_STOP_IDS)
     gen = path / "generation_config.json"
     if gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")
