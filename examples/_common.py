@@ -1,6 +1,7 @@
 """Shared by the examples: pick the model from the command line (the demo checkpoint by default)."""
 
 import argparse
+import sys
 
 import mlx_gemma4u
 from mlx_gemma4u.demo import WARNING, ensure_demo
@@ -14,6 +15,6 @@ def load_model(description: str, media: str | None = None):
         parser.add_argument(media, help=f"the {media} file")
     args = parser.parse_args()
     if args.model is None:
-        print(WARNING)
+        print(WARNING, file=sys.stderr)
     model, processor = mlx_gemma4u.load(args.model or ensure_demo())
     return model, processor, args

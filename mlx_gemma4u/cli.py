@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", help="a system prompt")
     gen.add_argument("--image", action="append", metavar="PATH", help="an image file or URL (repeatable)")
     gen.add_argument("--video", action="append", metavar="PATH", help="a video file (repeatable)")
-    gen.add_argument("--audio", action="append", metavar="PATH", help="an audio file: wav, flac, ogg (repeatable)")
+    gen.add_argument("--audio", action="append", metavar="PATH", help="an audio file or URL: wav, flac, ogg (repeatable)")
     add_sampling_args(gen, max_tokens=256)
     gen.set_defaults(run=cmd_generate)
 

@@ -281,7 +281,7 @@ def _check_sampling(max_tokens, temperature, top_p, top_k, min_p, kv_bits) -> No
     if temperature < 0:
         raise InputError(f"temperature must be 0 (greedy) or more, got {temperature}.")
     if not 0 <= top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1] (0 turns it off), got {top_p}.")
+        raise InputError(f"top_p must be in [0, 1] (0 turns it off), got {top_p}.")
     if top_k < 0:
         raise InputError(f"top_k must be 0 (off) or a positive integer, got {top_k}.")
     if not 0 <= min_p < 1:
