@@ -10,11 +10,16 @@ reuse another layer's keys and values (KV sharing) get no cache at all.
 Masks need to know which absolute position each returned key holds; `key_positions` reads that
 off the cache, including the rotated order of a full rotating buffer.
 
-`PromptCache` is a conversation's caches plus the tokens they hold, carried from turn to turn.
+`PromptCache` is a conversation's caches plus the tokens they hold, carried from turn to turn. Its
+file records what the keys and values depend on besides the tokens (the config, quantization,
+weight dtype and vision mask), so a cache is never loaded into a model it does not belong to.
 """
 
+import dataclasses
+import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,8 +27,12 @@ import numpy as np
 from mlx_lm.models.cache import KVCache, RotatingKVCache, load_prompt_cache, save_prompt_cache
 
 from .config import SLIDING, TextConfig
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .files import replacing
+
+FORMAT = "mlx-gemma4u prompt cache 1"
+# What a cache's keys and values depend on besides its tokens, in the order a mismatch is reported.
+FINGERPRINT = ("quantization", "dtype", "vision_mask", "config")
 
 
 def make_cache(config: TextConfig) -> list:
@@ -85,6 +94,7 @@ class PromptCache:
 
     def __init__(self, model, kv_bits: int | None = None):
         self.config = model.config.text
+        self.fingerprint = model_fingerprint(model)
         self._fresh = model.make_cache
         self.caches = model.make_cache()
         self.tokens: list[int] = []
@@ -127,15 +137,68 @@ class PromptCache:
         ]
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the caches and their tokens to a safetensors file, atomically."""
-        with replacing(Path(path)) as tmp:
-            save_prompt_cache(str(tmp), self.caches, {"tokens": json.dumps(self.tokens)})
+        """Write the caches, their tokens and the model's fingerprint to a safetensors file at
+        exactly `path` (any name), atomically: a failed save leaves nothing behind."""
+        path = Path(path)
+        if path.is_dir():
+            raise InputError(f"{path} is a folder; give PromptCache.save a file name.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(path, suffix=".safetensors") as tmp:
+            save_prompt_cache(str(tmp), self.caches, {**self.fingerprint, "tokens": json.dumps(self.tokens)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model) -> "PromptCache":
-        caches, metadata = load_prompt_cache(str(path), return_metadata=True)
+        """A cache written by `save`, refused unless it was made with this model's config,
+        quantization, dtype and vision mask."""
+        path = Path(path)
+        _check_belongs(path, model_fingerprint(model))
+        caches, metadata = _read(path)
         cache = cls(model)
-        if len(caches) != len(cache.caches):
-            raise InputError(f"{path} holds a prompt cache for a different model.")
         cache.caches, cache.tokens = caches, json.loads(metadata["tokens"])
         return cache
+
+
+def model_fingerprint(model) -> dict[str, str]:
+    """The FINGERPRINT entries of `model`, as the strings a cache file stores."""
+    config = json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str)
+    q = model.config.quantization
+    return {
+        "format": FORMAT,
+        "quantization": f"{q.get('bits', 4)}-bit {q.get('mode', 'affine')}" if q else "none",
+        "dtype": str(model.language_model.norm.weight.dtype).removeprefix("mlx.core."),
+        "vision_mask": model.vision_mask,
+        "config": hashlib.sha256(config.encode()).hexdigest()[:16],
+    }
+
+
+def _check_belongs(path: Path, wanted: dict[str, str]) -> None:
+    """Refuse, in one sentence, a missing or foreign file or one saved from another model."""
+    from .loading import check_safetensors  # loading imports the model, which imports this module
+
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a prompt cache file.")
+    if not path.is_file():
+        raise InputError(f"There is no prompt cache file at {path}.")
+    try:
+        check_safetensors(path)
+        _, header = mx.load(str(path), format="safetensors", return_metadata=True)
+    except (CheckpointError, RuntimeError, ValueError):
+        raise InputError(f"{path} is not a prompt cache file (not a readable safetensors file).") from None
+    saved = {k.removeprefix("0."): v for k, v in header.items() if k.startswith("0.")}
+    if saved.get("format") != FORMAT or "tokens" not in saved:
+        raise InputError(f"{path} was not written by PromptCache.save of this version; make a new cache.")
+    for key in FINGERPRINT:
+        if saved.get(key) != wanted[key]:
+            raise InputError(f"{path} holds a prompt cache of another model (saved with {key.replace('_', ' ')} "
+                             f"{saved.get(key)}, this model has {wanted[key]}); start a new PromptCache.")
+
+
+def _read(path: Path) -> tuple[list, dict]:
+    """mlx-lm's load_prompt_cache on `path`, whatever its name: mx.load infers the format from the
+    suffix, so the file is read through a link that ends in .safetensors."""
+    with tempfile.TemporaryDirectory() as folder:
+        link = Path(folder) / "cache.safetensors"
+        link.symlink_to(path.resolve())
+        caches, metadata = load_prompt_cache(str(link), return_metadata=True)
+        mx.eval([c.state for c in caches])
+    return caches, metadata

@@ -22,14 +22,14 @@ def write_text(path: Path, text: str) -> None:
 
 
 @contextmanager
-def replacing(path: Path) -> Iterator[Path]:
+def replacing(path: Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write; on success it replaces `path` atomically.
 
-    The temporary name keeps the destination's suffix, for writers that look at it
-    (mx.save_safetensors insists on ".safetensors").
+    The temporary name ends in `suffix` (by default the destination's own), for writers that look
+    at it: mx.save_safetensors appends ".safetensors" to any other name, so its caller passes that.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial{path.suffix if suffix is None else suffix}")
     try:
         yield tmp
         _fsync(tmp)

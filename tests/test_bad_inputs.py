@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 import soundfile
@@ -215,6 +216,71 @@ def test_bad_load_options(hf_checkpoints):
         mlx_gemma4u.load(hf_checkpoints["full"][1], vision_mask="bidirectional")
     with pytest.raises(CheckpointError, match="dtype"):
         mlx_gemma4u.load(hf_checkpoints["full"][1], dtype="int8")
+
+
+# ---------------------------------------------------------------- prompt cache files (PromptCache.load)
+
+
+@pytest.fixture(scope="module")
+def cache_models(demo, demo_home, tmp_path_factory):
+    """The demo and the variants of it a cache saved from the demo must not load into."""
+    from mlx_gemma4u.convert import Options, convert
+    from mlx_gemma4u.demo import CONFIG
+    from mlx_gemma4u.loading import load_model
+    from mlx_gemma4u.model import Model
+    from mlx_gemma4u.config import ModelConfig
+
+    folder = demo_home / "demo-v1"
+    q4 = convert(folder, tmp_path_factory.mktemp("q4") / "demo-4bit", Options(quantize=True), quiet=True).path
+    wider = Model(ModelConfig.from_dict({**CONFIG, "text_config": {**CONFIG["text_config"], "sliding_window": 64}}))
+    wider.set_dtype(mx.bfloat16)
+    return {"demo": demo[0], "4-bit demo": load_model(q4), "float32 demo": load_model(folder, dtype="float32"),
+            "hf-forward demo": load_model(folder, vision_mask="hf-forward"), "other config": wider}
+
+
+@pytest.fixture(scope="module")
+def cache_files(demo, demo_home, tmp_path_factory):
+    from mlx_lm.models.cache import save_prompt_cache
+
+    model, processor = demo
+    d = tmp_path_factory.mktemp("caches")
+    cache = mlx_gemma4u.PromptCache(model)
+    mlx_gemma4u.generate(model, processor, "Hi", max_tokens=2, prompt_cache=cache)
+    cache.save(d / "demo.safetensors")
+    save_prompt_cache(str(d / "mlx-lm.safetensors"), cache.caches, {"tokens": "[]"})
+    (d / "notes.safetensors").write_text("not a cache")
+    shutil.copy(demo_home / "demo-v1" / "model.safetensors", d / "weights.safetensors")
+    (d / "folder").mkdir()
+    return d
+
+
+BAD_PROMPT_CACHES = {
+    "missing file": ("missing.safetensors", "demo", "no prompt cache file"),
+    "a folder": ("folder", "demo", "is a folder"),
+    "text file": ("notes.safetensors", "demo", "not a prompt cache file"),
+    "model weights": ("weights.safetensors", "demo", "not written by PromptCache.save"),
+    "mlx-lm's cache, no fingerprint": ("mlx-lm.safetensors", "demo", "not written by PromptCache.save"),
+    "float cache into the 4-bit demo": ("demo.safetensors", "4-bit demo", "quantization none, this model has 4-bit"),
+    "bfloat16 cache into float32": ("demo.safetensors", "float32 demo", "dtype bfloat16, this model has float32"),
+    "other vision mask": ("demo.safetensors", "hf-forward demo", "vision mask gemma4"),
+    "same layers, other config": ("demo.safetensors", "other config", "saved with config"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PROMPT_CACHES))
+def test_bad_prompt_cache_file(case, cache_models, cache_files):
+    name, model, needle = BAD_PROMPT_CACHES[case]
+    before = snapshot(cache_files)
+    with pytest.raises(InputError) as caught:
+        mlx_gemma4u.PromptCache.load(cache_files / name, cache_models[model])
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+    assert snapshot(cache_files) == before
+
+
+def test_prompt_cache_save_to_a_folder(demo, tmp_path):
+    with pytest.raises(InputError, match="is a folder"):
+        mlx_gemma4u.PromptCache(demo[0]).save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- the CLI: one line, exit code 1

@@ -67,6 +67,31 @@ def test_prompt_cache_round_trips_through_a_file(demo, tmp_path):
         tokens(model, processor, follow, max_tokens=5)
 
 
+@pytest.mark.parametrize("name", ["conv", "conv.bin", "deeper/folder/conv.safetensors"])
+def test_prompt_cache_saves_under_any_name(name, demo, tmp_path):
+    model, processor = demo
+    cache = PromptCache(model)
+    generate(model, processor, "Hi", max_tokens=2, prompt_cache=cache)
+    cache.save(tmp_path / name)
+    assert [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()] == [name]
+    assert PromptCache.load(tmp_path / name, model).tokens == cache.tokens
+
+
+def test_a_failed_prompt_cache_save_leaves_nothing(demo, tmp_path, monkeypatch):
+    import mlx_gemma4u.cache
+
+    real = mlx_gemma4u.cache.save_prompt_cache
+
+    def write_then_fail(*args, **kwargs):
+        real(*args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mlx_gemma4u.cache, "save_prompt_cache", write_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        PromptCache(demo[0]).save(tmp_path / "conv")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_quantized_kv_cache_runs_and_stays_close(demo):
     model, processor = demo
     prompt = [{"role": "user", "content": "Count to ten."}]
