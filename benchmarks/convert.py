@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 
 from mlx_gemma4u.config import ModelConfig
 from mlx_gemma4u.convert import write_safetensors
-from mlx_gemma4u.demo import checkpoint_name
+from mlx_gemma4u.checkpoints import TRANSFORMERS
 from mlx_gemma4u.model import Model
 
 from .checkpoints import F, S, variant
@@ -46,7 +46,7 @@ def write_checkpoint(out: Path, layers: int) -> None:
     """Random bfloat16 weights, generated and written one tensor at a time."""
     raw = config(layers)
     model = Model(ModelConfig.from_dict(raw))
-    weights = {checkpoint_name(name): (0.02 * mx.random.normal(p.shape)).astype(mx.bfloat16)
+    weights = {TRANSFORMERS.stored(name): (0.02 * mx.random.normal(p.shape)).astype(mx.bfloat16)
                for name, p in tree_flatten(model.parameters())}
     del model
     out.mkdir(parents=True)

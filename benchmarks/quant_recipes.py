@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 
 from mlx_gemma4u.config import ModelConfig
 from mlx_gemma4u.convert import Options, convert
-from mlx_gemma4u.demo import checkpoint_name
+from mlx_gemma4u.checkpoints import TRANSFORMERS
 from mlx_gemma4u.loading import load, load_model
 from mlx_gemma4u.model import Model
 from mlx_gemma4u.tokenizer_files import write_tokenizer_files
@@ -78,7 +78,7 @@ def write_checkpoint(out: Path, raw: dict, seed: int = 0) -> Path:
         else:
             std = 0.25 if "embed_tokens" in name or "pos_embedding" in name else param.shape[-1] ** -0.5
             value = std * mx.random.normal(param.shape, key=sub)
-        weights[checkpoint_name(name)] = value
+        weights[TRANSFORMERS.stored(name)] = value
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     write_tokenizer_files(out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -28,11 +29,12 @@ from mlx_lm.utils import make_shards
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+from . import checkpoints
 from . import quantize as q
 from .config import ModelConfig
 from .errors import InputError
 from .files import replacing_folder
-from .loading import DTYPES, _check_complete, _quantize_like, check_safetensors, resolve, weight_files
+from .loading import DTYPES, _check_complete, check_safetensors, quantize_like, resolve, weight_files
 from .model import Model
 from .upload import upload, upload_token, write_model_card
 
@@ -42,6 +44,26 @@ EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "sp
 _ST_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.uint8: "U8",
               mx.int32: "I32", mx.int64: "I64", mx.uint16: "U16", mx.int8: "I8", mx.bool_: "BOOL"}
 _OWNER = ".convert-owner"
+LOADS_IN = ("The weights are in the mlx-community layout (as mlx-vlm writes them): this folder loads in mlx-gemma4u, "
+            "in mlx-vlm (tested with 0.7.10) and in the apps built on mlx-vlm.")
+# transformers 5.23's Gemma4UnifiedProcessor settings, as its save_pretrained writes them.
+PROCESSOR_CONFIG = {
+    "processor_class": "Gemma4UnifiedProcessor",
+    "image_processor": {
+        "image_processor_type": "Gemma4UnifiedImageProcessor", "do_convert_rgb": True, "do_resize": True,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": False, "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3, "resample": 3, "size": {"height": 224, "width": 224}, "patch_size": 16,
+        "pooling_kernel_size": 3, "model_patch_size": 48, "max_soft_tokens": 280,
+    },
+    "video_processor": {
+        "video_processor_type": "Gemma4UnifiedVideoProcessor", "do_resize": True, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": False, "image_mean": [0.0] * 3, "image_std": [1.0] * 3,
+        "patch_size": 16, "pooling_kernel_size": 3, "model_patch_size": 48, "max_soft_tokens": 70,
+        "num_frames": 32, "default_fps": 2.0,
+    },
+    "feature_extractor": {"feature_extractor_type": "Gemma4UnifiedAudioFeatureExtractor", "sampling_rate": 16000},
+    "audio_ms_per_token": 40,
+}
 
 
 @dataclass
@@ -53,7 +75,7 @@ class Options:
     q_bits: int | None = None
     q_group_size: int | None = None
     q_mode: str = "affine"
-    quant_recipe: str = "default"
+    quant_recipe: str | None = None  # None: "qat" for a QAT source, else "default"
     dequantize: bool = False
 
 
@@ -72,26 +94,33 @@ class Summary:
 
 def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, options: Options | None = None,
             upload_repo: str | None = None, force: bool = False, quiet: bool = False, shard_gb: int = 5) -> Summary:
-    """Convert `hf_path` (folder or repo id) into the MLX folder `mlx_path` -> what was written."""
+    """Convert `hf_path` (folder or repo id, any layout checkpoints.py knows) into the MLX folder
+    `mlx_path`, written in the mlx-community layout -> what was written."""
     options = options or Options()
-    body = _check_options(options)
+    _check_options(options, _recipe(options, qat=False))
     dst = Path(mlx_path).expanduser()
     _check_destination(dst, force)
     token = upload_token(upload_repo) if upload_repo else None
     src = resolve(hf_path)
-    config = ModelConfig.from_file(src / "config.json")
     raw = json.loads((src / "config.json").read_text())
+    recipe = _recipe(options, is_qat(hf_path, src))
+    body = _check_options(options, recipe)
     dtype = _output_dtype(options.dtype, raw)
     with _progress(quiet) as bars, _no_buffer_cache():
         weights = _read(src, bars)
-        source = Model(config)
-        if config.quantization:  # as load_model does: a quantized source has our names already
-            _quantize_like(source, config.quantization, weights)
-        outputs, quantization = _convert(source, source.sanitize(weights), config.quantization, options, body, dtype)
-        del weights
-        target = Model(config)
-        _quantize_like(target, quantization or {}, outputs)
-        _check_complete(target, outputs)  # exactly what load_model will check
+        layout = checkpoints.detect(weights)
+        config = checkpoints.without_absent_media(ModelConfig.from_file(src / "config.json"), weights, layout)
+        source, target = Model(config), Model(config)
+        stored = None
+        if config.quantization:  # as load_model does
+            quantize_like(source, config.quantization, weights, layout)
+            stored = checkpoints.quantization_in_our_names(config.quantization, layout)
+        outputs, quantization = _convert(target, source.sanitize(weights), stored, options, recipe, body, dtype)
+        del weights, source
+        outputs = checkpoints.in_layout(outputs, checkpoints.COMMUNITY)
+        quantization = quantization and checkpoints.quantization_in(quantization, checkpoints.COMMUNITY)
+        quantize_like(target, quantization or {}, outputs, checkpoints.COMMUNITY)
+        _check_complete(target, target.sanitize(outputs))  # exactly what load_model will check
         parameters, total = parameter_count(target), sum(v.nbytes for v in outputs.values())
         _clean_stale_staging(dst)
         with replacing_folder(dst) as staging:
@@ -101,12 +130,35 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, options: Op
             _write_config(staging, raw, quantization, dtype)
             _copy_extras(src, staging)
             summary = Summary(dst, 0, parameters, 8 * total / parameters)
-            _card(staging, dst.name, src, hf_path, options, quantization, summary)
+            _card(staging, dst.name, src, hf_path, options, recipe, quantization, summary)
             (staging / _OWNER).unlink()
     summary.bytes_on_disk = sum(f.stat().st_size for f in dst.iterdir() if f.is_file())
     if upload_repo:
         summary.url = upload(dst, upload_repo, token)
     return summary
+
+
+def is_qat(hf_path: str | os.PathLike, src: Path) -> bool:
+    """Whether the source says it was trained for quantization: "qat" in its repo or folder name
+    (google/gemma-4-12B-it-qat-q4_0-unquantized) or among its model card's tags."""
+    names = f"{hf_path} {src.name}".lower()
+    if re.search(r"(?<![a-z0-9])qat(?![a-z0-9])", names):
+        return True
+    card = src / "README.md"
+    if not card.is_file():
+        return False
+    from huggingface_hub import ModelCard
+
+    tags = ModelCard.load(card).data.tags or []
+    return any(str(t).lower() == "qat" for t in tags)
+
+
+def _recipe(options: Options, qat: bool) -> str:
+    """--quant-recipe, else "qat" for a QAT source (unless the flags ask for other settings), else "default"."""
+    if options.quant_recipe:
+        return options.quant_recipe
+    fits = options.q_bits in (None, 4) and options.q_group_size in (None, 32) and options.q_mode == "affine"
+    return "qat" if qat and fits else "default"
 
 
 def parameter_count(model: Model) -> int:
@@ -150,7 +202,7 @@ def _read(src: Path, bars: Progress) -> dict[str, mx.array]:
     return weights
 
 
-def _check_options(options: Options) -> q.Spec | None:
+def _check_options(options: Options, recipe: str) -> q.Spec | None:
     """Refuse flags that contradict each other before anything is downloaded -> the body's Spec when quantizing."""
     if options.dtype is not None and options.dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}.")
@@ -158,33 +210,33 @@ def _check_options(options: Options) -> q.Spec | None:
         raise InputError("Choose either --quantize or --dequantize, not both.")
     if not options.quantize:
         return None
-    body = q.body_spec(options.q_bits, options.q_group_size, options.q_mode)
-    q.check_recipe(options.quant_recipe, body)
+    body = q.body_spec(options.q_bits, options.q_group_size, options.q_mode, recipe)
+    q.check_recipe(recipe, body)
     return body
 
 
-def _convert(model: Model, weights: dict, stored: dict | None, options: Options, body: q.Spec | None,
+def _convert(model: Model, weights: dict, stored: dict | None, options: Options, recipe: str, body: q.Spec | None,
              dtype: str | None) -> tuple[dict[str, mx.array], dict | None]:
     """Sanitized source tensors -> (lazy output tensors, config.json's "quantization" or None).
 
-    `body` is the checked Spec of the bulk of the model when quantizing. Source tensors are popped
-    as they are used, so only the lazy graphs refer to them.
+    `model` is a float model of the config (the recipe plans on it); `stored` the source's
+    quantization entry in our names, `body` the checked Spec of the bulk of the model when
+    quantizing. A quantized source is dequantized first when asked to dequantize or requantize.
+    Source tensors are popped as they are used, so only the lazy graphs refer to them.
     """
     if options.dequantize and not stored:
         raise InputError("--dequantize needs a quantized source; this one is not quantized.")
-    if options.quantize and stored:
-        raise InputError("The source is already quantized; convert it with --dequantize first, then quantize.")
     cast = (lambda a: a.astype(DTYPES[dtype])) if dtype else (lambda a: a)
     outputs, quantization = {}, stored
-    if options.dequantize:
+    if stored and (options.dequantize or body is not None):
         for path, spec in q.stored_specs(stored, weights).items():
-            outputs[f"{path}.weight"] = cast(q.dequantize_weight(path, weights, spec))
+            weights[f"{path}.weight"] = q.dequantize_weight(path, weights, spec)
         quantization = None
     elif stored:  # quantized layers stay as stored; the rest is cast
         specs = q.stored_specs(stored, weights)
         outputs.update({n: weights.pop(n) for n in list(weights) if n.rsplit(".", 1)[0] in specs})
     if body is not None:
-        layers = q.plan(model, options.quant_recipe, body)
+        layers = q.plan(model, recipe, body)
         for path, spec in layers.items():
             outputs.update(q.quantize_weight(path, cast(weights.pop(f"{path}.weight")), spec))
         quantization = q.config_entry(body, layers)
@@ -255,13 +307,17 @@ def _write_config(out: Path, raw: dict, quantization: dict | None, dtype: str | 
 
 
 def _copy_extras(src: Path, out: Path) -> None:
-    """Tokenizer, chat template and processor files, as the source has them."""
+    """Tokenizer, chat template and processor files, as the source has them; a processor_config.json
+    with transformers' defaults when the source has none (mlx-vlm builds its processor from it)."""
     for name in EXTRA_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
+    if not (out / "processor_config.json").is_file():
+        (out / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2))
 
 
-def _card(out: Path, dst_name: str, src: Path, hf_path, options: Options, quantization: dict | None, summary: Summary) -> None:
+def _card(out: Path, dst_name: str, src: Path, hf_path, options: Options, recipe: str, quantization: dict | None,
+          summary: Summary) -> None:
     base = str(hf_path) if not Path(hf_path).expanduser().exists() else None
     license_ = None
     if (src / "README.md").is_file():
@@ -271,7 +327,7 @@ def _card(out: Path, dst_name: str, src: Path, hf_path, options: Options, quanti
         license_, base = data.license, base or data.base_model
     flags = [f"--dtype {options.dtype}"] if options.dtype else []
     if options.quantize:
-        flags += ["-q", f"--quant-recipe {options.quant_recipe}", f"--q-mode {options.q_mode}"]
+        flags += ["-q", f"--quant-recipe {recipe}", f"--q-mode {options.q_mode}"]
         flags += [f"--q-bits {options.q_bits}"] * bool(options.q_bits)
         flags += [f"--q-group-size {options.q_group_size}"] * bool(options.q_group_size)
     flags += ["--dequantize"] * options.dequantize
@@ -279,6 +335,7 @@ def _card(out: Path, dst_name: str, src: Path, hf_path, options: Options, quanti
     stats = f"{summary.parameters / 1e9:.2f}B parameters, {summary.bits_per_weight:.2f} bits per weight."
     if quantization:
         stats += f" Quantization (config.json): {json.dumps({k: v for k, v in quantization.items() if not isinstance(v, dict)})}."
+    stats += f"\n\n{LOADS_IN}"
     write_model_card(out, base, license_, made, stats)
 
 
@@ -333,8 +390,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="bits per weight (default 4)")
     parser.add_argument("--q-group-size", type=int, choices=[32, 64, 128], help="group size (default 64)")
     parser.add_argument("--q-mode", choices=list(q.MODE_DEFAULTS), default="affine", help="quantization mode")
-    parser.add_argument("--quant-recipe", choices=list(q.RECIPES), default="default",
-                        help="which layers get how many bits (see the README)")
+    parser.add_argument("--quant-recipe", choices=list(q.RECIPES),
+                        help="which layers get how many bits (default: qat for a QAT source, else default; "
+                             "see the README)")
     parser.add_argument("--dequantize", action="store_true", help="turn a quantized source back into floats")
     parser.add_argument("--upload-repo", metavar="USER/NAME", help="upload the result to this Hugging Face repo")
     parser.add_argument("--force", action="store_true", help="replace an existing --mlx-path model folder")

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .checkpoints import TRANSFORMERS
 from .config import ModelConfig
 from .files import replacing_folder
 from .model import Model
@@ -135,16 +136,5 @@ def random_weights(config: dict) -> dict[str, mx.array]:
             value = mx.zeros(param.shape) if name.endswith("bias") else mx.ones(param.shape)
         else:
             value = 0.02 * mx.random.normal(param.shape, key=sub)
-        weights[checkpoint_name(name)] = value.astype(mx.bfloat16)
+        weights[TRANSFORMERS.stored(name)] = value.astype(mx.bfloat16)
     return weights
-
-
-def checkpoint_name(name: str) -> str:
-    """Our module path -> the name transformers' save_pretrained writes."""
-    if name.startswith("language_model."):
-        return "model." + name
-    if name.startswith("embed_vision.multimodal_embedder."):
-        return "model.embed_vision." + name.removeprefix("embed_vision.multimodal_embedder.")
-    if name.startswith("embed_vision."):
-        return "model.vision_embedder." + name.removeprefix("embed_vision.")
-    return "model." + name

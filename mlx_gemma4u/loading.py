@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import checkpoints
 from .config import ModelConfig
 from .errors import CheckpointError, DownloadError, MemoryLimitError
 from .model import Model
@@ -85,15 +86,18 @@ def _stop_ids(path: Path) -> list[int]:
 
 def load_model(path: Path, vision_mask: str = "gemma4", dtype: str | None = None,
                check_memory: bool = True) -> Model:
-    """config.json + *.safetensors in `path` -> a Model with every weight checked against the config."""
+    """config.json + *.safetensors in `path` (any layout checkpoints.py knows) -> a Model with every
+    weight checked against the config."""
     path = Path(path)
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     config = ModelConfig.from_file(path / "config.json")
-    model = Model(config, vision_mask=vision_mask)
     weights = read_weights(path, dtype, check_memory)
-    if config.quantization:  # quantized checkpoints are written under our names: quantize first, then check them
-        _quantize_like(model, config.quantization, weights)
+    layout = checkpoints.detect(weights)
+    config = checkpoints.without_absent_media(config, weights, layout)
+    model = Model(config, vision_mask=vision_mask)
+    if config.quantization:  # quantize first, so the quantized layers' names are there to check
+        quantize_like(model, config.quantization, weights, layout)
     weights = model.sanitize(weights)
     _check_complete(model, weights)
     if dtype is not None:
@@ -105,15 +109,21 @@ def load_model(path: Path, vision_mask: str = "gemma4", dtype: str | None = None
     return model
 
 
-def _quantize_like(model: Model, quantization: dict, weights: dict) -> None:
-    """Turn the layers the checkpoint stores quantized into quantized layers."""
-    def stored_quantized(name: str, module: nn.Module) -> bool | dict:
-        if f"{name}.scales" not in weights:
-            return False
-        return quantization.get(name, True)
+def quantize_like(model: Model, quantization: dict, weights: dict, layout: checkpoints.Layout) -> None:
+    """Turn exactly the layers the checkpoint stores quantized (those with `.scales`) into quantized
+    layers, with config.json's per-module settings where it has them."""
+    body = {"group_size": quantization.get("group_size", 64), "bits": quantization.get("bits", 4),
+            "mode": quantization.get("mode", "affine")}
+    entries = checkpoints.quantization_in_our_names(quantization, layout)
+    quantized = {layout.ours(k.removesuffix(".scales")) for k in weights if k.endswith(".scales")}
 
-    nn.quantize(model, group_size=quantization.get("group_size", 64), bits=quantization.get("bits", 4),
-                mode=quantization.get("mode", "affine"), class_predicate=stored_quantized)
+    def stored_quantized(name: str, module: nn.Module) -> bool | dict:
+        if name not in quantized:
+            return False
+        entry = entries.get(name)
+        return {**body, **{k: entry[k] for k in body if k in entry}} if isinstance(entry, dict) else True
+
+    nn.quantize(model, **body, class_predicate=stored_quantized)
 
 
 def _check_complete(model: Model, weights: dict) -> None:

@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import cache as caches
+from . import checkpoints
 from .audio import AudioEmbedder
 from .config import FULL, ModelConfig
 from .decoder import Step, TextModel
@@ -94,14 +95,16 @@ class Model(nn.Module):
             if input_features_mask is None:
                 raise InputError("input_features needs its input_features_mask (which frames are real audio).")
             if "embed_audio" not in self:
-                raise InputError("This checkpoint has no audio embedder (its config has no audio_config).")
+                raise InputError("This checkpoint has no audio weights (a text-only model or conversion), so it "
+                                 "cannot take audio inputs.")
             soft = self.embed_audio(input_features, input_features_mask)
             h = scatter_soft_tokens(h, placeholder_positions(input_ids, c.audio_token_id), soft, "audio")
         return h
 
     def _vision(self, what: str, pixel_values: mx.array, position_ids: mx.array | None) -> mx.array:
         if "embed_vision" not in self:
-            raise InputError(f"This checkpoint has no vision embedder, so it cannot take {what} inputs.")
+            raise InputError(f"This checkpoint has no vision weights (a text-only model or conversion), so it "
+                             f"cannot take {what} inputs.")
         if position_ids is None:
             raise InputError(f"{what} pixel values need their {what}_position_ids.")
         return self.embed_vision(pixel_values, position_ids)
@@ -151,13 +154,14 @@ class Model(nn.Module):
         return caches.make_cache(self.config.text)
 
     def sanitize(self, weights: dict) -> dict:
-        """Map checkpoint keys (transformers' on-disk and in-memory names) to this module tree.
+        """Map checkpoint keys, in any layout checkpoints.py knows, to this module tree.
 
         Raises CheckpointError naming the first key that belongs nowhere.
         """
+        layout = checkpoints.detect(weights)
         out, source = {}, {}
         for key, value in weights.items():
-            name = _rename(key)
+            name = layout.ours(key)
             if name is None or (name.startswith("lm_head.") and "lm_head" not in self):
                 continue
             out[name], source[name] = value, key
@@ -168,30 +172,6 @@ class Model(nn.Module):
                                   f"this model does not have ({len(unknown)} unknown in all); is config.json the one "
                                   "that came with it?")
         return out
-
-
-# Checkpoint key prefixes -> module paths. Order matters: the first matching prefix wins.
-_PREFIXES = (
-    ("model.language_model.", "language_model."),
-    ("model.vision_embedder.", "embed_vision."),
-    ("model.embed_vision.embedding_projection.", "embed_vision.multimodal_embedder.embedding_projection."),
-    ("model.embed_vision.multimodal_embedder.", "embed_vision.multimodal_embedder."),
-    ("model.embed_vision.", "embed_vision."),
-    ("model.embed_audio.", "embed_audio."),
-    ("lm_head.", "lm_head."),
-    ("model.", "language_model."),  # text-only Gemma4UnifiedForCausalLM checkpoints
-)
-# Tensors that exist in some checkpoints but mean nothing to the model.
-_IGNORED = ("model.embed_vision.embedding.", "model.embed_audio.embedding.")
-
-
-def _rename(key: str) -> str | None:
-    if key.startswith(_IGNORED) or "rotary_emb" in key or key.endswith("embed_scale"):
-        return None
-    for old, new in _PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
 
 
 def _isin(ids: mx.array, values: set) -> mx.array:

@@ -10,6 +10,10 @@ to None (kept in float). The position table and the norms are plain arrays, neve
                 nvfp4 and mxfp8 modes the image/audio embedders stay in float.
     "mixed-6-4" attention projections and token embedding at 6 bits, MLP at 4; embedders in float.
     "mixed-8-4" the same with 8 bits instead of 6.
+    "qat"       for checkpoints trained for 4 bits (Google's -qat-q4_0-unquantized): exactly what
+                QAT trained, the decoder's attention and MLP projections, at 4-bit affine in groups
+                of 32 (Q4_0's block); the token embedding, which QAT left alone, at 8 bits; the
+                image/audio embedders in float.
 
 Why: see benchmarks/quant_recipes.py and the README (top-1 agreement and KL against the float
 model). The config entry written for a plan is mlx-lm's: {"group_size", "bits", "mode"} plus one
@@ -26,7 +30,7 @@ import mlx.nn as nn
 from .errors import InputError
 
 MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
-RECIPES = ("default", "uniform", "mixed-6-4", "mixed-8-4")
+RECIPES = ("default", "uniform", "mixed-6-4", "mixed-8-4", "qat")
 _MEDIA = ("embed_vision.", "embed_audio.")
 _EMBEDDINGS = ("language_model.embed_tokens", "lm_head")
 
@@ -43,12 +47,19 @@ class Spec:
         return asdict(self)
 
 
-def body_spec(bits: int | None, group_size: int | None, mode: str) -> Spec:
-    """The settings of the bulk of the model, checked: non-affine modes fix their bits and group size."""
+QAT_SPEC = Spec(32, 4)  # Q4_0's block of 32; MLX's affine grid adds a bias to Q4_0's scale
+
+
+def body_spec(bits: int | None, group_size: int | None, mode: str, recipe: str = "default") -> Spec:
+    """The settings of the bulk of the model, checked: non-affine modes and the qat recipe fix their
+    bits and group size."""
     if mode not in MODE_DEFAULTS:
         raise InputError(f"--q-mode must be one of {', '.join(MODE_DEFAULTS)}, got {mode!r}.")
-    default_group, default_bits = MODE_DEFAULTS[mode]
+    default_group, default_bits = (QAT_SPEC.group_size, QAT_SPEC.bits) if recipe == "qat" else MODE_DEFAULTS[mode]
     spec = Spec(group_size or default_group, bits or default_bits, mode)
+    if recipe == "qat" and spec != QAT_SPEC:
+        raise InputError("The qat recipe means 4-bit affine in groups of 32 (what QAT trained for); leave --q-bits, "
+                         "--q-group-size and --q-mode out, or choose another --quant-recipe.")
     if mode != "affine" and (spec.group_size, spec.bits) != (default_group, default_bits):
         raise InputError(f"--q-mode {mode} means {default_bits} bits in groups of {default_group}; "
                          f"leave --q-bits and --q-group-size out or use --q-mode affine.")
@@ -66,6 +77,8 @@ def recipe_spec(recipe: str, path: str, body: Spec) -> Spec | None:
         return None  # the media embedders compute in their weights' float dtype: affine scales only
     if recipe == "uniform":
         return body
+    if recipe == "qat":
+        return Spec(64, 8) if embedding else body
     if recipe == "default":
         high = Spec(body.group_size if body.mode == "affine" else 64, 6)
         return high if (embedding or attention) and body.bits < 6 else body
