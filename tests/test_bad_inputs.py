@@ -17,6 +17,7 @@ import soundfile
 from safetensors.numpy import load_file, save_file
 
 import mlx_gemma4u
+from conftest import FIXTURES
 from mlx_gemma4u.errors import CheckpointError, ConfigError, Gemma4UError, InputError
 
 # ---------------------------------------------------------------- broken checkpoints (load)
@@ -158,6 +159,8 @@ def bad_files(tmp_path_factory, fixtures_dir):
     soundfile.write(d / "empty.wav", np.zeros(0, np.float32), 16000)
     soundfile.write(d / "nan.wav", np.full(1600, np.nan, np.float32), 16000, subtype="FLOAT")
     (d / "clip.mp4").write_text("not a video")
+    (d / "photos").mkdir()
+    shutil.copy(fixtures_dir / "images/landscape_rocket_640x427.jpg", d / "photo.jpg")
     return d
 
 
@@ -185,6 +188,13 @@ BAD_GENERATIONS = {
     "zero-length audio": (lambda f: (user({"type": "audio", "path": str(f / "empty.wav")}), {}), "empty.wav"),
     "all-NaN audio": (lambda f: (user({"type": "audio", "path": str(f / "nan.wav")}), {}), "nan.wav"),
     "not a video": (lambda f: (user({"type": "video", "path": str(f / "clip.mp4")}), {}), "clip.mp4"),
+    "folder as image": (lambda f: (user(image_item(f / "photos")), {}), "is a folder, not a file; pass the image file"),
+    "folder as audio": (lambda f: (user({"type": "audio", "path": str(f / "photos")}), {}),
+                        "is a folder, not a file; pass the audio file"),
+    "folder as video": (lambda f: (user({"type": "video", "path": str(f / "photos")}), {}),
+                        "is a folder, not a file; pass the video file"),
+    "jpg as video": (lambda f: (user({"type": "video", "path": str(f / "photo.jpg")}), {}),
+                     "is a still image, not a video"),
     "unsupported budget": (lambda f: ("<|image|>", {"images": [str(f / "notes.jpg")], "max_soft_tokens": 99}), "99"),
     "unreachable URL": (lambda f: (user({"type": "image", "url": "http://127.0.0.1:9/cat.png"}), {}), "127.0.0.1:9"),
     "placeholder without media": (lambda f: ("Look: <|image|>", {}), "placeholder"),
@@ -291,6 +301,10 @@ CLI_CASES = {
     "missing image": (["generate", "--demo", "--prompt", "Hi", "--image", "nowhere.png"], "nowhere.png"),
     "zero max tokens": (["generate", "--demo", "--prompt", "Hi", "--max-tokens", "0"], "max_tokens"),
     "top-p of two": (["generate", "--demo", "--prompt", "Hi", "--top-p", "2"], "top_p"),
+    "folder as --image": (["generate", "--demo", "--prompt", "Hi", "--image", str(Path(__file__).parent)],
+                          "is a folder"),
+    "png as --video": (["generate", "--demo", "--prompt", "Hi", "--video", str(FIXTURES / "images/tiny_coffee_40x27.png")],
+                       "still image"),
 }
 
 

@@ -29,6 +29,8 @@ def open_source(source: str | Path, kind: str, timeout: float = URL_TIMEOUT_S) -
     if is_url(source):
         return io.BytesIO(_download(str(source), kind, timeout))
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise InputError(f"The {kind} path {str(source)!r} is a folder, not a file; pass the {kind} file itself.")
     if not path.is_file():
         raise InputError(f"The {kind} file {str(source)!r} does not exist; check the path.")
     return path

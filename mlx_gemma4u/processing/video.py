@@ -71,6 +71,8 @@ def read_video(source: str | Path, num_frames: int | None = None, fps: float | N
         with av.open(str(opened) if isinstance(opened, Path) else opened) as container:
             if not container.streams.video:
                 raise InputError(f"The file {str(source)!r} has no video stream; pass a video file.")
+            if _is_still_image(container):
+                raise InputError(f"The file {str(source)!r} is a still image, not a video; pass it as an image.")
             stream = container.streams.video[0]
             total, video_fps = _scan_packets(container, stream)
             indices = sample_indices(total, video_fps, num_frames, fps)
@@ -80,6 +82,12 @@ def read_video(source: str | Path, num_frames: int | None = None, fps: float | N
     if len(frames) != len(indices):
         raise InputError(f"The video {str(source)!r} ended after {len(frames)} frames; it may be truncated.")
     return np.stack(frames), VideoMetadata(total, video_fps, indices.tolist())
+
+
+def _is_still_image(container: av.container.InputContainer) -> bool:
+    """FFmpeg opens a jpg or png as a one-frame "video" (image2 or a *_pipe demuxer) that decodes
+    to nothing after the packet scan; animated formats (gif, apng) have demuxers of their own."""
+    return container.format.name == "image2" or container.format.name.endswith("_pipe")
 
 
 def _scan_packets(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> tuple[int, float]:
