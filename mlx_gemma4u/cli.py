@@ -1,7 +1,7 @@
 """`mlx-gemma4u`: the command line. Subcommands: generate, chat (chat.py), convert (convert.py), bench (benchmarks/).
 
-Errors the user can fix are printed as one line with exit code 1; `mlx-gemma4u --debug SUBCOMMAND ...` shows
-the traceback instead.
+Errors the user can fix are printed as one line with exit code 1; `--debug`, anywhere on the command line,
+shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-gemma4u",
                                      description="Run Gemma 4 12B Unified (text, images, video, audio) with MLX.")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of errors (also accepted after the subcommand)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="answer one prompt, streaming the reply to stdout",
@@ -111,9 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The parsed command line; the arguments after `bench` are left unparsed, in args.bench_args."""
+    """The parsed command line; the arguments after `bench` are left unparsed, in args.bench_args.
+
+    `--debug` is the main parser's, but a subcommand leaves it unparsed wherever it stands, so it is
+    taken from the leftovers too.
+    """
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if "--debug" in rest:
+        args.debug = True
+        rest = [arg for arg in rest if arg != "--debug"]
     if args.command == "bench":
         args.bench_args = rest
     elif rest:

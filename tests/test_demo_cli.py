@@ -6,10 +6,12 @@ import sys
 
 import mlx.core as mx
 import numpy as np
+import pytest
 import torch
 from transformers import Gemma4UnifiedForConditionalGeneration
 
 from mlx_gemma4u import demo
+from mlx_gemma4u.cli import parse_args
 from mlx_gemma4u.loading import load_model
 
 
@@ -59,6 +61,19 @@ def test_cli_errors_are_one_line(tmp_path, demo_home):
     run = cli("generate", "--demo", "--prompt", "Hi", "--max-tokens", "0", home=demo_home)
     assert run.returncode == 1 and "max_tokens must be a positive integer" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("where", [0, 1, 2, 4, 6])
+def test_debug_is_accepted_anywhere(where):
+    line = ["generate", "--demo", "--prompt", "Hi", "--max-tokens", "3"]
+    args = parse_args(line[:where] + ["--debug"] + line[where:])
+    assert args.debug and args.command == "generate" and args.max_tokens == 3 and args.prompt == "Hi"
+    assert not parse_args(line).debug
+
+
+def test_debug_after_the_subcommand_shows_the_traceback(demo_home):
+    run = cli("generate", "--demo", "--prompt", "Hi", "--max-tokens", "0", "--debug", home=demo_home)
+    assert run.returncode == 1 and "Traceback" in run.stderr and "InputError: max_tokens" in run.stderr
 
 
 def test_generate_takes_media_files(demo_home, fixtures_dir):
