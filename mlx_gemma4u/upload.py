@@ -1,16 +1,34 @@
 """Model card and upload of a converted folder to the Hugging Face hub.
 
-The upload goes through huggingface_hub (create_repo, then upload_folder: one commit, large files
-through LFS). HF_ENDPOINT and HF_TOKEN are read when the upload starts, not when huggingface_hub
-was imported, so a caller may set them late. Every failure is one sentence (UploadError).
+The upload goes through huggingface_hub and is resumable, so a 24 GB upload that breaks does not
+start over: create_repo, then upload_large_folder where the installed huggingface_hub has it (before
+2.x: many commits, resumed from what reached the hub, a progress report), else upload_folder, which
+from 2.x does the same itself (hf_xet's pipeline, with progress bars) and replaced
+upload_large_folder. HF_ENDPOINT and HF_TOKEN are read when the upload starts, not when
+huggingface_hub was imported, so a caller may set them late. Every failure is one sentence
+(UploadError).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from .errors import Gemma4UError
+
+COMMIT_MESSAGE = "Upload MLX model made with mlx-gemma4u"
+
+
+class _NoMissingMetadataNotice(logging.Filter):
+    """Drop huggingface_hub's warning that a model card has no metadata block: a local source's
+    card often has none, the converter does without it, and the warning would break --quiet."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "metadata block was not found" not in record.getMessage()
+
+
+logging.getLogger("huggingface_hub.repocard").addFilter(_NoMissingMetadataNotice())
 
 
 class UploadError(Gemma4UError, OSError):
@@ -70,16 +88,20 @@ def upload_token(repo: str) -> str:
 
 
 def upload(folder: Path, repo: str, token: str) -> str:
-    """Create `repo` if needed and upload `folder` in one commit -> the repo's URL."""
+    """Create `repo` if needed and upload `folder`, resumably -> the repo's URL."""
     from huggingface_hub import HfApi
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint, token=token)
     try:
         url = api.create_repo(repo, exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=folder, commit_message="Upload MLX model made with mlx-gemma4u")
+        if hasattr(api, "upload_large_folder"):
+            api.upload_large_folder(repo_id=repo, folder_path=folder, repo_type="model")
+        else:
+            api.upload_folder(repo_id=repo, folder_path=folder, commit_message=COMMIT_MESSAGE)
     except Exception as e:  # the hub client raises many types: offline, 401, 403, 5xx
         where = endpoint or "the Hugging Face hub"
         raise UploadError(f"Could not upload {folder} to {repo} on {where} ({type(e).__name__}); check the network "
-                          "and that your token may write there; the converted model stays in place.") from e
+                          f"and that your token may write there; the converted model stays in place, and "
+                          f"`hf upload {repo} {folder}` sends what did not get there.") from e
     return str(url)
