@@ -20,6 +20,7 @@ from typing import Any
 
 from .errors import InputError
 from .files import write_text
+from .processing.audio import FORMATS as AUDIO_FORMATS
 from .processing.messages import check_messages
 
 FORMAT = "mlx-gemma4u-chat"
@@ -30,7 +31,7 @@ MEDIA_SUFFIXES = {
 }
 HELP = [
     ("/image PATH", "attach an image to your next message (several allowed; dragging a file in works too)"),
-    ("/audio PATH", "attach an audio clip: wav, flac, ogg"),
+    ("/audio PATH", f"attach an audio clip: {AUDIO_FORMATS}"),
     ("/video PATH", "attach a video: mp4, mov, webm"),
     ("/system TEXT", "set the system prompt (empty clears it)"),
     ("/think on|off", "let the model think before it answers (if its chat template can)"),

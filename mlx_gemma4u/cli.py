@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from .errors import Gemma4UError
+from .processing.audio import FORMATS as AUDIO_FORMATS
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", help="a system prompt")
     gen.add_argument("--image", action="append", metavar="PATH", help="an image file or URL (repeatable)")
     gen.add_argument("--video", action="append", metavar="PATH", help="a video file (repeatable)")
-    gen.add_argument("--audio", action="append", metavar="PATH", help="an audio file or URL: wav, flac, ogg (repeatable)")
+    gen.add_argument("--audio", action="append", metavar="PATH",
+                     help=f"an audio file or URL: {AUDIO_FORMATS} (repeatable)")
     add_sampling_args(gen, max_tokens=256)
     gen.set_defaults(run=cmd_generate)
 

@@ -75,3 +75,22 @@ def test_bad_audio_gives_one_clear_error(tmp_path):
     for clip, message in cases:
         with pytest.raises(InputError, match=message):
             extractor(clip)
+
+
+def test_mp3_is_read(fixtures_dir, tmp_path):
+    """mp3 (libsndfile 1.1+, bundled with soundfile's wheels) decodes to the same clip, give or take
+    the encoder's padding, and is named wherever the accepted formats are listed."""
+    from mlx_gemma4u.cli import build_parser
+    from mlx_gemma4u.processing.audio import FORMATS, to_waveform
+
+    wav = to_waveform(str(fixtures_dir / "audio" / "speech_16k_mono.wav"))
+    soundfile.write(tmp_path / "speech.mp3", wav, 16000, format="MP3")
+    mp3 = to_waveform(str(tmp_path / "speech.mp3"))
+    assert abs(len(mp3) - len(wav)) <= 2304  # at most two 1152-sample mp3 frames of padding
+    n = min(len(mp3), len(wav))
+    lag = int(np.argmax(np.correlate(mp3[:n], wav[: n - 2304], mode="valid")))
+    aligned = mp3[lag:lag + n - 2304]
+    assert np.corrcoef(aligned, wav[: n - 2304])[0, 1] > 0.95
+    assert "mp3" in FORMATS
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    assert "mp3" in generate.format_help()

@@ -1,6 +1,7 @@
 """Audio: load any accepted clip as a 16 kHz mono float32 waveform, then cut it into 640-sample frames.
 
-Accepted inputs: a path or http(s) URL to wav/flac/ogg (read with soundfile), or an array of
+Accepted inputs: a path or http(s) URL to wav, flac, ogg (Vorbis, Opus) or mp3, read with soundfile
+(libsndfile 1.1 or newer, which its wheels bundle, reads mp3; other formats it knows work too), or an array of
 shape (samples,) or (samples, channels) with its sampling rate. Channels are averaged to mono and
 other rates are resampled with soxr (the SoX resampler library, "HQ" quality).
 
@@ -25,6 +26,7 @@ from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.processing.sources import open_source
 from mlx_gemma4u.processing.tensors import convert_outputs
 
+FORMATS = "wav, flac, ogg or mp3"  # what help texts and errors name
 SAMPLING_RATE = 16_000
 SAMPLES_PER_TOKEN = 640  # 40 ms at 16 kHz
 _MAX_CHANNELS = 8
@@ -37,7 +39,7 @@ def load_audio(source: str | Path) -> tuple[np.ndarray, int]:
         samples, rate = soundfile.read(opened, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise InputError(
-            f"Could not read the audio {str(source)!r} ({exc}); pass a wav, flac or ogg file."
+            f"Could not read the audio {str(source)!r} ({exc}); pass a {FORMATS} file."
         ) from None
     return samples, int(rate)
 
