@@ -25,10 +25,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="load even if the weights look larger than this machine's memory")
 
 
+DEMO_MAX_TOKENS = 32  # the demo's replies are nonsense: a first run shows a line of it, not a page
+
+
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """The sampling options generate and chat share (mlx-lm's samplers; 0 switches one off)."""
-    parser.add_argument("--max-tokens", type=int, default=max_tokens,
-                        help=f"most tokens per reply (default {max_tokens})")
+    parser.add_argument("--max-tokens", type=int,
+                        help=f"most tokens per reply (default {max_tokens}; {DEMO_MAX_TOKENS} with --demo)")
+    parser.set_defaults(model_max_tokens=max_tokens)
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
     parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
@@ -128,6 +132,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.bench_args = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if getattr(args, "model_max_tokens", None) and args.max_tokens is None:
+        args.max_tokens = DEMO_MAX_TOKENS if args.demo else args.model_max_tokens
     return args
 
 

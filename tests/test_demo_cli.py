@@ -76,6 +76,21 @@ def test_debug_after_the_subcommand_shows_the_traceback(demo_home):
     assert run.returncode == 1 and "Traceback" in run.stderr and "InputError: max_tokens" in run.stderr
 
 
+@pytest.mark.parametrize("line, expected", [
+    (["generate", "--demo", "--prompt", "Hi"], 32), (["generate", "--model", "m", "--prompt", "Hi"], 256),
+    (["chat", "--demo"], 32), (["chat", "--model", "m"], 1024), (["generate", "--demo", "--prompt", "Hi",
+                                                                  "--max-tokens", "100"], 100)])
+def test_max_tokens_defaults(line, expected):
+    assert parse_args(line).max_tokens == expected
+
+
+def test_the_first_command_prints_the_warning_first_and_a_short_reply(demo_home):
+    run = cli("generate", "--demo", "--prompt", "Hello", home=demo_home)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines()[0] == demo.WARNING
+    assert int(run.stderr.split("generation: ")[1].split()[0]) <= 32
+
+
 def test_generate_takes_media_files(demo_home, fixtures_dir):
     run = cli("generate", "--demo", "--prompt", "Describe both.", "--max-tokens", "3",
               "--image", str(fixtures_dir / "images/tiny_coffee_40x27.png"),
