@@ -30,10 +30,15 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 def resolve(path_or_repo: str | os.PathLike) -> Path:
-    """A local model folder as is; otherwise a Hugging Face repo id, downloaded (or found in the cache)."""
+    """A local model folder as is; "demo" (when no such folder exists) the built-in demo checkpoint,
+    written first if needed; otherwise a Hugging Face repo id, downloaded (or found in the cache)."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
+    if str(path_or_repo) == "demo":
+        from .demo import ensure_demo
+
+        return ensure_demo()
     repo = str(path_or_repo)
     if path.exists() or repo.count("/") != 1 or repo.startswith((".", "/", "~")):
         raise CheckpointError(f"{repo} is not a model folder, nor a Hugging Face repo id like 'google/gemma-4-12B-it'.")

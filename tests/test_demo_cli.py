@@ -33,6 +33,16 @@ def test_demo_is_a_real_transformers_checkpoint(demo_home):
     assert np.abs(ours - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max() / 5)
 
 
+def test_load_demo_from_python(demo_home, monkeypatch, tmp_path):
+    import mlx_gemma4u
+
+    monkeypatch.setenv("MLX_GEMMA4U_HOME", str(demo_home))
+    monkeypatch.chdir(tmp_path)  # no folder named demo here
+    model, processor = mlx_gemma4u.load("demo")
+    assert model.config.text.hidden_size == 64 and model.config.text.vocab_size == 262144
+    assert len(mlx_gemma4u.generate(model, processor, "Hi", max_tokens=3)) > 0
+
+
 def test_demo_is_written_once_and_atomically(tmp_path):
     target = tmp_path / "demo"
     assert demo.ensure_demo(target) == target
