@@ -94,7 +94,7 @@ class PromptCache:
 
     def __init__(self, model, kv_bits: int | None = None):
         self.config = model.config.text
-        self.fingerprint = model_fingerprint(model)
+        self._model = model  # its fingerprint goes into a saved file
         self._fresh = model.make_cache
         self.caches = model.make_cache()
         self.tokens: list[int] = []
@@ -144,7 +144,7 @@ class PromptCache:
             raise InputError(f"{path} is a folder; give PromptCache.save a file name.")
         path.parent.mkdir(parents=True, exist_ok=True)
         with replacing(path, suffix=".safetensors") as tmp:
-            save_prompt_cache(str(tmp), self.caches, {**self.fingerprint, "tokens": json.dumps(self.tokens)})
+            save_prompt_cache(str(tmp), self.caches, {**model_fingerprint(self._model), "tokens": json.dumps(self.tokens)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model) -> "PromptCache":
