@@ -37,13 +37,27 @@ class MultimodalEmbedder(nn.Module):
         dtype = compute_dtype(self.embedding_projection)
         x = x.astype(dtype).astype(mx.float32)  # rounded to the model dtype, normalized in float32
         normed = x * mx.rsqrt(two_step_mean(x * x) + self.eps)
-        return self.embedding_projection(normed.astype(dtype))
+        return project(self.embedding_projection, normed, dtype)
+
+
+def project(layer: nn.Module, x: mx.array, dtype: mx.Dtype) -> mx.array:
+    """x through a media Linear that computes in `dtype` -> (..., out) in `dtype`.
+
+    A quantized layer has no transformers counterpart to match, so it gets float32 inputs: MLX's
+    quantized matmul sums in its input dtype (on the CPU backend 5% off in bfloat16, 0.6% in float32).
+    """
+    if isinstance(layer, nn.QuantizedLinear):
+        return layer(x.astype(mx.float32)).astype(dtype)
+    return layer(x.astype(dtype))
 
 
 def compute_dtype(layer: nn.Module) -> mx.Dtype:
-    """The floating dtype a (possibly quantized) layer computes in."""
-    weight = layer.weight
-    return weight.dtype if mx.issubdtype(weight.dtype, mx.floating) else layer.scales.dtype
+    """The floating dtype a (possibly quantized) layer computes in: its weights', an affine layer's
+    scales', else bfloat16 (what MLX dequantizes mxfp4 / nvfp4 / mxfp8 layers to)."""
+    for a in (layer.weight, getattr(layer, "scales", None)):
+        if a is not None and mx.issubdtype(a.dtype, mx.floating):
+            return a.dtype
+    return mx.bfloat16
 
 
 def placeholder_positions(input_ids: mx.array, token_id: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 from .config import VisionConfig
 from .errors import InputError
 from .kernels import position_norm
-from .multimodal import MultimodalEmbedder, compute_dtype, kept_rows, two_step_mean
+from .multimodal import MultimodalEmbedder, compute_dtype, kept_rows, project, two_step_mean
 
 LAYER_NORM_EPS = 1e-5
 
@@ -50,8 +50,8 @@ class VisionEmbedder(nn.Module):
         """(N, P, 6912) patches and (N, P, 2) positions -> (M, D) soft tokens of the M real patches."""
         positions = np.array(position_ids)
         self._check(pixel_values, positions)
-        x = pixel_values.astype(compute_dtype(self.patch_dense))
-        h = self.patch_ln2(self.patch_dense(self.patch_ln1(x)))
+        dtype = compute_dtype(self.patch_dense)
+        h = self.patch_ln2(project(self.patch_dense, self.patch_ln1(pixel_values.astype(dtype)), dtype))
         norm = self.pos_norm
         h = position_norm(h, self.pos_embedding, position_ids, norm.weight, norm.bias, norm.eps)
         return kept_rows(self.multimodal_embedder(h), np.all(positions != -1, axis=-1))
