@@ -16,15 +16,20 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gemma4u import load
+from mlx_gemma4u import checkpoints, load
 from mlx_gemma4u.convert import Options, convert
 from mlx_gemma4u.errors import CheckpointError, InputError
 from mlx_gemma4u.loading import load_model
 
 mlx_vlm_utils = pytest.importorskip("mlx_vlm.utils", reason="mlx-vlm (the test extra) is not installed")
 
-PEER_CONVERSIONS = {"4bit": {"q_bits": 4}, "8bit": {"q_bits": 8}, "mxfp8": {"q_bits": 8, "q_group_size": 32,
-                                                                              "q_mode": "mxfp8"}}
+PEER_CONVERSIONS = {
+    "4bit": {"q_bits": 4},
+    "8bit": {"q_bits": 8},
+    "mxfp8": {"q_bits": 8, "q_group_size": 32, "q_mode": "mxfp8"},
+    "nvfp4": {"q_bits": 4, "q_group_size": 16, "q_mode": "nvfp4"},
+    "mixed_4_6": {"quant_predicate": "mixed_4_6"},  # per-module bits in config.json's "quantization"
+}
 OUR_RECIPES = {
     "default": Options(quantize=True),
     "uniform": Options(quantize=True, quant_recipe="uniform"),
@@ -184,6 +189,23 @@ def test_text_only_mlx_lm_conversion_loads_and_refuses_media(demo, prompts, tmp_
     audio = dict(prompts["audio"])
     with pytest.raises(InputError, match="no audio weights"):
         model(audio.pop("input_ids"), **audio)
+
+
+def test_our_earlier_layout_still_loads(our_folders, prompts, tmp_path):
+    """What this package's converter wrote before it wrote mlx-community's layout: our module paths."""
+    folder = tmp_path / "v1"
+    shutil.copytree(our_folders["default"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization"] = checkpoints.quantization_in_our_names(config["quantization"], checkpoints.COMMUNITY)
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = mx.load(str(folder / "model.safetensors"))
+    mx.save_safetensors(str(folder / "model.safetensors"), {checkpoints.COMMUNITY.ours(k): v for k, v in weights.items()})
+    (folder / "model.safetensors.index.json").unlink()
+    assert checkpoints.detect(mx.load(str(folder / "model.safetensors"))) is checkpoints.OURS_V1
+    ids = prompts["text"]["input_ids"]
+    old, new = load_model(folder), load_model(our_folders["default"])
+    assert old.language_model.embed_tokens.bits == 6
+    assert np.array_equal(_np(old(ids, logits_to_keep=KEEP)), _np(new(ids, logits_to_keep=KEEP)))
 
 
 def test_unknown_layout_names_the_first_key_it_cannot_place(demo, tmp_path):
