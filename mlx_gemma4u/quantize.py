@@ -47,7 +47,7 @@ class Spec:
         return asdict(self)
 
 
-QAT_SPEC = Spec(32, 4)  # Q4_0's block of 32; MLX's affine grid adds a bias to Q4_0's scale
+QAT_SPEC = Spec(32, 4)  # Q4_0's block of 32 (MLX fits a scale and a bias per group; Q4_0 a symmetric scale)
 
 
 def body_spec(bits: int | None, group_size: int | None, mode: str, recipe: str = "default") -> Spec:
