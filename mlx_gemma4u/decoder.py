@@ -31,21 +31,31 @@ from .rope import RoPE
 class Step:
     """What all layers share during one forward pass.
 
-    offset: the RoPE offset (int, or (B,) for a left-padded batch). masks: layer type, the cache that
-    produced the keys, and the number of keys -> attention mask, computed once per type. shared: the
-    keys and values that "store" layers hand to "reuse" layers, by layer type.
+    offset: the RoPE offset of the first query (int, or (B,) for a left-padded batch). masks: layer
+    type, the cache that produced the keys, and the number of keys -> attention mask, computed once
+    per type for all the pass's queries. shared: the keys and values that "store" layers hand to
+    "reuse" layers, by layer type. After `narrow`, only the last queries go on: the offset moves to
+    the first of them and masks keep just their rows.
     """
 
     def __init__(self, offset, make_mask: Callable):
         self.offset = offset
         self._make_mask = make_mask
         self._masks: dict = {}
+        self._rows = 0  # 0: every query; else only the last _rows
         self.shared: dict = {}
 
     def mask(self, layer_type: str, cache, n_keys: int):
         if layer_type not in self._masks:
             self._masks[layer_type] = self._make_mask(layer_type, cache, n_keys)
-        return self._masks[layer_type]
+        mask = self._masks[layer_type]
+        # A string ("causal") is aligned to the last key by MLX, so it holds for any number of last rows.
+        return mask[..., -self._rows:, :] if self._rows and isinstance(mask, mx.array) else mask
+
+    def narrow(self, n_queries: int, keep: int) -> None:
+        """From here on only the last `keep` of the pass's n_queries queries are computed."""
+        self.offset = self.offset + (n_queries - keep)
+        self._rows = keep
 
 
 def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
@@ -80,16 +90,21 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         return k, v
 
-    def __call__(self, x: mx.array, step: Step, cache=None) -> mx.array:
-        B, T, _ = x.shape
-        raw_q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
-        q = norm_rope(raw_q, self.q_norm.weight, self.eps, self.rope, step.offset)
+    def __call__(self, x: mx.array, step: Step, cache=None, keep: int = 0) -> mx.array:
+        """(B, T, D) -> (B, T, D), or (B, keep, D) for the last `keep` positions only: keys and values
+        still cover all T (and reach the cache), the queries and everything after them do not."""
         if self.reuse:
             k, v, cache = step.shared[self.layer_type]
         else:
             k, v = self._keys_values(x, step, cache)
             if self.store:
                 step.shared[self.layer_type] = (k, v, cache)
+        if keep:
+            step.narrow(x.shape[1], keep)
+            x = x[:, -keep:]
+        B, T, _ = x.shape
+        raw_q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
+        q = norm_rope(raw_q, self.q_norm.weight, self.eps, self.rope, step.offset)
         n_keys = (k[0] if isinstance(k, tuple) else k).shape[2]
         mask = step.mask(self.layer_type, cache, n_keys)
         out = scaled_dot_product_attention(q, k, v, cache, scale=1.0, mask=mask)
@@ -125,13 +140,16 @@ class DecoderLayer(nn.Module):
         return self.forward(x, self.input_layernorm(x), self.input_layernorm.weight, step, cache)[0]
 
     def forward(self, x: mx.array, normed: mx.array, next_norm: mx.array, step: Step,
-                cache=None) -> tuple[mx.array, mx.array]:
-        """x and normed = input_layernorm(x) -> x' and the next norm (weight `next_norm`) of x'.
+                cache=None, keep: int = 0) -> tuple[mx.array, mx.array]:
+        """x and normed = input_layernorm(x) -> x' and the next norm (weight `next_norm`) of x'
+        (for the last `keep` positions only, if keep > 0; see Attention).
 
         Each post-norm, residual add and following pre-norm is one fused step (kernels.residual_norm),
         so the next layer's input norm is computed here, at the end of this one.
         """
-        attn = self.self_attn(normed, step, cache)
+        attn = self.self_attn(normed, step, cache, keep)
+        if keep:
+            x = x[:, -keep:]
         h, normed = residual_norm(x, attn, self.post_attention_layernorm.weight,
                                   self.pre_feedforward_layernorm.weight, self.eps, None)
         return residual_norm(h, self.mlp(normed), self.post_feedforward_layernorm.weight, next_norm,
@@ -149,6 +167,7 @@ class TextModel(nn.Module):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         owners = [i for i, spec in enumerate(config.layers) if spec.kv_mode != "reuse"]
         self._cache_slot = {layer: slot for slot, layer in enumerate(owners)}
+        self._last_owner = owners[-1]  # the last layer whose keys and values are computed
 
     def embed(self, input_ids: mx.array) -> mx.array:
         """(B, T) ids -> (B, T, D) embeddings times sqrt(D), the scale rounded to the embeddings' dtype
@@ -156,12 +175,19 @@ class TextModel(nn.Module):
         h = self.embed_tokens(input_ids)
         return h * mx.array(self.config.hidden_size**0.5, dtype=mx.float32).astype(h.dtype)
 
-    def __call__(self, h: mx.array, step: Step, cache: list | None = None) -> mx.array:
-        """(B, T, D) input embeddings -> (B, T, D) final-normed hidden states."""
+    def __call__(self, h: mx.array, step: Step, cache: list | None = None, keep: int = 0) -> mx.array:
+        """(B, T, D) input embeddings -> (B, T, D) final-normed hidden states, or (B, keep, D) for
+        the last `keep` positions if 0 < keep < T.
+
+        Those positions are cut out in the last layer that computes keys and values, right after
+        it has: every layer's keys and values still cover all T tokens (a prefill must fill the
+        caches), while that layer's queries, MLP and all later layers run for `keep` positions only.
+        """
+        keep = keep if 0 < keep < h.shape[1] else 0
         next_norms = [layer.input_layernorm.weight for layer in self.layers[1:]] + [self.norm.weight]
         normed = self.layers[0].input_layernorm(h)
         for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
             slot = self._cache_slot.get(i)
             layer_cache = cache[slot] if cache is not None and slot is not None else None
-            h, normed = layer.forward(h, normed, next_norm, step, layer_cache)
+            h, normed = layer.forward(h, normed, next_norm, step, layer_cache, keep if i == self._last_owner else 0)
         return normed

@@ -61,10 +61,7 @@ class Model(nn.Module):
             raise InputError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}.")
         h = self.embed(input_ids, **media) if inputs_embeds is None else inputs_embeds
         step = self._step(input_ids.shape, cache, attention_mask, mm_token_type_ids)
-        h = self.language_model(h, step, cache)
-        if logits_to_keep > 0:
-            h = h[:, -logits_to_keep:]
-        return self.logits(h)
+        return self.logits(self.language_model(h, step, cache, keep=logits_to_keep))
 
     def embed(
         self,

@@ -142,3 +142,27 @@ def test_rewinding_a_wrapped_cache_equals_a_cold_run(loaded):
     step = np.array(model(mx.array([[45]], dtype=mx.int32), cache=cache))
     cold = np.array(model(mx.array([whole + [45]], dtype=mx.int32)))[:, -1:]
     assert np.abs(step - cold).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["full", "plain"])
+@pytest.mark.parametrize("keep", [1, 3])
+def test_keeping_the_last_positions_equals_slicing_all_of_them(name, keep, loaded):
+    """logits_to_keep cuts the queries inside the last layer that computes keys and values: after
+    cached tokens, with a left-padded batch and a vision block that ends the chunk (its tokens see
+    each other both ways), the kept logits and every cache equal a full pass sliced afterwards."""
+    model = loaded[name]
+    past = mx.array(prompt(2, WINDOW + 3, seed=3), dtype=mx.int32)
+    ids = mx.array(prompt(2, 2 * WINDOW, seed=4), dtype=mx.int32)
+    types = mx.array([[0] * (2 * WINDOW - 5) + [1] * 5] * 2)
+    mask = mx.array(np.ones((2, 3 * WINDOW + 3), dtype=np.int32))
+    mask[0, :2] = 0  # row 0 is left-padded
+    runs = []
+    for logits_to_keep in (keep, 0):
+        cache = model.make_cache()
+        model(past, cache=cache, attention_mask=mask[:, :WINDOW + 3])
+        out = model(ids, cache=cache, attention_mask=mask, mm_token_type_ids=types, logits_to_keep=logits_to_keep)
+        runs.append((np.array(out[:, -keep:]), [np.array(a) for c in cache for a in c.state]))
+    (kept, kept_caches), (whole, whole_caches) = runs
+    assert kept.shape[1] == keep
+    assert np.abs(kept - whole).max() < 1e-5
+    assert all(np.abs(a - b).max() < 1e-6 for a, b in zip(kept_caches, whole_caches))
