@@ -4,7 +4,20 @@
     print(mlx_gemma4u.generate(model, processor, [{"role": "user", "content": "Hello"}]))
 """
 
-from .generate import GenerationResponse, PromptCache, generate, stream_generate
-from .loading import load
+from importlib import import_module
 
-__all__ = ["load", "generate", "stream_generate", "GenerationResponse", "PromptCache"]
+from . import lazy_mlx_lm  # noqa: F401  (first: mlx-lm's modules without its package __init__)
+
+# name -> module: imported on first use, so `import mlx_gemma4u` (and `mlx-gemma4u --help`) costs
+# milliseconds, not the MLX, numpy and tokenizer imports that generation needs
+_EXPORTS = {"load": "loading", "generate": "generate", "stream_generate": "generate",
+            "GenerationResponse": "generate", "PromptCache": "generate"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mlx_gemma4u' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -31,21 +31,18 @@ from .generate import PromptCache, stream_generate
 THOUGHT_STYLE = "dim italic"
 
 
-def add_chat_command(commands: argparse._SubParsersAction) -> None:
-    """Register `chat` on the CLI's subcommands."""
+def add_arguments(chat: argparse.ArgumentParser) -> None:
+    """The chat subcommand's flags."""
     from .cli import add_model_args, add_sampling_args
 
-    chat = commands.add_parser("chat", help="chat in the terminal, with images, audio and video",
-                               description="Chat with the model in the terminal. Type /help inside for commands.")
     add_model_args(chat)
     chat.add_argument("--system", help="a system prompt")
     add_sampling_args(chat, max_tokens=1024)
     chat.add_argument("--think", action="store_true", help="let the model think before answering")
     chat.add_argument("--hide-thinking", action="store_true", help="think, but do not show the thoughts")
-    chat.set_defaults(run=main)
 
 
-def main(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     from .cli import load_from_args
 
     console = Console(highlight=False)

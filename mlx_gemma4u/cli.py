@@ -8,9 +8,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib import import_module
 
 from .errors import Gemma4UError
-from .processing.audio import FORMATS as AUDIO_FORMATS
+
+# name -> (module with add_arguments(parser) and run(args), help, description). Only the module of
+# the subcommand on the command line is imported, so `--help` and a bad flag cost milliseconds.
+SUBCOMMANDS = {
+    "generate": ("mlx_gemma4u.cli", "answer one prompt, streaming the reply to stdout",
+                 "Answer one prompt (with any images, videos and audio clips) through the chat template, "
+                 "streaming the reply to stdout and the statistics to stderr."),
+    "chat": ("mlx_gemma4u.chat", "chat in the terminal, with images, audio and video",
+             "Chat with the model in the terminal. Type /help inside for commands."),
+    "convert": ("mlx_gemma4u.convert", "convert a Hugging Face checkpoint to MLX, quantize, upload",
+                "Convert a Gemma 4 Unified checkpoint (Hugging Face or MLX) to an MLX folder in the "
+                "mlx-community layout (cast, quantize, requantize or dequantize), optionally uploading it."),
+}
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -30,15 +43,33 @@ DEMO_MAX_TOKENS = 32  # the demo's replies are nonsense: a first run shows a lin
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """The sampling options generate and chat share (mlx-lm's samplers; 0 switches one off)."""
-    parser.add_argument("--max-tokens", type=int,
+    parser.add_argument("--max-tokens", type=_checked(int, lambda v: v > 0, "a positive integer"),
                         help=f"most tokens per reply (default {max_tokens}; {DEMO_MAX_TOKENS} with --demo)")
     parser.set_defaults(model_max_tokens=max_tokens)
-    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
-    parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    parser.add_argument("--min-p", type=float, default=0.0,
+    parser.add_argument("--temp", type=_checked(float, lambda v: v >= 0, "a number >= 0"), default=0.0,
+                        help="sampling temperature; 0 is greedy (default)")
+    parser.add_argument("--top-p", type=_checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"), default=0.0,
+                        help="nucleus sampling threshold (0 = off)")
+    parser.add_argument("--top-k", type=_checked(int, lambda v: v >= 0, "an integer >= 0"), default=0,
+                        help="sample from the k most likely tokens (0 = off)")
+    parser.add_argument("--min-p", type=_checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"), default=0.0,
                         help="minimum probability relative to the top token (0 = off)")
     parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+
+
+def _checked(kind: type, ok, what: str):
+    """An argparse type: `kind` whose value passes `ok`, else argparse's one-line usage error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def load_from_args(args: argparse.Namespace):
@@ -83,17 +114,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     bench_main(args.bench_args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-gemma4u",
-                                     description="Run Gemma 4 12B Unified (text, images, video, audio) with MLX.")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of errors (also accepted after the subcommand)")
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_arguments(gen: argparse.ArgumentParser) -> None:
+    """The generate subcommand's flags."""
+    from .processing.audio import FORMATS as AUDIO_FORMATS
 
-    gen = commands.add_parser("generate", help="answer one prompt, streaming the reply to stdout",
-                              description="Answer one prompt (with any images, videos and audio clips) through "
-                                          "the chat template, streaming the reply to stdout and the statistics "
-                                          "to stderr.")
     add_model_args(gen)
     gen.add_argument("--prompt", required=True, help="the user message")
     gen.add_argument("--system", help="a system prompt")
@@ -102,14 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--audio", action="append", metavar="PATH",
                      help=f"an audio file or URL: {AUDIO_FORMATS} (repeatable)")
     add_sampling_args(gen, max_tokens=256)
-    gen.set_defaults(run=cmd_generate)
 
-    from .chat import add_chat_command
 
-    add_chat_command(commands)
-    from .convert import add_convert_command
+run = cmd_generate
 
-    add_convert_command(commands)
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `command`, only that subcommand's flags are built (and its
+    module imported), the others answer to their name and help line."""
+    parser = argparse.ArgumentParser(prog="mlx-gemma4u",
+                                     description="Run Gemma 4 12B Unified (text, images, video, audio) with MLX.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of errors (also accepted after the subcommand)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_line, description) in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=help_line, description=description)
+        if command in (None, name):
+            module = import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.run)
     bench = commands.add_parser("bench", help="compare speed and logits with mlx-vlm and transformers "
                                               "(source checkout only; `mlx-gemma4u bench --help`)",
                                 add_help=False)  # its options, --help included, are benchmarks/compare.py's
@@ -123,7 +158,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     `--debug` is the main parser's, but a subcommand leaves it unparsed wherever it stands, so it is
     taken from the leftovers too.
     """
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((w for w in words if w in SUBCOMMANDS or w == "bench"), ""))
     args, rest = parser.parse_known_args(argv)
     if "--debug" in rest:
         args.debug = True

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.utils import make_shards
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -249,6 +248,8 @@ def _convert(model: Model, weights: dict, stored: dict | None, options: Options,
 def _write_weights(out: Path, outputs: dict, shard_gb: int, parameters: int, quantization: dict | None,
                    bars: Progress) -> None:
     """Shards of at most `shard_gb` GiB (mlx-lm's make_shards) plus model.safetensors.index.json."""
+    from mlx_lm.utils import make_shards  # here: mlx_lm.utils imports transformers
+
     quantized = {n.rsplit(".", 1)[0] for n in outputs if n.endswith(".scales")} if quantization else set()
     shards = make_shards(outputs, shard_gb)
     outputs.clear()
@@ -407,12 +408,3 @@ def run(args: argparse.Namespace) -> None:
     print(summary, file=sys.stderr)
     if summary.url:
         print(f"uploaded to {summary.url}", file=sys.stderr)
-
-
-def add_convert_command(commands) -> None:
-    """Register `mlx-gemma4u convert` on the CLI's subparsers."""
-    parser = commands.add_parser("convert", help="convert a Hugging Face checkpoint to MLX, quantize, upload",
-                                 description="Convert a Hugging Face Gemma 4 Unified checkpoint to an MLX folder "
-                                             "(cast, quantize or dequantize), optionally uploading it.")
-    add_arguments(parser)
-    parser.set_defaults(run=run)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
@@ -62,12 +63,14 @@ def load(path_or_repo: str | os.PathLike, vision_mask: str = "gemma4", dtype: st
     weights larger than the machine's memory instead of swapping.
     """
     path = resolve(path_or_repo)
-    model = load_model(path, vision_mask=vision_mask, dtype=dtype, check_memory=check_memory)
-    return model, load_processor(path)
+    with ThreadPoolExecutor(1) as pool:  # the tokenizer (about 1 s to parse) loads while the weights do
+        processor = pool.submit(load_processor, path)
+        model = load_model(path, vision_mask=vision_mask, dtype=dtype, check_memory=check_memory)
+        return model, processor.result()
 
 
 def load_processor(path: Path, **processor_kwargs):
-    """The checkpoint's processor: tokenizer (through mlx-lm), chat template, image, video and audio.
+    """The checkpoint's processor: tokenizer (tokenizer.json), chat template, image, video and audio.
 
     Generation stops at <eos>, <turn|> and <|tool_response>, plus any id generation_config.json adds.
     """

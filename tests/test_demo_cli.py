@@ -11,7 +11,7 @@ import torch
 from transformers import Gemma4UnifiedForConditionalGeneration
 
 from mlx_gemma4u import demo
-from mlx_gemma4u.cli import parse_args
+from mlx_gemma4u.cli import main, parse_args
 from mlx_gemma4u.loading import load_model
 
 
@@ -68,9 +68,25 @@ def test_cli_errors_are_one_line(tmp_path, demo_home):
     assert run.returncode == 1
     assert run.stderr.strip().count("\n") == 0 and run.stderr.startswith("error: ")
     assert "config.json" in run.stderr
-    run = cli("generate", "--demo", "--prompt", "Hi", "--max-tokens", "0", home=demo_home)
-    assert run.returncode == 1 and "max_tokens must be a positive integer" in run.stderr
+    run = cli("generate", "--demo", "--prompt", "Hi", "--image", str(tmp_path / "missing.png"), home=demo_home)
+    assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--temp", "-1", "--temp: must be a number >= 0"), ("--top-p", "2", "--top-p: must be a number in [0, 1]"),
+    ("--min-p", "1.5", "--min-p: must be a number in [0, 1]"), ("--top-k", "-1", "--top-k: must be an integer >= 0"),
+    ("--max-tokens", "0", "--max-tokens: must be a positive integer"), ("--max-tokens", "x", "positive integer"),
+])
+@pytest.mark.parametrize("command", [["generate", "--demo", "--prompt", "Hi"], ["chat", "--demo"]])
+def test_bad_flags_are_refused_before_anything_loads(command, flag, value, message, monkeypatch, capsys):
+    def no_loading(args):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr("mlx_gemma4u.cli.load_from_args", no_loading)
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, flag, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("where", [0, 1, 2, 4, 6])
@@ -82,8 +98,8 @@ def test_debug_is_accepted_anywhere(where):
 
 
 def test_debug_after_the_subcommand_shows_the_traceback(demo_home):
-    run = cli("generate", "--demo", "--prompt", "Hi", "--max-tokens", "0", "--debug", home=demo_home)
-    assert run.returncode == 1 and "Traceback" in run.stderr and "InputError: max_tokens" in run.stderr
+    run = cli("generate", "--demo", "--prompt", "Hi", "--image", "missing.png", "--debug", home=demo_home)
+    assert run.returncode == 1 and "Traceback" in run.stderr and "InputError: " in run.stderr
 
 
 @pytest.mark.parametrize("line, expected", [

@@ -11,16 +11,16 @@ keys and values. For a batch of B prompts padded to length L:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from mlx_gemma4u.errors import ConfigError, InputError
+from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.processing.audio import Gemma4UAudioFeatureExtractor, as_clip_list
 from mlx_gemma4u.processing.chat_template import default_template, render_chat
 from mlx_gemma4u.processing.image import Gemma4UImageProcessor, flatten_images
 from mlx_gemma4u.processing.messages import MEDIA_SOURCES, check_messages
 from mlx_gemma4u.processing.tensors import convert_outputs
+from mlx_gemma4u.processing.tokenizer import read_json
 from mlx_gemma4u.processing.text import (
     GEMMA4_STOP_IDS,
     MultimodalTokens,
@@ -77,7 +77,7 @@ class Gemma4UProcessor:
         tokenizer = load_tokenizer(model_dir, eos_token_ids)
         return cls(
             tokenizer=tokenizer,
-            tokens=multimodal_tokens(tokenizer, _read_json(model_dir / "config.json")),
+            tokens=multimodal_tokens(tokenizer, read_json(model_dir / "config.json")),
             image_processor=Gemma4UImageProcessor(max_soft_tokens or image_settings.get("max_soft_tokens", 280)),
             video_processor=Gemma4UVideoProcessor(
                 num_frames=num_frames or video_settings.get("num_frames", DEFAULT_NUM_FRAMES),
@@ -213,17 +213,7 @@ def _media_items(conversation: list[dict[str, Any]], kind: str) -> list[Any]:
 
 def _processor_settings(model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Image and video processor settings from processor_config.json / preprocessor_config.json."""
-    image_settings = _read_json(model_dir / "preprocessor_config.json")
-    nested = _read_json(model_dir / "processor_config.json")
+    image_settings = read_json(model_dir / "preprocessor_config.json")
+    nested = read_json(model_dir / "processor_config.json")
     image_settings.update(nested.get("image_processor", {}))
     return image_settings, nested.get("video_processor", {})
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in `path`; {} when the folder has no such file."""
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"Could not read {path} ({exc}); fix or remove the file.") from None

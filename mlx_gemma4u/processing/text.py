@@ -13,14 +13,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from mlx_gemma4u.errors import ConfigError, InputError
-
-if TYPE_CHECKING:
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_gemma4u.processing.tokenizer import Tokenizer
 
 GEMMA4_STOP_IDS = (1, 106, 50)  # <eos>, <turn|>, <|tool_response>
 VIDEO_TOKEN = "<|video|>"
@@ -54,24 +52,15 @@ class MultimodalTokens:
     eoa: str
 
 
-def load_tokenizer(model_dir: Path, eos_token_ids: Sequence[int] = GEMMA4_STOP_IDS) -> TokenizerWrapper:
-    """The checkpoint's tokenizer through mlx-lm, with `<|video|>` registered as transformers does.
-
-    mlx-lm is imported here, not at module level, because it imports transformers (and with it
-    torch, where installed); image, audio and video processing never need it.
-    """
-    from mlx_lm.tokenizer_utils import load
-
-    try:
-        tokenizer = load(Path(model_dir), eos_token_ids=list(eos_token_ids))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"Could not load the tokenizer in {model_dir} ({exc}); check the model folder.") from None
+def load_tokenizer(model_dir: Path, eos_token_ids: Sequence[int] = GEMMA4_STOP_IDS) -> Tokenizer:
+    """The checkpoint's tokenizer, with `<|video|>` registered as transformers does."""
+    tokenizer = Tokenizer.from_folder(Path(model_dir), eos_token_ids)
     if tokenizer.convert_tokens_to_ids(VIDEO_TOKEN) in (None, tokenizer.unk_token_id):
-        tokenizer.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN]})
+        tokenizer.add_special_tokens([VIDEO_TOKEN])
     return tokenizer
 
 
-def multimodal_tokens(tokenizer: TokenizerWrapper, config: dict) -> MultimodalTokens:
+def multimodal_tokens(tokenizer: Tokenizer, config: dict) -> MultimodalTokens:
     """Token ids from the parsed config.json (or Gemma 4's defaults) and their strings from the tokenizer."""
     ids = dict(_CONFIG_IDS)
     ids.update({key: config[key] for key in _CONFIG_IDS if isinstance(config.get(key), int)})
@@ -128,7 +117,7 @@ def expand_placeholders(
 
 
 def encode_batch(
-    tokenizer: TokenizerWrapper, texts: list[str], add_special_tokens: bool = True
+    tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and attention mask, both (batch, longest) int64, padded on the tokenizer's side."""
     encoded = [tokenizer.encode(text, add_special_tokens=add_special_tokens) for text in texts]
