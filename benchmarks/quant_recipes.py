@@ -52,6 +52,7 @@ RECIPES = {
     "mixed-8-4": Options(quantize=True, quant_recipe="mixed-8-4"),
     "uniform 8-bit": Options(quantize=True, quant_recipe="uniform", q_bits=8),
     "uniform mxfp4": Options(quantize=True, quant_recipe="uniform", q_mode="mxfp4"),
+    "qat": Options(quantize=True, quant_recipe="qat"),
 }
 
 
