@@ -5,9 +5,12 @@
     (each next step is queued while the current token is handed out)
 
 Sampling and logits processors are mlx-lm's; streaming detokenization is mlx-lm's too, so a
-multi-byte character is never cut in half. Prefill runs the 262,144-wide output head for the last
-position only, and a chunk never ends inside an image or video-frame block (the block's tokens
-see each other both ways, so they must reach the cache together).
+multi-byte character is never cut in half. Prefill runs only what the caches need for all but the
+last position (the model cuts the queries right after the last keys and values; see
+decoder.TextModel), so the last layer's MLP and the 262,144-wide head run for one position; a chunk
+never ends inside an image or video-frame block (the block's tokens see each other both ways, so
+they must reach the cache together). Greedy decoding takes the argmax of the raw logits and leaves
+each step's log-probabilities lazy: they cost a pass over the vocabulary only if someone reads them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import greedy_sampler, make_logits_processors, make_sampler
 
 from .cache import PromptCache
 from .errors import InputError
@@ -81,11 +84,16 @@ def generate_step(
     processors = logits_processors or []
 
     def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
+        """(1, vocab) logits in the model's dtype -> the token and the (vocab,) float32 log-probabilities."""
         nonlocal history
+        if processors:
+            logits = logits.astype(mx.float32)
         for process in processors:
             logits = process(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs)
+        scores = logits.astype(mx.float32)
+        logprobs = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
+        # The argmax of the logits is the argmax of the log-probabilities, which then stay unevaluated.
+        token = mx.argmax(logits, axis=-1) if sampler is greedy_sampler else sampler(logprobs)
         if processors:  # only they read the history, and growing it costs a copy per token
             history = mx.concatenate([history, token])
         return token, logprobs[0]
@@ -98,14 +106,14 @@ def generate_step(
             mx.eval([c.state for c in cache])
     prompt_cache.quantize()
     prompt_cache.tokens = list(ids)
-    token, logprobs = sample(logits[:, -1].astype(mx.float32))
-    mx.async_eval(token, logprobs)
+    token, logprobs = sample(logits[:, -1])
+    mx.async_eval(token)
     for n in range(max_tokens):
         more = n + 1 < max_tokens
         if more:
             logits = model(token[None], cache=cache, logits_to_keep=1)
-            next_token, next_logprobs = sample(logits[:, -1].astype(mx.float32))
-            mx.async_eval(next_token, next_logprobs)
+            next_token, next_logprobs = sample(logits[:, -1])
+            mx.async_eval(next_token)
         value = token.item()
         try:
             yield value, logprobs

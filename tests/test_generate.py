@@ -225,3 +225,18 @@ def test_prompt_longer_than_the_context_is_refused(demo, monkeypatch):
     monkeypatch.setattr(model.config.text, "max_position_embeddings", 20)
     with pytest.raises(InputError, match="exceeds the model's context of 20 tokens"):
         list(stream_generate(model, processor, "Hello there", max_tokens=18))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_each_step_yields_the_log_probabilities_of_its_token(demo, temperature):
+    """Greedy steps take their token off the raw logits and leave the log-probabilities lazy; either
+    way these are the float32 log-softmax of the model's logits, and the greedy token their argmax."""
+    model, processor = demo
+    ids = [2, 9259, 1902, 236764]
+    first = next(stream_generate(model, processor, ids, max_tokens=1, temperature=temperature, seed=0))
+    logits = model(mx.array([ids], dtype=mx.int32))[0, -1].astype(mx.float32)
+    expected = logits - mx.logsumexp(logits)
+    assert first.logprobs.dtype == mx.float32
+    assert mx.abs(first.logprobs - expected).max().item() < 1e-5
+    if temperature == 0:
+        assert first.token == mx.argmax(expected).item()
