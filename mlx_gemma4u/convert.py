@@ -106,16 +106,10 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, options: Op
     body = _check_options(options, recipe)
     dtype = _output_dtype(options.dtype, raw)
     with _progress(quiet) as bars, _no_buffer_cache():
-        weights = _read(src, bars)
-        layout = checkpoints.detect(weights)
-        config = checkpoints.without_absent_media(ModelConfig.from_file(src / "config.json"), weights, layout)
-        source, target = Model(config), Model(config)
-        stored = None
-        if config.quantization:  # as load_model does
-            quantize_like(source, config.quantization, weights, layout)
-            stored = checkpoints.quantization_in_our_names(config.quantization, layout)
-        outputs, quantization = _convert(target, source.sanitize(weights), stored, options, recipe, body, dtype)
-        del weights, source
+        config, weights, stored = _read_source(src, bars)
+        target = Model(config)
+        outputs, quantization = _convert(target, weights, stored, options, recipe, body, dtype)
+        del weights
         outputs = checkpoints.in_layout(outputs, checkpoints.COMMUNITY)
         quantization = quantization and checkpoints.quantization_in(quantization, checkpoints.COMMUNITY)
         quantize_like(target, quantization or {}, outputs, checkpoints.COMMUNITY)
@@ -187,6 +181,19 @@ def _output_dtype(requested: str | None, raw: dict) -> str | None:
     """--dtype, else the dtype the source config declares, else None (floats stay as stored)."""
     declared = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
     return requested or (declared if declared in DTYPES else None)
+
+
+def _read_source(src: Path, bars: Progress) -> tuple[ModelConfig, dict[str, mx.array], dict | None]:
+    """The source, as load_model reads it -> (its config, its tensors lazily under our names, its
+    "quantization" entry keyed by our module paths or None)."""
+    weights = _read(src, bars)
+    layout = checkpoints.detect(weights)
+    config = checkpoints.without_absent_media(ModelConfig.from_file(src / "config.json"), weights, layout)
+    source = Model(config)
+    if not config.quantization:
+        return config, source.sanitize(weights), None
+    quantize_like(source, config.quantization, weights, layout)
+    return config, source.sanitize(weights), checkpoints.quantization_in_our_names(config.quantization, layout)
 
 
 def _read(src: Path, bars: Progress) -> dict[str, mx.array]:
