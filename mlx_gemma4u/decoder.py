@@ -58,6 +58,18 @@ class Step:
         self._rows = keep
 
 
+class RowSteps:
+    """One decode pass over B sequences that share nothing but the weights (batched generation).
+
+    steps[i] is row i's own Step (its RoPE offset and masks, from its own caches). Layers batch
+    every Linear, MLP and norm over the B rows; attention runs row by row (Attention._rows), so a
+    row's RoPE, cache update and mask are exactly those of the row decoding alone.
+    """
+
+    def __init__(self, steps: list[Step]):
+        self.steps = steps
+
+
 def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, None, eps)
 
@@ -80,35 +92,63 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
         self.rope = RoPE(self.head_dim, config.rope_parameters[spec.layer_type])
 
-    def _keys_values(self, x: mx.array, step: Step, cache):
+    def _project_kv(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """(B, T, D) -> raw keys and values (B, T, kv_heads, head_dim), before norms and RoPE."""
         B, T, _ = x.shape
         raw_k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
         raw_v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim) if "v_proj" in self else raw_k
+        return raw_k, raw_v
+
+    def _keys_values(self, raw_k, raw_v, step: Step, cache):
+        """-> (keys, values, cache) to attend to: this layer's, normed, rotated and cached, or on a
+        "reuse" layer those its "store" layer handed over in `step.shared` (raw_k, raw_v unused)."""
+        if self.reuse:
+            return step.shared[self.layer_type]
         k = norm_rope(raw_k, self.k_norm.weight, self.eps, self.rope, step.offset)
         v = rms_norm_no_scale(raw_v, self.eps).transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        return k, v
+        if self.store:
+            step.shared[self.layer_type] = (k, v, cache)
+        return k, v, cache
 
-    def __call__(self, x: mx.array, step: Step, cache=None, keep: int = 0) -> mx.array:
-        """(B, T, D) -> (B, T, D), or (B, keep, D) for the last `keep` positions only: keys and values
-        still cover all T (and reach the cache), the queries and everything after them do not."""
-        if self.reuse:
-            k, v, cache = step.shared[self.layer_type]
-        else:
-            k, v = self._keys_values(x, step, cache)
-            if self.store:
-                step.shared[self.layer_type] = (k, v, cache)
-        if keep:
-            step.narrow(x.shape[1], keep)
-            x = x[:, -keep:]
-        B, T, _ = x.shape
-        raw_q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
-        q = norm_rope(raw_q, self.q_norm.weight, self.eps, self.rope, step.offset)
+    def _attend(self, projected_q: mx.array, k, v, step: Step, cache) -> mx.array:
+        """(B, T, heads * head_dim) query projections -> (B, T, heads * head_dim) attention output."""
+        B, T, _ = projected_q.shape
+        q = norm_rope(projected_q.reshape(B, T, self.n_heads, self.head_dim), self.q_norm.weight, self.eps,
+                      self.rope, step.offset)
         n_keys = (k[0] if isinstance(k, tuple) else k).shape[2]
         mask = step.mask(self.layer_type, cache, n_keys)
         out = scaled_dot_product_attention(q, k, v, cache, scale=1.0, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return out.transpose(0, 2, 1, 3).reshape(B, T, -1)
+
+    def __call__(self, x: mx.array, step: "Step | RowSteps", cache=None, keep: int = 0) -> mx.array:
+        """(B, T, D) -> (B, T, D), or (B, keep, D) for the last `keep` positions only: keys and values
+        still cover all T (and reach the cache), the queries and everything after them do not.
+
+        With RowSteps, `cache` holds one cache per row (None on "reuse" layers) and keep is 0.
+        """
+        if isinstance(step, RowSteps):
+            return self._rows(x, step, cache)
+        raw_k, raw_v = (None, None) if self.reuse else self._project_kv(x)
+        k, v, cache = self._keys_values(raw_k, raw_v, step, cache)
+        if keep:
+            step.narrow(x.shape[1], keep)
+            x = x[:, -keep:]
+        return self.o_proj(self._attend(self.q_proj(x), k, v, step, cache))
+
+    def _rows(self, x: mx.array, rows: "RowSteps", caches) -> mx.array:
+        """B independent sequences, one row each: the projections run for all rows at once; RoPE,
+        cache update, mask and attention run per row, against that row's own caches only."""
+        raw_k, raw_v = (None, None) if self.reuse else self._project_kv(x)
+        projected_q = self.q_proj(x)
+        out = []
+        for i, (step, cache) in enumerate(zip(rows.steps, caches or [None] * len(rows.steps))):
+            row = slice(i, i + 1)
+            row_k, row_v = (None, None) if self.reuse else (raw_k[row], raw_v[row])
+            k, v, cache = self._keys_values(row_k, row_v, step, cache)
+            out.append(self._attend(projected_q[row], k, v, step, cache))
+        return self.o_proj(mx.concatenate(out))
 
 
 class MLP(nn.Module):
@@ -182,6 +222,7 @@ class TextModel(nn.Module):
         Those positions are cut out in the last layer that computes keys and values, right after
         it has: every layer's keys and values still cover all T tokens (a prefill must fill the
         caches), while that layer's queries, MLP and all later layers run for `keep` positions only.
+        With RowSteps (B sequences decoding together), cache[slot] holds one cache per row.
         """
         keep = keep if 0 < keep < h.shape[1] else 0
         next_norms = [layer.input_layernorm.weight for layer in self.layers[1:]] + [self.norm.weight]
