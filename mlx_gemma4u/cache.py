@@ -12,7 +12,9 @@ off the cache, including the rotated order of a full rotating buffer.
 
 `PromptCache` is a conversation's caches plus the tokens they hold, carried from turn to turn. Its
 file records what the keys and values depend on besides the tokens (the config, quantization,
-weight dtype and vision mask), so a cache is never loaded into a model it does not belong to.
+weight dtype and vision mask), so a cache is never loaded into a model it does not belong to. It
+also keeps the soft tokens of the conversation's media (`SoftTokens`, in memory only), so a turn
+after an image embeds only its new text.
 """
 
 import dataclasses
@@ -89,8 +91,53 @@ def key_positions(cache, n_keys: int) -> mx.array:
     return positions
 
 
+# Media kind -> the processor's names for its values and for what goes with them (positions, mask).
+MEDIA = {"image": ("pixel_values", "image_position_ids"), "video": ("pixel_values_videos", "video_position_ids"),
+         "audio": ("input_features", "input_features_mask")}
+
+
+class SoftTokens:
+    """The soft tokens of each image, video frame and audio clip of the last prompt, keyed by a hash of
+    its processed arrays: the next turn, which re-renders the same media, takes them from here instead
+    of running the embedders again. Media the latest prompt no longer has are let go."""
+
+    def __init__(self):
+        self._rows: dict[bytes, mx.array] = {}
+
+    def of(self, model, inputs: dict) -> dict[str, mx.array]:
+        """Media kind -> (M, D) soft tokens, for the kinds of media in `inputs` (processor names)."""
+        rows, out = {}, {}
+        for kind, (values_name, extra_name) in MEDIA.items():
+            values, extra = inputs.get(values_name), inputs.get(extra_name)
+            if values is None:
+                continue
+            parts = []
+            for i in range(values.shape[0]):  # one image, video frame or audio clip per row
+                row_extra = None if extra is None else extra[i:i + 1]
+                key = _digest(kind, values[i:i + 1], row_extra)
+                if key not in rows:
+                    kept = self._rows.get(key)
+                    rows[key] = kept if kept is not None else model.soft_tokens(kind, values[i:i + 1], row_extra)
+                parts.append(rows[key])
+            out[kind] = mx.concatenate(parts) if len(parts) > 1 else parts[0]
+        self._rows = rows
+        return out
+
+
+def _digest(kind: str, *arrays: mx.array | None) -> bytes:
+    """A hash of the kind and the arrays' shapes, dtypes and values."""
+    h = hashlib.blake2b(kind.encode(), digest_size=16)
+    for a in arrays:
+        if a is not None:
+            a = np.array(a)
+            h.update(f"{a.shape}{a.dtype}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.digest()
+
+
 class PromptCache:
-    """A conversation's KV caches and the tokens they hold, so turn N+1 prefills only its new tokens."""
+    """A conversation's KV caches and the tokens they hold, so turn N+1 prefills only its new tokens,
+    and its media's soft tokens, so turn N+1 embeds only its new media."""
 
     def __init__(self, model, kv_bits: int | None = None):
         self.config = model.config.text
@@ -100,6 +147,7 @@ class PromptCache:
         self.tokens: list[int] = []
         self.kv_bits = kv_bits
         self.reused = 0  # tokens of the last prompt that were already cached
+        self.media = SoftTokens()
 
     def reusable(self, ids: list[int], blocks: np.ndarray) -> int:
         """How many leading tokens of `ids` can stay cached: the common prefix, short of the last

@@ -23,12 +23,11 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import greedy_sampler, make_logits_processors, make_sampler
 
-from .cache import PromptCache
+from .cache import MEDIA, PromptCache
 from .errors import InputError
 from .masks import vision_blocks
 
-MEDIA_KEYS = ("pixel_values", "image_position_ids", "pixel_values_videos", "video_position_ids",
-              "input_features", "input_features_mask")
+MEDIA_KEYS = tuple(name for names in MEDIA.values() for name in names)
 
 
 @dataclass
@@ -98,7 +97,7 @@ def generate_step(
             history = mx.concatenate([history, token])
         return token, logprobs[0]
 
-    embeds = model.embed(input_ids, **{k: v for k, v in inputs.items() if k in MEDIA_KEYS})
+    embeds = model.embed(input_ids, soft_tokens=prompt_cache.media.of(model, inputs))
     for lo, hi in prefill_chunks(start, len(ids), prefill_step_size, blocks):
         logits = model(input_ids[:, lo:hi], cache=cache, inputs_embeds=embeds[:, lo:hi],
                        mm_token_type_ids=None if types is None else types[:, lo:hi], logits_to_keep=1)

@@ -73,30 +73,39 @@ class Model(nn.Module):
         input_features: mx.array | None = None,
         input_features_mask: mx.array | None = None,
         num_frames_per_video=None,
+        soft_tokens: dict[str, mx.array] | None = None,
     ) -> mx.array:
         """(B, T) ids -> (B, T, D) decoder inputs, soft tokens in place of the placeholders.
 
+        soft_tokens: "image" / "video" / "audio" -> (M, D) soft tokens computed beforehand (by
+        `soft_tokens`, e.g. kept from an earlier turn); a kind given here needs no media arrays.
         num_frames_per_video is accepted for parity with transformers; frames are already in order.
         """
         c = self.config
-        placeholder = {c.image_token_id, c.video_token_id, c.audio_token_id}
-        ids = mx.where(_isin(input_ids, placeholder), c.text.pad_token_id, input_ids)
+        placeholder = {"image": c.image_token_id, "video": c.video_token_id, "audio": c.audio_token_id}
+        ids = mx.where(_isin(input_ids, set(placeholder.values())), c.text.pad_token_id, input_ids)
         h = self.language_model.embed(ids)
-        if pixel_values is not None:
-            soft = self._vision("image", pixel_values, image_position_ids)
-            h = scatter_soft_tokens(h, placeholder_positions(input_ids, c.image_token_id), soft, "image")
-        if pixel_values_videos is not None:
-            soft = self._vision("video", pixel_values_videos, video_position_ids)
-            h = scatter_soft_tokens(h, placeholder_positions(input_ids, c.video_token_id), soft, "video")
-        if input_features is not None:
-            if input_features_mask is None:
-                raise InputError("input_features needs its input_features_mask (which frames are real audio).")
-            if "embed_audio" not in self:
-                raise InputError("This checkpoint has no audio weights (a text-only model or conversion), so it "
-                                 "cannot take audio inputs.")
-            soft = self.embed_audio(input_features, input_features_mask)
-            h = scatter_soft_tokens(h, placeholder_positions(input_ids, c.audio_token_id), soft, "audio")
+        soft = dict(soft_tokens or {})
+        media = {"image": (pixel_values, image_position_ids), "video": (pixel_values_videos, video_position_ids),
+                 "audio": (input_features, input_features_mask)}
+        for kind, (values, extra) in media.items():
+            if kind not in soft and values is not None:
+                soft[kind] = self.soft_tokens(kind, values, extra)
+        for kind, features in soft.items():
+            h = scatter_soft_tokens(h, placeholder_positions(input_ids, placeholder[kind]), features, kind)
         return h
+
+    def soft_tokens(self, kind: str, values: mx.array, extra: mx.array | None) -> mx.array:
+        """The (M, D) soft tokens of one kind of media: "image" / "video" with their pixel values and
+        position ids, "audio" with its input features and their mask (the processor's arrays)."""
+        if kind != "audio":
+            return self._vision(kind, values, extra)
+        if extra is None:
+            raise InputError("input_features needs its input_features_mask (which frames are real audio).")
+        if "embed_audio" not in self:
+            raise InputError("This checkpoint has no audio weights (a text-only model or conversion), so it "
+                             "cannot take audio inputs.")
+        return self.embed_audio(values, extra)
 
     def _vision(self, what: str, pixel_values: mx.array, position_ids: mx.array | None) -> mx.array:
         if "embed_vision" not in self:

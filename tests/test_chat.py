@@ -134,6 +134,35 @@ def test_a_stopped_reply_leaves_the_prompt_cache_usable(demo_home):
     assert cache.reused > 0
 
 
+
+def test_the_turn_after_an_image_does_not_embed_it_again(demo_home, photo, monkeypatch):
+    """The chat session's PromptCache keeps the image's soft tokens: the second turn runs the vision
+    embedder no more, and its reply equals a cold run's."""
+    from rich.console import Console
+
+    from mlx_gemma4u.chat import Chat
+    from mlx_gemma4u.generate import PromptCache, stream_generate
+    from mlx_gemma4u.loading import load
+    from mlx_gemma4u.vision import VisionEmbedder
+
+    calls = []
+    embed = VisionEmbedder.__call__
+    monkeypatch.setattr(VisionEmbedder, "__call__", lambda self, *a: calls.append(1) or embed(self, *a))
+    model, processor = load(demo_home / "demo-v1")
+    chat = Chat(Console(file=io.StringIO()), model, processor, Conversation(), Settings(max_tokens=4))
+    chat.handle(f"/image '{photo}'")
+    chat.handle("What is in it?")
+    assert len(calls) == 1
+    chat.handle("And the colour?")
+    assert len(calls) == 1
+    split = ReplySplitter(*chat.channel_ids)
+    for r in stream_generate(model, processor, chat.conversation.prompt()[:-1], max_tokens=4,
+                             prompt_cache=PromptCache(model)):
+        split.add(r.token, r.text)
+    assert len(calls) == 2  # a fresh PromptCache embeds the image again
+    assert split.answer.strip() == chat.conversation.messages[-1]["content"]
+
+
 def visible(text: str) -> str:
     return ANSI.sub("", text)
 
