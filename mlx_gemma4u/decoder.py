@@ -117,7 +117,7 @@ class Attention(nn.Module):
         B, T, _ = projected_q.shape
         q = norm_rope(projected_q.reshape(B, T, self.n_heads, self.head_dim), self.q_norm.weight, self.eps,
                       self.rope, step.offset)
-        n_keys = (k[0] if isinstance(k, tuple) else k).shape[2]
+        n_keys = (k[0] if isinstance(k, (tuple, list)) else k).shape[2]  # quantized: (data, scales, biases)
         mask = step.mask(self.layer_type, cache, n_keys)
         out = scaled_dot_product_attention(q, k, v, cache, scale=1.0, mask=mask)
         return out.transpose(0, 2, 1, 3).reshape(B, T, -1)

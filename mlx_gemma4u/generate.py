@@ -58,6 +58,74 @@ def prefill_chunks(start: int, n_tokens: int, step_size: int, blocks: np.ndarray
     return chunks
 
 
+def prefill(model, inputs: dict, prompt_cache: PromptCache, prefill_step_size: int = 512) -> mx.array:
+    """Run the (1, T) prompt's tokens that the prompt cache does not hold yet -> (1, vocab) logits of the
+    last position; the cache then holds the whole prompt (its full-attention layers quantized to its kv_bits).
+
+    inputs: input_ids, optional mm_token_type_ids and media arrays (the processor's output names).
+    """
+    input_ids = inputs["input_ids"]
+    ids = input_ids[0].tolist()
+    types = inputs.get("mm_token_type_ids")
+    blocks = np.array(vision_blocks(types))[0] if types is not None else np.full(len(ids), -1)
+    start = prompt_cache.reused = prompt_cache.reusable(ids, blocks)
+    prompt_cache.keep(start)
+    cache = prompt_cache.caches
+    embeds = model.embed(input_ids, soft_tokens=prompt_cache.media.of(model, inputs))
+    for lo, hi in prefill_chunks(start, len(ids), prefill_step_size, blocks):
+        logits = model(input_ids[:, lo:hi], cache=cache, inputs_embeds=embeds[:, lo:hi],
+                       mm_token_type_ids=None if types is None else types[:, lo:hi], logits_to_keep=1)
+        if hi < len(ids):
+            mx.eval([c.state for c in cache])
+    prompt_cache.quantize()
+    prompt_cache.tokens = list(ids)
+    return logits[:, -1]
+
+
+class TokenSampler:
+    """One sequence's next token from its logits: its logits processors (over its history), then its sampler.
+
+    seed: draw from the sequence's own random stream, the one `mx.random.seed(seed)` starts, so a
+    sequence sampled among others (batch.py) draws exactly what it draws alone; None: the global stream.
+    """
+
+    def __init__(self, sampler: Callable, processors: list | None, history: mx.array, seed: int | None = None):
+        self.sampler, self.processors, self.history = sampler, processors or [], history
+        self.key = None if seed is None else mx.random.key(seed)
+
+    def __call__(self, logits: mx.array) -> tuple[mx.array, mx.array]:
+        """(1, vocab) logits in the model's dtype -> the (1,) token and the (vocab,) float32 log-probabilities."""
+        if self.processors:
+            logits = logits.astype(mx.float32)
+        for process in self.processors:
+            logits = process(self.history, logits)
+        scores = logits.astype(mx.float32)
+        logprobs = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
+        # The argmax of the logits is the argmax of the log-probabilities, which then stay unevaluated.
+        if self.sampler is greedy_sampler:
+            token = mx.argmax(logits, axis=-1)
+        else:
+            token = self.sampler(logprobs) if self.key is None else self._draw_own(logprobs)
+        if self.processors:  # only they read the history, and growing it costs a copy per token
+            self.history = mx.concatenate([self.history, token])
+        return token, logprobs[0]
+
+    def _draw_own(self, logprobs: mx.array) -> mx.array:
+        """The sampler's draw with this sequence's key as the global random state, restored after
+        (mx.random.seed(n) makes the state the key [n >> 32, n & 0xffffffff], so any key can be put back)."""
+        outer = _key_number(mx.random.state[0])
+        mx.random.seed(_key_number(self.key))
+        token = self.sampler(logprobs)
+        self.key = mx.random.state[0]
+        mx.random.seed(outer)
+        return token
+
+
+def _key_number(key: mx.array) -> int:
+    high, low = key.tolist()
+    return (high << 32) | low
+
+
 def generate_step(
     model,
     inputs: dict,
@@ -72,40 +140,9 @@ def generate_step(
     inputs: input_ids, optional mm_token_type_ids and media arrays (the processor's output names).
     Tokens the prompt cache already holds are not prefilled again; the rest are.
     """
-    input_ids = inputs["input_ids"]
-    ids = input_ids[0].tolist()
-    types = inputs.get("mm_token_type_ids")
-    blocks = np.array(vision_blocks(types))[0] if types is not None else np.full(len(ids), -1)
-    start = prompt_cache.reused = prompt_cache.reusable(ids, blocks)
-    prompt_cache.keep(start)
-    cache = prompt_cache.caches
-    history = input_ids[0]
-    processors = logits_processors or []
-
-    def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
-        """(1, vocab) logits in the model's dtype -> the token and the (vocab,) float32 log-probabilities."""
-        nonlocal history
-        if processors:
-            logits = logits.astype(mx.float32)
-        for process in processors:
-            logits = process(history, logits)
-        scores = logits.astype(mx.float32)
-        logprobs = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
-        # The argmax of the logits is the argmax of the log-probabilities, which then stay unevaluated.
-        token = mx.argmax(logits, axis=-1) if sampler is greedy_sampler else sampler(logprobs)
-        if processors:  # only they read the history, and growing it costs a copy per token
-            history = mx.concatenate([history, token])
-        return token, logprobs[0]
-
-    embeds = model.embed(input_ids, soft_tokens=prompt_cache.media.of(model, inputs))
-    for lo, hi in prefill_chunks(start, len(ids), prefill_step_size, blocks):
-        logits = model(input_ids[:, lo:hi], cache=cache, inputs_embeds=embeds[:, lo:hi],
-                       mm_token_type_ids=None if types is None else types[:, lo:hi], logits_to_keep=1)
-        if hi < len(ids):
-            mx.eval([c.state for c in cache])
-    prompt_cache.quantize()
-    prompt_cache.tokens = list(ids)
-    token, logprobs = sample(logits[:, -1])
+    sample = TokenSampler(sampler, logits_processors, inputs["input_ids"][0])
+    token, logprobs = sample(prefill(model, inputs, prompt_cache, prefill_step_size))
+    cache = prompt_cache.caches  # after prefill: the caches it quantized, if kv_bits is set
     mx.async_eval(token)
     for n in range(max_tokens):
         more = n + 1 < max_tokens
@@ -216,17 +253,9 @@ def stream_generate(
     sampler = make_sampler(temp=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     processors = make_logits_processors(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                         frequency_penalty=frequency_penalty)
-    stops = set(tokenizer.eos_token_ids)
-    hidden = set(tokenizer.all_special_ids) | stops
-    text = _StopText(stop or [])
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-
+    reply = ReplyText(tokenizer, stop)
     n_prompt = inputs["input_ids"].shape[1]
-    context = model.config.text.max_position_embeddings
-    if n_prompt + max_tokens > context:
-        raise InputError(f"The prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
-                         f"context of {context} tokens; shorten the prompt or lower max_tokens.")
+    check_context(model, n_prompt, max_tokens)
     start = time.perf_counter()
     steps = generate_step(model, inputs, prompt_cache, sampler, processors, max_tokens, prefill_step_size)
     prompt_time = gen_start = None
@@ -234,13 +263,7 @@ def stream_generate(
         if gen_start is None:
             prompt_time, gen_start = time.perf_counter() - start, time.perf_counter()
             prefilled = n_prompt - prompt_cache.reused
-        if token not in hidden:
-            detokenizer.add_token(token)
-        finish = "stop" if token in stops else "length" if n == max_tokens else None
-        if finish:
-            detokenizer.finalize()
-        segment, hit = text.add(detokenizer.last_segment, final=finish is not None)
-        finish = "stop" if hit else finish
+        segment, finish = reply.add(token, last=n == max_tokens)
         yield GenerationResponse(
             text=segment, token=token, logprobs=logprobs, prompt_tokens=n_prompt, prefilled_tokens=prefilled,
             prompt_tps=prefilled / max(prompt_time, 1e-9), generation_tokens=n,
@@ -249,6 +272,36 @@ def stream_generate(
         )
         if finish:
             break
+
+
+def check_context(model, n_prompt: int, max_tokens: int) -> None:
+    """Refuse a prompt whose tokens plus max_tokens do not fit the model's context."""
+    context = model.config.text.max_position_embeddings
+    if n_prompt + max_tokens > context:
+        raise InputError(f"The prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                         f"context of {context} tokens; shorten the prompt or lower max_tokens.")
+
+
+class ReplyText:
+    """A sequence's new tokens -> the text to show: special tokens hidden, multi-byte characters whole,
+    cut before the first stop string; says when the reply is finished and why."""
+
+    def __init__(self, tokenizer, stop: list[str] | None):
+        self.stops = set(tokenizer.eos_token_ids)
+        self.hidden = set(tokenizer.all_special_ids) | self.stops
+        self.text = _StopText(stop or [])
+        self.detokenizer = tokenizer.detokenizer
+        self.detokenizer.reset()
+
+    def add(self, token: int, last: bool) -> tuple[str, str | None]:
+        """One new token (`last`: max_tokens reached) -> (text to show now, "stop" / "length" / None)."""
+        if token not in self.hidden:
+            self.detokenizer.add_token(token)
+        finish = "stop" if token in self.stops else "length" if last else None
+        if finish:
+            self.detokenizer.finalize()
+        segment, hit = self.text.add(self.detokenizer.last_segment, final=finish is not None)
+        return segment, "stop" if hit else finish
 
 
 class _StopText:

@@ -240,3 +240,13 @@ def test_each_step_yields_the_log_probabilities_of_its_token(demo, temperature):
     assert mx.abs(first.logprobs - expected).max().item() < 1e-5
     if temperature == 0:
         assert first.token == mx.argmax(expected).item()
+
+
+def test_kv_bits_decode_reads_and_extends_the_quantized_caches(demo):
+    """With kv_bits the decode steps run on the quantized full-attention caches, which end up holding
+    every token the prompt cache lists (not just the prompt)."""
+    model, processor = demo
+    cache = PromptCache(model, kv_bits=8)
+    generate(model, processor, "Count to ten.", max_tokens=5, prompt_cache=cache)
+    quantized = [c for c in cache.caches if type(c).__name__ == "QuantizedKVCache"]
+    assert quantized and all(c.offset == len(cache.tokens) for c in cache.caches)
