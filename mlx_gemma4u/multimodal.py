@@ -16,6 +16,8 @@ import numpy as np
 
 from .errors import InputError
 
+PIECE = 512  # the widest run of products a float32 media Linear adds in one go
+
 
 def two_step_mean(x: mx.array) -> mx.array:
     """(..., n) -> (..., 1) mean, reduced over a chunks of n / a values and then over the chunks
@@ -45,10 +47,33 @@ def project(layer: nn.Module, x: mx.array, dtype: mx.Dtype) -> mx.array:
 
     A quantized layer has no transformers counterpart to match, so it gets float32 inputs: MLX's
     quantized matmul sums in its input dtype (on the CPU backend 5% off in bfloat16, 0.6% in float32).
+    A float32 layer sums its products in pieces (`summed_in_pieces`).
     """
     if isinstance(layer, nn.QuantizedLinear):
         return layer(x.astype(mx.float32)).astype(dtype)
+    if dtype == mx.float32:
+        return summed_in_pieces(layer, x)
     return layer(x.astype(dtype))
+
+
+def summed_in_pieces(layer: nn.Linear, x: mx.array, piece: int = PIECE) -> mx.array:
+    """layer(x) for a float32 Linear, its input width split into pieces of at most `piece` values whose
+    partial products are added up after.
+
+    MLX's matmul (its CPU backend measured, its Metal kernels by their tiling) adds the products of
+    one output in order, so the rounding error grows with the width: 6,912 wide, 3.6x torch's on
+    average, 6x at worst; pieces of 432 bring it to torch's.
+    """
+    n = x.shape[-1]
+    pieces = next(d for d in range(1, n + 1) if n % d == 0 and n // d <= piece)
+    if pieces == 1:
+        return layer(x)
+    w, size = layer.weight, n // pieces
+    out = None
+    for i in range(pieces):
+        part = x[..., i * size:(i + 1) * size] @ w[:, i * size:(i + 1) * size].T
+        out = part if out is None else out + part
+    return out + layer.bias if "bias" in layer else out
 
 
 def compute_dtype(layer: nn.Module) -> mx.Dtype:
