@@ -1,0 +1,262 @@
+"""Batched generation: many prompts decoded together, each getting exactly the tokens it gets alone.
+
+    submit(prompt, media, settings) -> queue --(admitted while under max_batch and max_kv_bytes)-->
+    prefill alone (generate.prefill: chunked, vision blocks whole, prompt-cache prefix reused) -->
+    active rows --one decode step for all: embeddings, every Linear / MLP / norm and the head over the
+    B rows (the weights are read once per step); RoPE, cache update, mask and attention per row
+    against the row's own caches (decoder.RowSteps)--> (B, vocab) logits --> each row's own logits
+    processors and sampler (its own seed) --> detokenize, stop strings --> finished rows leave and
+    their caches are freed; queued prompts join at the next step (continuous batching)
+
+Why every sequence keeps its own PromptCache instead of mlx-lm's BatchKVCache /
+BatchRotatingKVCache: those hold all rows in one left-padded tensor, so (1) they cannot be
+quantized (BatchRotatingKVCache.to_quantized raises, BatchKVCache has none), which kv_bits needs;
+(2) their rotating buffer is the bare window, without the rewind room that lets a conversation take
+back tokens after the buffer wrapped (cache.py), and a saved PromptCache prefix would have to be
+copied in and out of the padded tensor; (3) a row's keys would sit at padded slots, so the
+vision-block masks and key positions of the single-sequence path (masks.py, cache.key_positions)
+would need a second, padded formulation, where separate caches make them the same code; (4) every
+row would attend over the longest row's keys. What they save, one attention call per layer instead
+of B, is the small part of a decode step: the weights, read once for all rows, are the large part.
+
+Exactness: MLX's CPU matmuls (float32, bfloat16, 4-bit) give each row of a (B, D) product bit for
+bit what the row gives alone, so batching the Linears changes no token; tests/test_batch.py checks
+whole greedy replies against stream_generate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .cache import PromptCache, rewind_room
+from .config import SLIDING
+from .decoder import RowSteps
+from .errors import Gemma4UError, InputError
+from .generate import ReplyText, TokenSampler, _check_sampling, check_context, prefill, prepare_inputs
+
+SAMPLING = {"max_tokens": 256, "temperature": 0.0, "top_p": 0.0, "top_k": 0, "min_p": 0.0, "seed": None,
+            "repetition_penalty": None, "presence_penalty": None, "frequency_penalty": None, "stop": None,
+            "kv_bits": None, "prompt_cache": None}
+MEDIA = ("images", "videos", "audio")
+
+
+@dataclass
+class BatchResponse:
+    """One prompt's whole reply. finish_reason: "stop", "length", or "error" (then `error` says why)."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0  # prompt tokens actually run (the rest came from the prompt cache)
+    prompt_tps: float = 0.0  # this prompt's prefill, tokens/s
+    generation_tokens: int = 0
+    generation_tps: float = 0.0  # this sequence's tokens over its own time from first to last token
+    latency: float = 0.0  # seconds from submission to the last token (queueing included)
+
+
+class _Sequence:
+    """One admitted or queued prompt: its inputs, caches, sampler, text and running statistics."""
+
+    def __init__(self, inputs: dict, settings: dict, prompt_cache: PromptCache, kv_bytes: int, tokenizer):
+        self.inputs, self.settings, self.prompt_cache, self.kv_bytes = inputs, settings, prompt_cache, kv_bytes
+        self.max_tokens = settings["max_tokens"]
+        self.reply = ReplyText(tokenizer, settings["stop"])
+        self.response = BatchResponse(prompt_tokens=inputs["input_ids"].shape[1])
+        self.submitted = time.perf_counter()
+        self.first_token_at = 0.0
+        self.token: mx.array | None = None  # the sampled, not yet handed out token, (1,)
+        self.sampler: TokenSampler | None = None
+
+    def start(self, model, prefill_step_size: int) -> None:
+        """Prefill alone and sample the first token (left pending)."""
+        s = self.settings
+        sampler = make_sampler(temp=s["temperature"], top_p=s["top_p"], top_k=s["top_k"], min_p=s["min_p"])
+        processors = make_logits_processors(repetition_penalty=s["repetition_penalty"],
+                                            presence_penalty=s["presence_penalty"],
+                                            frequency_penalty=s["frequency_penalty"])
+        self.sampler = TokenSampler(sampler, processors, self.inputs["input_ids"][0], s["seed"])
+        begin = time.perf_counter()
+        logits = prefill(model, self.inputs, self.prompt_cache, prefill_step_size)
+        self.token, _ = self.sampler(logits)
+        mx.eval(self.token)
+        r = self.response
+        r.prefilled_tokens = r.prompt_tokens - self.prompt_cache.reused
+        self.first_token_at = time.perf_counter()
+        r.prompt_tps = r.prefilled_tokens / max(self.first_token_at - begin, 1e-9)
+        self.inputs = None  # the media arrays are no longer needed
+
+    def hand_out(self) -> tuple[int, str, str | None]:
+        """Take the pending token -> (token, text to show, finish reason or None)."""
+        value = self.token.item()
+        r = self.response
+        r.tokens.append(value)
+        segment, finish = self.reply.add(value, last=len(r.tokens) == self.max_tokens)
+        r.text += segment
+        now = time.perf_counter()
+        r.generation_tokens, r.latency = len(r.tokens), now - self.submitted
+        r.generation_tps = (len(r.tokens) - 1) / (now - self.first_token_at) if len(r.tokens) > 1 else 0.0
+        r.finish_reason = finish
+        return value, segment, finish
+
+
+class BatchGenerator:
+    """Decodes many sequences together; sequences join while others decode and leave when done.
+
+    max_batch: sequences decoding at once. max_kv_bytes: bound on the KV caches of all of them
+    together, each sequence counted at its largest (prompt plus max_tokens); a prompt that would
+    pass a bound waits in the queue, one that could never fit gets an error response.
+
+        gen = BatchGenerator(model, processor, max_batch=8)
+        uid = gen.submit("Hello", max_tokens=32)
+        while not gen.done:
+            for uid, token, text, finish in gen.step(): ...
+        gen.responses[uid]
+    """
+
+    def __init__(self, model, processor, max_batch: int = 8, max_kv_bytes: int | None = None,
+                 prefill_step_size: int = 512):
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise InputError(f"max_batch must be a positive integer, got {max_batch!r}.")
+        if max_kv_bytes is not None and max_kv_bytes <= 0:
+            raise InputError(f"max_kv_bytes must be positive (or unset), got {max_kv_bytes!r}.")
+        self.model, self.processor = model, processor
+        self.max_batch, self.max_kv_bytes, self.prefill_step_size = max_batch, max_kv_bytes, prefill_step_size
+        self.responses: dict[int, BatchResponse] = {}
+        self._queue: deque[tuple[int, _Sequence]] = deque()
+        self._active: dict[int, _Sequence] = {}
+
+    @property
+    def done(self) -> bool:
+        return not self._queue and not self._active
+
+    def submit(self, prompt, images=None, videos=None, audio=None, enable_thinking: bool = False,
+               **settings) -> int:
+        """Queue one prompt (see stream_generate for the prompt forms and settings; settings not in
+        SAMPLING go to the processor, as there) -> its id.
+
+        A bad prompt or setting does not raise: its response is finished at once with the error.
+        """
+        uid = len(self.responses)
+        self.responses[uid] = BatchResponse()
+        try:
+            s = {**SAMPLING, **{k: v for k, v in settings.items() if k in SAMPLING}}
+            processor_kwargs = {k: v for k, v in settings.items() if k not in SAMPLING}
+            _check_sampling(s["max_tokens"], s["temperature"], s["top_p"], s["top_k"], s["min_p"], s["kv_bits"])
+            inputs = prepare_inputs(self.processor, prompt, images, videos, audio, enable_thinking, **processor_kwargs)
+            n_prompt = inputs["input_ids"].shape[1]
+            check_context(self.model, n_prompt, s["max_tokens"])
+            need = kv_bytes(self.model, n_prompt + s["max_tokens"], s["kv_bits"])
+            if self.max_kv_bytes is not None and need > self.max_kv_bytes:
+                raise InputError(f"This prompt's KV caches need up to {need:,} bytes, more than max_kv_bytes "
+                                 f"({self.max_kv_bytes:,}); lower max_tokens or raise the bound.")
+            cache = s["prompt_cache"] if s["prompt_cache"] is not None else PromptCache(self.model, s["kv_bits"])
+        except (Gemma4UError, TypeError, ValueError, OSError) as error:  # what a bad prompt or file raises
+            self._fail(uid, error)
+            return uid
+        sequence = _Sequence(inputs, s, cache, need, self.processor.tokenizer)
+        self.responses[uid] = sequence.response
+        self._queue.append((uid, sequence))
+        return uid
+
+    def step(self) -> list[tuple[int, int | None, str, str | None]]:
+        """Admit what fits, then hand out one token per active sequence and run one decode step for
+        those that go on -> [(id, token, text, finish reason)] (token None for a failed prefill)."""
+        events = self._admit()
+        going = []
+        for uid, sequence in list(self._active.items()):
+            token, segment, finish = sequence.hand_out()
+            events.append((uid, token, segment, finish))
+            if finish:
+                del self._active[uid]  # its caches go with it (unless the caller passed the PromptCache)
+            else:
+                going.append(sequence)
+        if going:
+            self._decode(going)
+        return events
+
+    def _admit(self) -> list:
+        events = []
+        while self._queue and len(self._active) < self.max_batch and self._fits(self._queue[0][1]):
+            uid, sequence = self._queue.popleft()
+            try:
+                sequence.start(self.model, self.prefill_step_size)
+            except Gemma4UError as error:
+                self._fail(uid, error)
+                events.append((uid, None, "", "error"))
+                continue
+            self._active[uid] = sequence
+        return events
+
+    def _fits(self, sequence: _Sequence) -> bool:
+        if self.max_kv_bytes is None:
+            return True
+        return sum(s.kv_bytes for s in self._active.values()) + sequence.kv_bytes <= self.max_kv_bytes
+
+    def _decode(self, sequences: list[_Sequence]) -> None:
+        """One step for all rows: feed each row's handed-out token, sample each row's next one."""
+        tokens = mx.concatenate([s.token for s in sequences])[:, None]
+        logits = decode_rows(self.model, tokens, [s.prompt_cache.caches for s in sequences])
+        for i, sequence in enumerate(sequences):
+            sequence.prompt_cache.tokens.append(sequence.response.tokens[-1])
+            sequence.token, _ = sequence.sampler(logits[i:i + 1, -1])
+        mx.async_eval([s.token for s in sequences])
+
+    def _fail(self, uid: int, error: Exception) -> None:
+        self.responses[uid] = BatchResponse(finish_reason="error", error=str(error))
+
+
+def decode_rows(model, tokens: mx.array, caches: list[list]) -> mx.array:
+    """(B, 1) next tokens of B sequences and each one's caches -> (B, 1, vocab) logits, every row
+    exactly what the sequence's own `model(tokens[i:i+1], cache=caches[i])` gives."""
+    rows = RowSteps([model._step((1, 1), cache, None, None) for cache in caches])
+    per_slot = [tuple(cache[slot] for cache in caches) for slot in range(len(caches[0]))]
+    return model.logits(model.language_model(model.embed(tokens), rows, per_slot))
+
+
+def kv_bytes(model, n_tokens: int, kv_bits: int | None = None) -> int:
+    """Bytes the KV caches of one sequence of n_tokens hold at most: full layers keep every token
+    (kv_bits-quantized: the packed values plus a scale and bias per group), sliding layers their
+    window plus rewind room."""
+    text = model.config.text
+    itemsize = model.language_model.norm.weight.dtype.size
+    total = 0
+    for spec in text.layers:
+        if spec.kv_mode == "reuse":
+            continue
+        elements = 2 * spec.num_kv_heads * spec.head_dim  # keys and values per token
+        if spec.layer_type == SLIDING:
+            total += min(n_tokens, text.sliding_window + rewind_room(text)) * elements * itemsize
+        elif kv_bits is None:
+            total += n_tokens * elements * itemsize
+        else:
+            group = 64 if spec.head_dim % 64 == 0 else 32
+            total += n_tokens * (elements * kv_bits // 8 + 2 * (elements // group) * itemsize)
+    return total
+
+
+def batch_generate(model, processor, prompts: list, max_tokens: int = 256, max_batch: int = 8,
+                   max_kv_bytes: int | None = None, prefill_step_size: int = 512,
+                   **sampling) -> list[BatchResponse]:
+    """The replies to `prompts`, in order, decoded together.
+
+    Each prompt is a prompt as stream_generate takes it, or a dict {"prompt": ..., "images": ...,
+    "videos": ..., "audio": ..., and any setting}: its settings (max_tokens, temperature, top_p,
+    top_k, min_p, seed, penalties, stop, kv_bits, prompt_cache) override the shared ones given here.
+    A prompt that fails gets a response with finish_reason "error"; the others are unaffected.
+    """
+    generator = BatchGenerator(model, processor, max_batch, max_kv_bytes, prefill_step_size)
+    for prompt in prompts:
+        own = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
+        if "prompt" not in own:
+            own = {"prompt": None}  # refused by prepare_inputs with the prompt forms it takes
+        generator.submit(own.pop("prompt"), **{"max_tokens": max_tokens, **sampling, **own})
+    while not generator.done:
+        generator.step()
+    return [generator.responses[uid] for uid in range(len(prompts))]
