@@ -20,6 +20,9 @@ SUBCOMMANDS = {
                  "streaming the reply to stdout and the statistics to stderr."),
     "chat": ("mlx_gemma4u.chat", "chat in the terminal, with images, audio and video",
              "Chat with the model in the terminal. Type /help inside for commands."),
+    "serve": ("mlx_gemma4u.serve.app", "an OpenAI- and Anthropic-compatible HTTP server",
+              "Serve the model over HTTP: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, "
+              "Anthropic's /v1/messages, with images, audio, video, thinking and tools."),
     "convert": ("mlx_gemma4u.convert", "convert a Hugging Face checkpoint to MLX, quantize, upload",
                 "Convert a Gemma 4 Unified checkpoint (Hugging Face or MLX) to an MLX folder in the "
                 "mlx-community layout (cast, quantize, requantize or dequantize), optionally uploading it."),

@@ -184,7 +184,7 @@ class Gemma4UProcessor:
         ]
         if not tokenize:
             return prompts if batched else prompts[0]
-        media = {kind: [item for c in conversations for item in _media_items(c, kind)] for kind in MEDIA_SOURCES}
+        media = {kind: [item for c in conversations for item in media_items(c, kind)] for kind in MEDIA_SOURCES}
         bos = self.tokenizer.bos_token
         out = self(
             text=prompts,
@@ -198,7 +198,7 @@ class Gemma4UProcessor:
         return out if return_dict else out["input_ids"]
 
 
-def _media_items(conversation: list[dict[str, Any]], kind: str) -> list[Any]:
+def media_items(conversation: list[dict[str, Any]], kind: str) -> list[Any]:
     """The media of one kind named in a conversation's content lists, in order."""
     items = []
     for message in conversation:

@@ -1,0 +1,65 @@
+"""Request bodies, checked by pydantic: a known field of the wrong type is a 400, unknown fields
+are ignored (clients send many we do not use)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Sampling(_Body):
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(0.0, ge=0, le=1)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, lt=1)
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = Field(None, gt=0)
+    stream: bool = False
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ChatCompletion(Sampling):
+    model: str | None = None
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    stream_options: StreamOptions | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    thinking: bool | dict[str, Any] | None = None
+
+
+class Completion(Sampling):
+    model: str | None = None
+    prompt: str
+    max_tokens: int = Field(16, ge=1)
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream_options: StreamOptions | None = None
+
+
+class Message(Sampling):
+    model: str | None = None
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    max_tokens: int = Field(ge=1)
+    stop_sequences: list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    temperature: float = Field(0.0, ge=0, le=1)

@@ -1,0 +1,136 @@
+"""The model's one worker thread: requests queue up (a bounded queue: 429 when full) and run one
+at a time through `stream_generate`, each with its own sampler, stop strings and limits, and hand
+their responses back to the request's event loop as they come.
+
+A prompt-prefix cache across requests (least recently used, bounded in bytes): a request starts
+from the cached conversation that shares the longest prefix with its prompt, so a conversation's
+next turn prefills only its new tokens. A request whose client went away, or whose time ran out,
+stops at its next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import Gemma4UError
+
+DONE = object()  # the event that ends a request's stream
+
+
+class Busy(Gemma4UError):
+    """The queue is full: the client should retry later (HTTP 429)."""
+
+
+@dataclass
+class Request:
+    """One generation: a prompt (chat messages, ours, rendered with `tools`; or a string used as
+    is) and stream_generate's keyword arguments."""
+
+    prompt: str | list[dict]
+    options: dict[str, Any]
+    deadline: float
+    media: Any = None  # a messages.MediaReader, closed when the request is done
+    tools: list[dict] | None = None
+    enable_thinking: bool = False
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+
+    def emit(self, event: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Worker:
+    """Loads the model in its own thread (MLX arrays belong to the thread that made them, so the
+    model is built where it runs) and serves the queue from there."""
+
+    def __init__(self, load: Callable[[], tuple], max_queue: int = 16, cache_bytes: int = 2 << 30):
+        self.cache_bytes = cache_bytes
+        self._queue: queue.Queue = queue.Queue(max_queue)
+        self._caches: list = []  # (PromptCache, the prompt it was made for), most recently used last
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        threading.Thread(target=self._run, args=(load,), name="mlx-gemma4u-worker", daemon=True).start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise self._load_error
+
+    def submit(self, request: Request) -> None:
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            raise Busy("The server is busy: too many requests are waiting; retry shortly.") from None
+
+    def _run(self, load: Callable[[], tuple]) -> None:
+        try:
+            self.model, self.processor = load()
+        except BaseException as e:  # handed to the constructor, which raises it
+            self._load_error = e
+        finally:
+            self._loaded.set()
+        while self._load_error is None:
+            request = self._queue.get()
+            try:
+                if not request.cancelled.is_set():
+                    self._generate(request)
+            except Exception as e:  # reported to that request's client; the worker keeps serving
+                request.emit(e)
+            finally:
+                if request.media is not None:
+                    request.media.close()
+                request.emit(DONE)
+
+    def _generate(self, request: Request) -> None:
+        from ..generate import stream_generate
+
+        prompt, media = self._render(request)
+        cache = self._cache_for(prompt, request.options.get("kv_bits"))
+        try:
+            for response in stream_generate(self.model, self.processor, prompt, prompt_cache=cache, **media,
+                                            **request.options):
+                request.emit(response)
+                if request.cancelled.is_set() or time.monotonic() > request.deadline:
+                    break
+        finally:
+            self._keep(cache, prompt)
+
+    def _render(self, request: Request) -> tuple[str, dict]:
+        """The prompt text (chat messages through the template, with the request's tools) and the
+        media its placeholders stand for, in order: what apply_chat_template(tokenize=True) does."""
+        if isinstance(request.prompt, str):
+            return request.prompt, {}
+        from ..processing.processor import media_items
+
+        text = self.processor.apply_chat_template(request.prompt, add_generation_prompt=True,
+                                                  enable_thinking=request.enable_thinking, tools=request.tools)
+        media = {key: media_items(request.prompt, kind) or None
+                 for key, kind in (("images", "image"), ("videos", "video"), ("audio", "audio"))}
+        return text, media
+
+    def _cache_for(self, prompt: str, kv_bits: int | None):
+        """The cached conversation whose prompt shares the longest prefix with this one (the prompt
+        cache then reuses exactly the tokens they share), else a new cache."""
+        from ..generate import PromptCache
+
+        shared = [(len(os.path.commonprefix([prompt, text])), i) for i, (_, text) in enumerate(self._caches)]
+        best = max(shared, default=(0, None))
+        if best[0] == 0 or self._caches[best[1]][0].kv_bits != kv_bits:
+            return PromptCache(self.model, kv_bits)
+        return self._caches.pop(best[1])[0]
+
+    def _keep(self, cache, prompt: str) -> None:
+        self._caches.append((cache, prompt))
+        while len(self._caches) > 1 and sum(_nbytes(c) for c, _ in self._caches) > self.cache_bytes:
+            self._caches.pop(0)
+
+
+def _nbytes(cache) -> int:
+    return sum(getattr(c, "nbytes", 0) for c in cache.caches)

@@ -1,0 +1,282 @@
+"""`mlx-gemma4u serve` as its users meet it: the real server process on a free localhost port,
+driven by the official openai and anthropic clients (the test extra), with concurrent clients, a
+killed client and malformed requests. Traffic goes to 127.0.0.1 only; every loop is bounded."""
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai client (test extra) is not installed")
+anthropic = pytest.importorskip("anthropic", reason="the anthropic client (test extra) is not installed")
+
+from mlx_gemma4u import generate, load  # noqa: E402
+from mlx_gemma4u.processing.text import load_tokenizer  # noqa: E402
+from mlx_gemma4u.serve.messages import MediaReader, openai_messages  # noqa: E402
+from mlx_gemma4u.serve.replies import Reply  # noqa: E402
+
+KEY = "test-key"
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(demo_home, tmp_path_factory):
+    """The server on the demo checkpoint, with an API key; stopped after the module. Its log
+    (uvicorn's, and any traceback) goes to a file, and no request may have caused a traceback."""
+    port = _free_port()
+    env = {**os.environ, "MLX_GEMMA4U_HOME": str(demo_home)}
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "mlx_gemma4u", "serve", "--demo", "--port", str(port),
+                                    "--api-key", KEY], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):  # at most a minute
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(log.read_text())
+            time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def local(demo_home):
+    """The same demo in this process, for what generate() says alone."""
+    os.environ["MLX_GEMMA4U_HOME"] = str(demo_home)
+    return load("demo")
+
+
+def _openai(url: str, key: str = KEY):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def _ask(url: str, content, max_tokens: int = 12, **kwargs):
+    return _openai(url).chat.completions.create(model="demo", messages=[{"role": "user", "content": content}],
+                                                max_tokens=max_tokens, **kwargs)
+
+
+def _health(url: str) -> bool:
+    return urllib.request.urlopen(f"{url}/health", timeout=5).status == 200
+
+
+def test_chat_completion_equals_generate(server, local):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
+    reply = _openai(server).chat.completions.create(model="demo", messages=messages, max_tokens=16)
+    assert reply.choices[0].message.content == generate(*local, messages, max_tokens=16)
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens <= 16
+
+
+def test_streaming_and_non_streaming_agree(server):
+    whole = _ask(server, "Tell me a story.", max_tokens=20)
+    chunks = list(_ask(server, "Tell me a story.", max_tokens=20, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again: prefix reused
+
+
+def _data_uri(path: Path, kind: str) -> str:
+    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def test_image_audio_and_video_inputs(server, local):
+    text_only = _ask(server, "Describe it.", max_tokens=4).usage.prompt_tokens
+    image = _ask(server, [{"type": "image_url", "image_url": {"url": _data_uri(FIXTURES / "images/tiny_coffee_40x27.png",
+                                                                               "image/png")}},
+                          {"type": "text", "text": "Describe it."}], max_tokens=4)
+    audio = {"type": "input_audio", "input_audio": {
+        "data": base64.b64encode((FIXTURES / "audio/speech_16k_mono.wav").read_bytes()).decode(), "format": "wav"}}
+    heard = _ask(server, [audio, {"type": "text", "text": "Describe it."}], max_tokens=4)
+    video = {"type": "video_url", "video_url": {"url": _data_uri(
+        FIXTURES / "video/pan_coffee_240x160_15fps_2s_vp9.webm", "video/webm")}}
+    seen = _ask(server, [video, {"type": "text", "text": "Describe it."}], max_tokens=4)
+    for reply in (image, heard, seen):  # the media's soft tokens are in the prompt
+        assert reply.usage.prompt_tokens > text_only + 10 and reply.choices[0].message.content
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(FIXTURES / "images/tiny_coffee_40x27.png")},
+                                             {"type": "text", "text": "Describe it."}]}]
+    assert image.choices[0].message.content == generate(*local, messages, max_tokens=4)
+
+
+def test_eight_concurrent_clients_each_get_what_they_get_alone(server):
+    prompts = [f"Count to {n}, please." for n in range(8)]
+    alone = [_ask(server, p).choices[0].message.content for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: _ask(server, p).choices[0].message.content, prompts))
+    assert together == alone
+
+
+KILLED_CLIENT = """
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key=sys.argv[2], max_retries=0)
+for chunk in client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Go on forever."}],
+                                            max_tokens=400, stream=True):
+    print("chunk", flush=True)
+"""
+
+
+def test_a_killed_client_leaves_the_others_untouched(server):
+    before = _ask(server, "Say something.").choices[0].message.content
+    client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, server, KEY], stdout=subprocess.PIPE)
+    client.stdout.readline()  # it is streaming now
+    client.kill()
+    client.wait(timeout=30)
+    assert _health(server)
+    assert _ask(server, "Say something.").choices[0].message.content == before
+
+
+def _post(url: str, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}{path}", data=body, method="POST", headers={
+        "content-type": "application/json", "authorization": f"Bearer {KEY}", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _malformed() -> list[tuple[str, bytes]]:
+    """100 bad requests, each with what it gets wrong."""
+    chat = lambda **body: json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **body})  # noqa: E731
+    cases = [
+        ("/v1/chat/completions", b"{not json"), ("/v1/chat/completions", b""), ("/v1/chat/completions", b"[]"),
+        ("/v1/chat/completions", json.dumps({"messages": "hi"}).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": []}).encode()),
+        ("/v1/chat/completions", chat(n=2).encode()), ("/v1/chat/completions", chat(max_tokens=0).encode()),
+        ("/v1/chat/completions", chat(temperature="hot").encode()), ("/v1/chat/completions", chat(top_p=3).encode()),
+        ("/v1/chat/completions", chat(max_tokens=10 ** 9).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "wizard", "content": "Hi"}]}).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}]}).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": [
+            {"type": "hologram"}]}]}).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "tool", "content": "42"}]}).encode()),
+        ("/v1/completions", json.dumps({"prompt": 5}).encode()), ("/v1/completions", b"{}"),
+        ("/v1/messages", json.dumps({"messages": [{"role": "user", "content": "Hi"}]}).encode()),
+        ("/v1/messages", json.dumps({"max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "file"}}]}]}).encode()),
+    ]
+    return [cases[i % len(cases)] for i in range(100)]
+
+
+def test_malformed_requests_get_4xx_json_and_the_server_stays_up(server):
+    for path, body in _malformed():
+        status, payload = _post(server, path, body)
+        assert 400 <= status < 500, (path, body[:80], status, payload)
+        error = payload["error"]
+        assert error["message"] and "Traceback" not in error["message"], (path, body[:80])
+        assert path != "/v1/messages" or payload["type"] == "error"
+    assert _health(server)
+    assert _ask(server, "Still there?", max_tokens=2).choices[0].message.content is not None
+
+
+def test_the_api_key_is_enforced(server):
+    with pytest.raises(openai.AuthenticationError):
+        _openai(server, "wrong").chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}],
+                                                          max_tokens=1)
+    status, payload = _post(server, "/v1/messages", json.dumps(
+        {"max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}).encode(), {"authorization": ""})
+    assert status == 401 and payload["error"]["type"] == "authentication_error"
+    assert _health(server)  # /health needs no key
+
+
+def test_anthropic_messages_equal_generate_streaming_or_not(server, local):
+    client = anthropic.Anthropic(base_url=server, api_key=KEY, max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    reply = client.messages.create(model="demo", max_tokens=12, system="Be brief.", messages=messages)
+    expected = generate(*local, [{"role": "system", "content": "Be brief."}, *messages], max_tokens=12)
+    assert reply.content[0].text == expected and reply.stop_reason in ("end_turn", "max_tokens")
+    with client.messages.stream(model="demo", max_tokens=12, system="Be brief.", messages=messages) as stream:
+        assert "".join(stream.text_stream) == expected
+        assert stream.get_final_message().usage.output_tokens == reply.usage.output_tokens
+
+
+def test_models_lists_the_checkpoint(server):
+    assert [m.id for m in _openai(server).models.list()] == ["demo"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(hf_tokenizer_dir):
+    return load_tokenizer(hf_tokenizer_dir)
+
+
+def _scripted(tokenizer, text: str) -> Reply:
+    """Feed `text`'s tokens through a Reply the way stream_generate hands them out."""
+    reply = Reply(tokenizer)
+    detokenizer = tokenizer.detokenizer
+    hidden = set(tokenizer.all_special_ids)
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        if token not in hidden:
+            detokenizer.add_token(token)
+        reply.add(token, detokenizer.last_segment)
+    return reply
+
+
+def test_thought_channel_and_tool_calls_are_parsed_from_the_tokens(tokenizer):
+    reply = _scripted(tokenizer, '<|channel>thought\nThe user wants weather.<channel|>Let me check.'
+                                 '<|tool_call>call:get_weather{city:<|"|>Paris, France<|"|>,days:3}<tool_call|>')
+    assert reply.reasoning == "The user wants weather."
+    assert reply.content == "Let me check."
+    assert [(c["name"], c["arguments"]) for c in reply.tool_calls] == [
+        ("get_weather", {"city": "Paris, France", "days": 3})]
+
+
+def test_tool_turns_round_trip_through_the_template(tokenizer, hf_tokenizer_dir, tmp_path):
+    from mlx_gemma4u.processing import Gemma4UProcessor
+
+    folder = tmp_path / "tools"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((hf_tokenizer_dir / name).read_bytes())
+    (folder / "chat_template.jinja").write_text((FIXTURES / "chat_template/gemma4.jinja").read_text())
+    processor = Gemma4UProcessor.from_pretrained(folder)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    conversation = openai_messages([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temperature": 21})},
+    ], MediaReader(allow_local_files=False))
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tools=tools)
+    assert "<|tool>declaration:get_weather" in text
+    call = text[text.index("<|tool_call>"):text.index("<tool_call|>") + len("<tool_call|>")]
+    assert "response:get_weather{temperature:21}" in text
+    parsed = _scripted(tokenizer, call).tool_calls  # what the model wrote parses back to the same call
+    assert [(c["name"], c["arguments"]) for c in parsed] == [("get_weather", {"city": "Paris"})]
+
+
+def test_audio_data_is_decoded_to_samples():
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(1600, dtype=np.float32), 16000, format="WAV")
+    item = MediaReader(False).audio(base64.b64encode(buffer.getvalue()).decode(), "wav")
+    samples, rate = item["audio"]
+    assert rate == 16000 and samples.shape == (1600,)
