@@ -72,6 +72,7 @@ class _Sequence:
         self.submitted = time.perf_counter()
         self.first_token_at = 0.0
         self.token: mx.array | None = None  # the sampled, not yet handed out token, (1,)
+        self.logprobs: mx.array | None = None  # its log-probabilities over the vocabulary
         self.sampler: TokenSampler | None = None
 
     def start(self, model, prefill_step_size: int) -> None:
@@ -84,7 +85,7 @@ class _Sequence:
         self.sampler = TokenSampler(sampler, processors, self.inputs["input_ids"][0], s["seed"])
         begin = time.perf_counter()
         logits = prefill(model, self.inputs, self.prompt_cache, prefill_step_size)
-        self.token, _ = self.sampler(logits)
+        self.token, self.logprobs = self.sampler(logits)
         mx.eval(self.token)
         r = self.response
         r.prefilled_tokens = r.prompt_tokens - self.prompt_cache.reused
@@ -129,6 +130,7 @@ class BatchGenerator:
         self.model, self.processor = model, processor
         self.max_batch, self.max_kv_bytes, self.prefill_step_size = max_batch, max_kv_bytes, prefill_step_size
         self.responses: dict[int, BatchResponse] = {}
+        self.logprobs: dict[int, mx.array] = {}  # of the token each sequence handed out last
         self._queue: deque[tuple[int, _Sequence]] = deque()
         self._active: dict[int, _Sequence] = {}
 
@@ -171,15 +173,25 @@ class BatchGenerator:
         events = self._admit()
         going = []
         for uid, sequence in list(self._active.items()):
+            self.logprobs[uid] = sequence.logprobs
             token, segment, finish = sequence.hand_out()
             events.append((uid, token, segment, finish))
             if finish:
-                del self._active[uid]  # its caches go with it (unless the caller passed the PromptCache)
+                # its caches go with it (unless the caller passed the PromptCache)
+                del self._active[uid], self.logprobs[uid]
             else:
                 going.append(sequence)
         if going:
             self._decode(going)
         return events
+
+    def cancel(self, uid: int) -> None:
+        """Stop sequence `uid` now (its client went away): it leaves the queue or the batch, its
+        response keeps what it has."""
+        self._queue = deque((u, s) for u, s in self._queue if u != uid)
+        if self._active.pop(uid, None) is not None:
+            self.logprobs.pop(uid, None)
+            self.responses[uid].finish_reason = self.responses[uid].finish_reason or "cancelled"
 
     def _admit(self) -> list:
         events = []
@@ -205,7 +217,7 @@ class BatchGenerator:
         logits = decode_rows(self.model, tokens, [s.prompt_cache.caches for s in sequences])
         for i, sequence in enumerate(sequences):
             sequence.prompt_cache.tokens.append(sequence.response.tokens[-1])
-            sequence.token, _ = sequence.sampler(logits[i:i + 1, -1])
+            sequence.token, sequence.logprobs = sequence.sampler(logits[i:i + 1, -1])
         mx.async_eval([s.token for s in sequences])
 
     def _fail(self, uid: int, error: Exception) -> None:

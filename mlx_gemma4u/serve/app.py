@@ -424,6 +424,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="browser origins allowed to call the API (CORS); none by default")
     parser.add_argument("--allow-local-files", action="store_true",
                         help="let requests name media by local path (off: data: URIs and http(s) URLs only)")
+    parser.add_argument("--max-concurrency", type=int, default=8,
+                        help="requests decoded together (batched; default 8); more wait in the queue")
     parser.add_argument("--max-queue", type=int, default=16,
                         help="requests that may wait for the model; more get HTTP 429 (default 16)")
     parser.add_argument("--timeout", type=float, default=600.0,
@@ -436,6 +438,6 @@ def run(args: argparse.Namespace) -> None:
     from ..cli import load_from_args
 
     name = "demo" if args.demo else str(args.model)
-    worker = Worker(lambda: load_from_args(args), max_queue=args.max_queue)
+    worker = Worker(lambda: load_from_args(args), max_queue=args.max_queue, max_concurrency=args.max_concurrency)
     app = create_app(worker, Settings(name, args.api_key, args.allow_local_files, args.timeout), args.allowed_origins)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

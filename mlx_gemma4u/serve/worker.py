@@ -1,11 +1,12 @@
-"""The model's one worker thread: requests queue up (a bounded queue: 429 when full) and run one
-at a time through `stream_generate`, each with its own sampler, stop strings and limits, and hand
-their responses back to the request's event loop as they come.
+"""The model's worker thread: requests queue up (a bounded queue: 429 when full) and decode
+together through the batching engine (batch.BatchGenerator: up to --max-concurrency sequences at
+once, each with its own sampler, stop strings and limits, each getting exactly the tokens it gets
+alone); their responses go back to each request's event loop as they come.
 
 A prompt-prefix cache across requests (least recently used, bounded in bytes): a request starts
 from the cached conversation that shares the longest prefix with its prompt, so a conversation's
 next turn prefills only its new tokens. A request whose client went away, or whose time ran out,
-stops at its next token.
+leaves the batch at once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import Gemma4UError
+from ..errors import Gemma4UError, InputError
 
 DONE = object()  # the event that ends a request's stream
 
@@ -52,8 +53,9 @@ class Worker:
     """Loads the model in its own thread (MLX arrays belong to the thread that made them, so the
     model is built where it runs) and serves the queue from there."""
 
-    def __init__(self, load: Callable[[], tuple], max_queue: int = 16, cache_bytes: int = 2 << 30):
-        self.cache_bytes = cache_bytes
+    def __init__(self, load: Callable[[], tuple], max_queue: int = 16, max_concurrency: int = 8,
+                 cache_bytes: int = 2 << 30):
+        self.cache_bytes, self.max_concurrency = cache_bytes, max_concurrency
         self._queue: queue.Queue = queue.Queue(max_queue)
         self._caches: list = []  # (PromptCache, the prompt it was made for), most recently used last
         self._loaded = threading.Event()
@@ -70,37 +72,84 @@ class Worker:
             raise Busy("The server is busy: too many requests are waiting; retry shortly.") from None
 
     def _run(self, load: Callable[[], tuple]) -> None:
+        from ..batch import BatchGenerator
+
         try:
             self.model, self.processor = load()
+            generator = BatchGenerator(self.model, self.processor, max_batch=self.max_concurrency)
         except BaseException as e:  # handed to the constructor, which raises it
             self._load_error = e
+            return
         finally:
             self._loaded.set()
-        while self._load_error is None:
-            request = self._queue.get()
+        running: dict[int, tuple[Request, Any, str]] = {}  # uid -> (request, its cache, its prompt)
+        while True:
             try:
-                if not request.cancelled.is_set():
-                    self._generate(request)
-            except Exception as e:  # reported to that request's client; the worker keeps serving
-                request.emit(e)
-            finally:
-                if request.media is not None:
-                    request.media.close()
-                request.emit(DONE)
-
-    def _generate(self, request: Request) -> None:
-        from ..generate import stream_generate
-
-        prompt, media = self._render(request)
-        cache = self._cache_for(prompt, request.options.get("kv_bits"))
-        try:
-            for response in stream_generate(self.model, self.processor, prompt, prompt_cache=cache, **media,
-                                            **request.options):
-                request.emit(response)
+                self._admit(generator, running, wait=generator.done)
+                for uid, token, text, finish in generator.step():
+                    self._hand_out(generator, running, uid, token, text, finish)
+            except Exception as e:  # a fault of ours: every running request hears of it, the server goes on
+                for uid in list(running):
+                    running[uid][0].emit(e)
+                    self._finish(running, uid)
+                generator = BatchGenerator(self.model, self.processor, max_batch=self.max_concurrency)
+            for uid, (request, _, _) in list(running.items()):
                 if request.cancelled.is_set() or time.monotonic() > request.deadline:
-                    break
-        finally:
-            self._keep(cache, prompt)
+                    generator.cancel(uid)
+                    self._finish(running, uid)
+
+    def _admit(self, generator, running: dict, wait: bool) -> None:
+        """Hand the engine every waiting request (blocking for one when nothing runs)."""
+        while True:
+            try:
+                request = self._queue.get(block=wait)
+            except queue.Empty:
+                return
+            wait = False
+            if request.cancelled.is_set():
+                self._close(request)
+                continue
+            try:
+                prompt, media = self._render(request)
+            except Gemma4UError as e:
+                request.emit(e)
+                self._close(request)
+                continue
+            cache = self._cache_for(prompt, request.options.get("kv_bits"))
+            uid = generator.submit(prompt, **media, prompt_cache=cache, **request.options)
+            running[uid] = (request, cache, prompt)
+            if generator.responses[uid].finish_reason == "error":
+                request.emit(InputError(generator.responses[uid].error))
+                self._finish(running, uid)
+
+    def _hand_out(self, generator, running: dict, uid: int, token, text: str, finish: str | None) -> None:
+        import mlx.core as mx
+
+        from ..generate import GenerationResponse
+
+        request = running[uid][0]
+        r = generator.responses[uid]
+        if finish == "error":
+            request.emit(InputError(r.error))
+        else:
+            request.emit(GenerationResponse(
+                text=text, token=token, logprobs=generator.logprobs.get(uid), prompt_tokens=r.prompt_tokens,
+                prefilled_tokens=r.prefilled_tokens, prompt_tps=r.prompt_tps, generation_tokens=r.generation_tokens,
+                generation_tps=r.generation_tps, peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish))
+        if finish:
+            self._finish(running, uid)
+
+    def _finish(self, running: dict, uid: int) -> None:
+        request, cache, prompt = running.pop(uid)
+        self._keep(cache, prompt)
+        self._close(request)
+
+    @staticmethod
+    def _close(request: Request) -> None:
+        if request.media is not None:
+            request.media.close()
+        request.emit(DONE)
 
     def _render(self, request: Request) -> tuple[str, dict]:
         """The prompt text (chat messages through the template, with the request's tools) and the
