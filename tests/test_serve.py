@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,28 +37,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(demo_home, tmp_path_factory):
-    """The server on the demo checkpoint, with an API key; stopped after the module. Its log
-    (uvicorn's, and any traceback) goes to a file, and no request may have caused a traceback."""
+@contextmanager
+def _running(demo_home, log: Path, *flags: str):
+    """`mlx-gemma4u serve --demo FLAGS` on a free port -> its URL; stopped on exit. Its output
+    (uvicorn's log, and any traceback) goes to `log`."""
     port = _free_port()
     env = {**os.environ, "MLX_GEMMA4U_HOME": str(demo_home)}
-    log = tmp_path_factory.mktemp("serve") / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "mlx_gemma4u", "serve", "--demo", "--port", str(port),
-                                    "--api-key", KEY], env=env, stdout=out, stderr=subprocess.STDOUT)
+                                    *flags], env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(120):  # at most a minute
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(log.read_text())
-            time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        for _ in range(120):  # at most a minute
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                if process.poll() is not None:
+                    raise RuntimeError(log.read_text())
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(demo_home, tmp_path_factory):
+    """The server on the demo checkpoint, with an API key, for the module; no request may have
+    caused a traceback."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with _running(demo_home, log, "--api-key", KEY) as url:
+        yield url
     assert "Traceback" not in log.read_text()
 
 
@@ -214,6 +225,23 @@ def test_anthropic_messages_equal_generate_streaming_or_not(server, local):
     with client.messages.stream(model="demo", max_tokens=12, system="Be brief.", messages=messages) as stream:
         assert "".join(stream.text_stream) == expected
         assert stream.get_final_message().usage.output_tokens == reply.usage.output_tokens
+
+
+def test_a_full_queue_answers_429_and_the_rest_are_served(demo_home, tmp_path):
+    with _running(demo_home, tmp_path / "log", "--max-concurrency", "1", "--max-queue", "1") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(i: int):
+            try:
+                return client.chat.completions.create(model="demo", max_tokens=48,
+                                                      messages=[{"role": "user", "content": f"Story {i}"}])
+            except openai.RateLimitError:
+                return "429"
+
+        with ThreadPoolExecutor(6) as pool:
+            outcomes = list(pool.map(ask, range(6)))
+    assert "429" in outcomes  # one decoding, one waiting: the others were turned away
+    assert any(o != "429" and o.choices[0].message.content for o in outcomes)
 
 
 def test_models_lists_the_checkpoint(server):

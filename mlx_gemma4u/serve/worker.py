@@ -99,8 +99,9 @@ class Worker:
                     self._finish(running, uid)
 
     def _admit(self, generator, running: dict, wait: bool) -> None:
-        """Hand the engine every waiting request (blocking for one when nothing runs)."""
-        while True:
+        """Hand the engine waiting requests while it has room (blocking for one when nothing runs);
+        the rest stay in the bounded queue."""
+        while len(running) < self.max_concurrency:
             try:
                 request = self._queue.get(block=wait)
             except queue.Empty:
