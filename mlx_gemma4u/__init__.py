@@ -11,7 +11,8 @@ from . import lazy_mlx_lm  # noqa: F401  (first: mlx-lm's modules without its pa
 # name -> module: imported on first use, so `import mlx_gemma4u` (and `mlx-gemma4u --help`) costs
 # milliseconds, not the MLX, numpy and tokenizer imports that generation needs
 _EXPORTS = {"load": "loading", "generate": "generate", "stream_generate": "generate",
-            "GenerationResponse": "generate", "PromptCache": "generate", "batch_generate": "batch"}
+            "GenerationResponse": "generate", "PromptCache": "generate", "batch_generate": "batch",
+            "load_draft_model": "draft"}
 __all__ = list(_EXPORTS)
 
 

@@ -207,7 +207,8 @@ class TextModel(nn.Module):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         owners = [i for i, spec in enumerate(config.layers) if spec.kv_mode != "reuse"]
         self._cache_slot = {layer: slot for slot, layer in enumerate(owners)}
-        self._last_owner = owners[-1]  # the last layer whose keys and values are computed
+        # the last layer whose keys and values are computed (none in an MTP drafter, draft.py)
+        self._last_owner = owners[-1] if owners else None
 
     def embed(self, input_ids: mx.array) -> mx.array:
         """(B, T) ids -> (B, T, D) embeddings times sqrt(D), the scale rounded to the embeddings' dtype

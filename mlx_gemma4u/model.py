@@ -50,18 +50,21 @@ class Model(nn.Module):
         mm_token_type_ids: mx.array | None = None,
         logits_to_keep: int = 0,
         inputs_embeds: mx.array | None = None,
+        return_hidden: bool = False,
         **media,
-    ) -> mx.array:
+    ) -> mx.array | tuple[mx.array, mx.array]:
         """(B, T) int ids -> (B, T, vocab) logits (only the last `logits_to_keep` positions if > 0).
 
         inputs_embeds: the (B, T, D) output of `embed` for these ids, when the caller computed it
-        once for a whole prompt (generation prefills a long prompt in chunks).
+        once for a whole prompt (generation prefills a long prompt in chunks). return_hidden: also
+        return the final-normed hidden states the logits come from (what an MTP drafter reads).
         """
         if input_ids.ndim != 2:
             raise InputError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}.")
         h = self.embed(input_ids, **media) if inputs_embeds is None else inputs_embeds
         step = self._step(input_ids.shape, cache, attention_mask, mm_token_type_ids)
-        return self.logits(self.language_model(h, step, cache, keep=logits_to_keep))
+        hidden = self.language_model(h, step, cache, keep=logits_to_keep)
+        return (self.logits(hidden), hidden) if return_hidden else self.logits(hidden)
 
     def embed(
         self,
@@ -154,6 +157,12 @@ class Model(nn.Module):
             return build_mask(layer_type, self.vision_mask, text.sliding_window, q_pos, k_pos, blocks, k_blocks, valid)
 
         return Step(offset, make_mask)
+
+    def shared_kv(self, cache: list) -> dict:
+        """Layer type -> the cache of the last layer of that type that computes keys and values: the
+        keys and values an MTP drafter attends to (draft.py), whether or not later layers reuse them."""
+        slots = self.language_model._cache_slot  # layer index -> cache index, in layer order
+        return {self.config.text.layers[i].layer_type: cache[s] for i, s in sorted(slots.items())}
 
     def make_cache(self) -> list:
         """Fresh caches for generation: one per layer that owns keys and values."""

@@ -1,0 +1,191 @@
+"""Gemma 4's multi-token-prediction assistant (Gemma4UnifiedAssistantForCausalLM): the drafter.
+
+One draft step, at the constant position P of the last token the target has not run yet:
+
+    concat(target embedding of the last token (1, 1, Dt), a hidden state (1, 1, Dt))
+        --pre_projection--> (1, 1, D) --layers (every one KV-shared: queries only, attending to
+        the target's cached keys and values of the last layer of each type, positions < P)-->
+        --final norm--> h --tied head, or the centroid head--> (1, 1, vocab) draft logits
+                          h --post_projection--> (1, 1, Dt) the hidden state of the next step
+
+The first step of a round takes the target's final-normed hidden state at the position that
+predicted the last token; later steps take the previous step's projected state. A sliding layer
+sees the last `sliding_window` keys before P plus one (transformers' bidirectional window, flipped
+to look back). The centroid head ("ordered embeddings") scores only the tokens of the top-k
+centroids (`token_ordering` lists the vocabulary grouped by centroid) and gives every other token
+the lowest selected logit minus one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from . import cache as caches
+from .config import FULL, TextConfig, _check, _from_dict, _positive
+from .decoder import Step, TextModel
+from .errors import CheckpointError, ConfigError
+
+MODEL_TYPE = "gemma4_unified_assistant"
+
+
+@dataclass
+class DraftConfig:
+    """An assistant's config.json: its own (small) text decoder and how it meets the target."""
+
+    text: TextConfig
+    backbone_hidden_size: int = 3840
+    use_ordered_embeddings: bool = False
+    num_centroids: int = 2048
+    centroid_intermediate_top_k: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("backbone_hidden_size", "num_centroids", "centroid_intermediate_top_k"):
+            _positive(name, getattr(self, name))
+        if self.use_ordered_embeddings:
+            _check(self.text.vocab_size % self.num_centroids == 0,
+                   f"config.json: num_centroids ({self.num_centroids}) must divide the vocabulary "
+                   f"({self.text.vocab_size}).")
+            _check(self.centroid_intermediate_top_k <= self.num_centroids,
+                   "config.json: centroid_intermediate_top_k exceeds num_centroids.")
+        # Every assistant layer reads the target's keys and values: none computes its own.
+        wide = 2 if self.text.use_double_wide_mlp else 1
+        self.text.layers = [dataclasses.replace(s, kv_mode="reuse", kv_source=-1,
+                                                intermediate_size=self.text.intermediate_size * wide)
+                            for s in self.text.layers]
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "DraftConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError("config.json must hold a JSON object.")
+        _check(raw.get("model_type") == MODEL_TYPE,
+               f"config.json: model_type {raw.get('model_type')!r} is not a Gemma 4 assistant (drafter) "
+               f"checkpoint (expected {MODEL_TYPE!r}).")
+        _check(isinstance(raw.get("text_config"), dict), "config.json: text_config is missing.")
+        # The layer specs are rebuilt as all-"reuse" above; the count only passes TextConfig's checks.
+        text = _from_dict(TextConfig, {**raw["text_config"], "num_kv_shared_layers": 0}, "text_config")
+        known = {f.name for f in dataclasses.fields(cls)} - {"text"}
+        return cls(text=text, **{k: v for k, v in raw.items() if k in known})
+
+    @classmethod
+    def from_file(cls, path: Path) -> "DraftConfig":
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist: a drafter folder needs a config.json.")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path} is not readable JSON ({e}).") from None
+        return cls.from_dict(raw)
+
+
+class CentroidHead(nn.Module):
+    """The "ordered embeddings" head: (B, L, D) -> (B, L, vocab) logits of the top-k centroids' tokens."""
+
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        self.top_k = config.centroid_intermediate_top_k
+        self.centroids = nn.Linear(config.text.hidden_size, config.num_centroids, bias=False)
+        self.token_ordering = mx.zeros((config.text.vocab_size,), dtype=mx.int32)
+
+    def __call__(self, h: mx.array, table: nn.Module) -> mx.array:
+        """h (B, L, D), table: the tied embedding (plain or quantized) whose rows are the head's."""
+        B, L, _ = h.shape
+        scores = self.centroids(h)
+        top = mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[..., : self.top_k]  # (B, L, k): a set
+        groups = self.token_ordering.reshape(self.centroids.weight.shape[0], -1)
+        ids = groups[top].reshape(B, L, -1)  # (B, L, k * tokens per centroid)
+        rows = table(ids)  # (B, L, n, D)
+        selected = (rows @ h[..., None]).squeeze(-1).astype(h.dtype)  # (B, L, n)
+        out = mx.full((B, L, table.weight.shape[0]), selected.min() - 1, dtype=selected.dtype)
+        return mx.put_along_axis(out, ids, selected, axis=-1)
+
+
+class DraftModel(nn.Module):
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        self.config = config
+        D, Dt = config.text.hidden_size, config.backbone_hidden_size
+        self.model = TextModel(config.text)
+        self.pre_projection = nn.Linear(2 * Dt, D, bias=False)
+        self.post_projection = nn.Linear(D, Dt, bias=False)
+        if config.use_ordered_embeddings:
+            self.masked_embedding = CentroidHead(config)
+
+    def attend_to(self, shared_kv: dict, position: int) -> Step:
+        """The Step of a drafting round: the target's caches by layer type (Model.shared_kv, holding
+        exactly the positions < `position`) and the constant query position."""
+        window = self.config.text.sliding_window
+
+        def make_mask(layer_type, cache, n_keys):
+            if layer_type == FULL:
+                return None
+            return caches.key_positions(cache, n_keys) >= position - 1 - window
+
+        step = Step(position, make_mask)
+        for layer_type, cache in shared_kv.items():
+            step.shared[layer_type] = (*cache.keys_and_values(), cache)
+        return step
+
+    def __call__(self, token_embedding: mx.array, hidden: mx.array, step: Step) -> tuple[mx.array, mx.array]:
+        """(1, 1, Dt) target embedding of the last token, (1, 1, Dt) hidden state -> (1, 1, vocab)
+        draft logits and the (1, 1, Dt) projected hidden state for the next draft step."""
+        x = self.pre_projection(mx.concatenate([token_embedding, hidden.astype(token_embedding.dtype)], axis=-1))
+        h = self.model(x, step)
+        table = self.model.embed_tokens
+        logits = self.masked_embedding(h, table) if "masked_embedding" in self else table.as_linear(h)
+        return logits, self.post_projection(h)
+
+    def draft(self, target, shared_kv: dict, token: mx.array, hidden: mx.array, k: int) -> mx.array:
+        """k greedy draft tokens (k,) to follow `token` (1,), the last token, not yet in the target's
+        caches (`shared_kv`, Model.shared_kv); hidden (1, 1, Dt): the target's final-normed hidden
+        state that predicted it. Left unevaluated, so the k steps run as one graph."""
+        step = self.attend_to(shared_kv, next(iter(shared_kv.values())).offset)
+        drafts = []
+        for _ in range(k):
+            logits, hidden = self(target.language_model.embed(token[None]), hidden, step)
+            token = mx.argmax(logits[0], axis=-1).astype(mx.int32)
+            drafts.append(token)
+        return mx.concatenate(drafts)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Checkpoint keys (transformers' names are ours) -> ours; the tied lm_head is dropped.
+        Raises CheckpointError naming the first key that belongs nowhere."""
+        out = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+        if "masked_embedding.token_ordering" in out:
+            out["masked_embedding.token_ordering"] = out["masked_embedding.token_ordering"].astype(mx.int32)
+        expected = dict(tree_flatten(self.parameters()))
+        unknown = sorted(k for k in out if k not in expected)
+        if unknown:
+            raise CheckpointError(f"The drafter checkpoint has a weight {unknown[0]!r} that this drafter does not "
+                                  f"have ({len(unknown)} unknown in all); is config.json the one that came with it?")
+        return out
+
+
+def load_draft_model(path_or_repo: str | os.PathLike, dtype: str | None = None,
+                     check_memory: bool = True) -> DraftModel:
+    """A Gemma 4 assistant (e.g. google/gemma-4-12B-it-assistant): local folder or hub id -> DraftModel,
+    every weight checked against config.json (the same checks and errors as `load`)."""
+    from .loading import DTYPES, _check_complete, read_weights, resolve
+
+    path = resolve(path_or_repo)
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    config = DraftConfig.from_file(path / "config.json")
+    weights = read_weights(path, dtype, check_memory)
+    model = DraftModel(config)
+    weights = model.sanitize(weights)
+    _check_complete(model, weights)
+    if dtype is not None:
+        weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(".scales")
+                   and not k.endswith(".biases") else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
