@@ -4,7 +4,9 @@
     print(mlx_gemma4u.generate(model, processor, [{"role": "user", "content": "Hello"}]))
 """
 
+import sys
 from importlib import import_module
+from types import ModuleType
 
 from . import lazy_mlx_lm  # noqa: F401  (first: mlx-lm's modules without its package __init__)
 
@@ -16,9 +18,15 @@ _EXPORTS = {"load": "loading", "generate": "generate", "stream_generate": "gener
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mlx_gemma4u' has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+class _Package(ModuleType):
+    """The package, whose exports are properties: `mlx_gemma4u.generate` stays the function even
+    after the submodule of that name is imported (the import system's setattr is ignored)."""
+
+
+def _export(name: str, module: str) -> property:
+    return property(lambda self: getattr(import_module(f".{module}", __name__), name), lambda self, value: None)
+
+
+for _name, _module in _EXPORTS.items():
+    setattr(_Package, _name, _export(_name, _module))
+sys.modules[__name__].__class__ = _Package

@@ -33,9 +33,10 @@ THOUGHT_STYLE = "dim italic"
 
 def add_arguments(chat: argparse.ArgumentParser) -> None:
     """The chat subcommand's flags."""
-    from .cli import add_model_args, add_sampling_args
+    from .cli import add_draft_args, add_model_args, add_sampling_args
 
     add_model_args(chat)
+    add_draft_args(chat)
     chat.add_argument("--system", help="a system prompt")
     add_sampling_args(chat, max_tokens=1024)
     chat.add_argument("--think", action="store_true", help="let the model think before answering")
@@ -43,22 +44,24 @@ def add_arguments(chat: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from .cli import load_from_args
+    from .cli import draft_kwargs, load_from_args
 
     console = Console(highlight=False)
     with console.status("Loading the model…"):
         model, processor = load_from_args(args)
+        draft = draft_kwargs(args)
     settings = Settings(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p, args.seed)
     conversation = Conversation(system=args.system, thinking=args.think or args.hide_thinking)
-    Chat(console, model, processor, conversation, settings, show_thinking=not args.hide_thinking).run()
+    Chat(console, model, processor, conversation, settings, show_thinking=not args.hide_thinking, draft=draft).run()
 
 
 class Chat:
     """The read-command-or-message loop on a console; every state change goes through Conversation."""
 
     def __init__(self, console: Console, model, processor, conversation: Conversation, settings: Settings,
-                 show_thinking: bool = True):
+                 show_thinking: bool = True, draft: dict | None = None):
         self.console, self.model, self.processor = console, model, processor
+        self.draft = draft or {}  # stream_generate's draft_model / num_draft_tokens, if drafting
         self.conversation, self.settings, self.show_thinking = conversation, settings, show_thinking
         self.cache = PromptCache(model)
         self.last = None  # the last reply's final GenerationResponse
@@ -126,7 +129,7 @@ class Chat:
                                               vertical_overflow="crop"):
             for last in stream_generate(self.model, self.processor, self.conversation.prompt(),
                                         prompt_cache=self.cache, enable_thinking=self.conversation.thinking,
-                                        **self.settings.as_kwargs()):
+                                        **self.settings.as_kwargs(), **self.draft):
                 splitter.add(last.token, last.text)
                 if stop.requested:
                     break

@@ -250,4 +250,5 @@ def status_line(response: Any, context_tokens: int, context_size: int) -> str:
     return (f"{response.generation_tokens} tokens at {response.generation_tps:.1f} tokens/s · "
             f"prompt {response.prompt_tokens} tokens ({response.prefilled_tokens} new) at "
             f"{response.prompt_tps:.0f} tokens/s · context {context_tokens:,} of {context_size:,} · "
-            f"peak memory {response.peak_memory:.2f} GB")
+            f"peak memory {response.peak_memory:.2f} GB"
+            + (f" · draft acceptance {draft.rate:.0%} (K {draft.k})" if (draft := getattr(response, "draft", None)) else ""))

@@ -41,6 +41,24 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="load even if the weights look larger than this machine's memory")
 
 
+def add_draft_args(parser: argparse.ArgumentParser) -> None:
+    """Speculative decoding with an MTP assistant (generate and chat)."""
+    parser.add_argument("--draft-model", metavar="PATH",
+                        help="a Gemma 4 assistant (drafter) folder or repo id, e.g. google/gemma-4-12B-it-assistant")
+    parser.add_argument("--num-draft-tokens", type=_checked(int, lambda v: v > 0, "a positive integer"),
+                        help="tokens drafted per round (default 3)")
+
+
+def draft_kwargs(args: argparse.Namespace) -> dict:
+    """stream_generate's draft_model / num_draft_tokens from --draft-model / --num-draft-tokens."""
+    if not args.draft_model:
+        return {}
+    from .draft import load_draft_model
+
+    return {"draft_model": load_draft_model(args.draft_model, check_memory=not args.no_memory_check),
+            "num_draft_tokens": args.num_draft_tokens}
+
+
 DEMO_MAX_TOKENS = 32  # the demo's replies are nonsense: a first run shows a line of it, not a page
 
 
@@ -89,18 +107,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .generate import stream_generate
 
     model, processor = load_from_args(args)
+    draft = draft_kwargs(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     last = None
     for last in stream_generate(model, processor, messages, images=args.image, videos=args.video, audio=args.audio,
                                 max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p,
-                                top_k=args.top_k, min_p=args.min_p, seed=args.seed):
+                                top_k=args.top_k, min_p=args.min_p, seed=args.seed, **draft):
         print(last.text, end="", flush=True)
     print()
     if last is not None:
         print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | "
               f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | "
-              f"peak memory: {last.peak_memory:.2f} GB", file=sys.stderr)
+              f"peak memory: {last.peak_memory:.2f} GB" + (f" | {draft_line(last.draft)}" if last.draft else ""),
+              file=sys.stderr)
+
+
+def draft_line(stats) -> str:
+    """A reply's drafting in a few words (generate's summary, chat's status line)."""
+    return f"drafted {stats.drafted}, accepted {stats.accepted} ({stats.rate:.0%}), K {stats.k}"
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -129,6 +154,7 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--audio", action="append", metavar="PATH",
                      help=f"an audio file or URL: {AUDIO_FORMATS} (repeatable)")
     add_sampling_args(gen, max_tokens=256)
+    add_draft_args(gen)
 
 
 run = cmd_generate
