@@ -76,10 +76,11 @@ def prefill(model, inputs: dict, prompt_cache: PromptCache, prefill_step_size: i
     prompt_cache.keep(start)
     cache = prompt_cache.caches
     embeds = model.embed(input_ids, soft_tokens=prompt_cache.media.of(model, inputs))
+    extra = {"return_hidden": True} if return_hidden else {}
     for lo, hi in prefill_chunks(start, len(ids), prefill_step_size, blocks):
-        logits, hidden = model(input_ids[:, lo:hi], cache=cache, inputs_embeds=embeds[:, lo:hi],
-                               mm_token_type_ids=None if types is None else types[:, lo:hi], logits_to_keep=1,
-                               return_hidden=True)
+        out = model(input_ids[:, lo:hi], cache=cache, inputs_embeds=embeds[:, lo:hi],
+                    mm_token_type_ids=None if types is None else types[:, lo:hi], logits_to_keep=1, **extra)
+        logits, hidden = out if return_hidden else (out, None)
         if hi < len(ids):
             mx.eval([c.state for c in cache])
     prompt_cache.quantize()

@@ -196,6 +196,7 @@ BAD_GENERATIONS = {
     "jpg as video": (lambda f: (user({"type": "video", "path": str(f / "photo.jpg")}), {}),
                      "is a still image, not a video"),
     "unsupported budget": (lambda f: ("<|image|>", {"images": [str(f / "notes.jpg")], "max_soft_tokens": 99}), "99"),
+    "image array without pixels": (lambda f: ("<|image|>", {"images": [np.zeros((0, 5, 3), np.uint8)]}), "no pixels"),
     "unreachable URL": (lambda f: (user({"type": "image", "url": "http://127.0.0.1:9/cat.png"}), {}), "127.0.0.1:9"),
     "placeholder without media": (lambda f: ("Look: <|image|>", {}), "placeholder"),
     "zero max_tokens": (lambda f: ("Hi", {"max_tokens": 0}), "max_tokens"),

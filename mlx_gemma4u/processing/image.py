@@ -69,6 +69,8 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
         array = array.transpose(1, 2, 0)  # channels-first input
     if array.shape[-1] not in (1, 3, 4):
         raise InputError(f"An image array needs 1, 3 or 4 channels; got shape {array.shape}.")
+    if array.size == 0:
+        raise InputError(f"An image array has no pixels; got shape {array.shape}.")
     pixels = _as_uint8(array)
     if pixels.shape[-1] == 1:
         return np.repeat(pixels, 3, axis=-1)
