@@ -172,7 +172,7 @@ def load_draft_model(path_or_repo: str | os.PathLike, dtype: str | None = None,
                      check_memory: bool = True) -> DraftModel:
     """A Gemma 4 assistant (e.g. google/gemma-4-12B-it-assistant): local folder or hub id -> DraftModel,
     every weight checked against config.json (the same checks and errors as `load`)."""
-    from .loading import DTYPES, _check_complete, read_weights, resolve
+    from .loading import DTYPES, install_weights, read_weights, resolve
 
     path = resolve(path_or_repo)
     if dtype is not None and dtype not in DTYPES:
@@ -180,12 +180,5 @@ def load_draft_model(path_or_repo: str | os.PathLike, dtype: str | None = None,
     config = DraftConfig.from_file(path / "config.json")
     weights = read_weights(path, dtype, check_memory)
     model = DraftModel(config)
-    weights = model.sanitize(weights)
-    _check_complete(model, weights)
-    if dtype is not None:
-        weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(".scales")
-                   and not k.endswith(".biases") else v for k, v in weights.items()}
-    model.load_weights(list(weights.items()), strict=True)
-    model.eval()
-    mx.eval(model.parameters())
+    install_weights(model, model.sanitize(weights), dtype)
     return model

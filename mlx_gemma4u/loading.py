@@ -106,7 +106,13 @@ def load_model(path: Path, vision_mask: str = "gemma4", dtype: str | None = None
     model = Model(config, vision_mask=vision_mask)
     if config.quantization:  # quantize first, so the quantized layers' names are there to check
         quantize_like(model, config.quantization, weights, layout)
-    weights = model.sanitize(weights)
+    install_weights(model, model.sanitize(weights), dtype)
+    return model
+
+
+def install_weights(model: nn.Module, weights: dict, dtype: str | None) -> None:
+    """Check the sanitized weights are exactly the model's, cast the floating ones (not the
+    quantization scales and biases) to `dtype`, load them and evaluate."""
     _check_complete(model, weights)
     if dtype is not None:
         weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(".scales")
@@ -114,7 +120,6 @@ def load_model(path: Path, vision_mask: str = "gemma4", dtype: str | None = None
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     mx.eval(model.parameters())
-    return model
 
 
 def quantize_like(model: Model, quantization: dict, weights: dict, layout: checkpoints.Layout) -> None:
