@@ -244,6 +244,21 @@ def test_a_full_queue_answers_429_and_the_rest_are_served(demo_home, tmp_path):
     assert any(o != "429" and o.choices[0].message.content for o in outcomes)
 
 
+def test_a_drafting_server_answers_what_plain_generation_does(demo_home, local, tmp_path):
+    """--draft-model: a random MTP assistant for the demo; greedy replies equal plain generate()'s."""
+    import draft_reference
+
+    from mlx_gemma4u.demo import CONFIG
+
+    drafter = draft_reference.save(draft_reference.build_assistant(CONFIG["text_config"], seed=3), tmp_path / "a")
+    with _running(demo_home, tmp_path / "log", "--draft-model", str(drafter)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "Name a planet."}]
+        reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=12)
+    assert reply.choices[0].message.content == generate(*local, messages, max_tokens=12)
+    assert "Traceback" not in (tmp_path / "log").read_text()
+
+
 def test_models_lists_the_checkpoint(server):
     assert [m.id for m in _openai(server).models.list()] == ["demo"]
 

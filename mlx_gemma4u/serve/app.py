@@ -424,6 +424,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="browser origins allowed to call the API (CORS); none by default")
     parser.add_argument("--allow-local-files", action="store_true",
                         help="let requests name media by local path (off: data: URIs and http(s) URLs only)")
+    parser.add_argument("--draft-model", metavar="PATH",
+                        help="a Gemma 4 MTP assistant for speculative decoding (requests then run one at a time)")
     parser.add_argument("--max-concurrency", type=int, default=8,
                         help="requests decoded together (batched; default 8); more wait in the queue")
     parser.add_argument("--max-queue", type=int, default=16,
@@ -438,6 +440,12 @@ def run(args: argparse.Namespace) -> None:
     from ..cli import load_from_args
 
     name = "demo" if args.demo else str(args.model)
-    worker = Worker(lambda: load_from_args(args), max_queue=args.max_queue, max_concurrency=args.max_concurrency)
+    drafter = None
+    if args.draft_model:
+        from ..draft import load_draft_model
+
+        drafter = lambda: load_draft_model(args.draft_model, check_memory=not args.no_memory_check)  # noqa: E731
+    worker = Worker(lambda: load_from_args(args), max_queue=args.max_queue, max_concurrency=args.max_concurrency,
+                    load_drafter=drafter)
     app = create_app(worker, Settings(name, args.api_key, args.allow_local_files, args.timeout), args.allowed_origins)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

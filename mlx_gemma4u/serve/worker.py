@@ -54,8 +54,9 @@ class Worker:
     model is built where it runs) and serves the queue from there."""
 
     def __init__(self, load: Callable[[], tuple], max_queue: int = 16, max_concurrency: int = 8,
-                 cache_bytes: int = 2 << 30):
+                 cache_bytes: int = 2 << 30, load_drafter: Callable | None = None):
         self.cache_bytes, self.max_concurrency = cache_bytes, max_concurrency
+        self._load_drafter = load_drafter
         self._queue: queue.Queue = queue.Queue(max_queue)
         self._caches: list = []  # (PromptCache, the prompt it was made for), most recently used last
         self._loaded = threading.Event()
@@ -76,12 +77,15 @@ class Worker:
 
         try:
             self.model, self.processor = load()
-            generator = BatchGenerator(self.model, self.processor, max_batch=self.max_concurrency)
+            drafter = self._load_drafter() if self._load_drafter else None
+            generator = None if drafter else BatchGenerator(self.model, self.processor, max_batch=self.max_concurrency)
         except BaseException as e:  # handed to the constructor, which raises it
             self._load_error = e
             return
         finally:
             self._loaded.set()
+        if drafter is not None:
+            return self._serve_drafting(drafter)
         running: dict[int, tuple[Request, Any, str]] = {}  # uid -> (request, its cache, its prompt)
         while True:
             try:
@@ -97,6 +101,31 @@ class Worker:
                 if request.cancelled.is_set() or time.monotonic() > request.deadline:
                     generator.cancel(uid)
                     self._finish(running, uid)
+
+    def _serve_drafting(self, drafter) -> None:
+        """With a drafter, requests run one at a time through stream_generate's speculative loop
+        (the batching engine does not draft yet)."""
+        from ..generate import stream_generate
+
+        while True:
+            request = self._queue.get()
+            cache = None
+            try:
+                if request.cancelled.is_set():
+                    continue
+                prompt, media = self._render(request)
+                cache = self._cache_for(prompt, request.options.get("kv_bits"))
+                for response in stream_generate(self.model, self.processor, prompt, prompt_cache=cache,
+                                                draft_model=drafter, **media, **request.options):
+                    request.emit(response)
+                    if request.cancelled.is_set() or time.monotonic() > request.deadline:
+                        break
+            except Exception as e:  # reported to that request's client; the worker keeps serving
+                request.emit(e)
+            finally:
+                if cache is not None:
+                    self._keep(cache, prompt)
+                self._close(request)
 
     def _admit(self, generator, running: dict, wait: bool) -> None:
         """Hand the engine waiting requests while it has room (blocking for one when nothing runs);
