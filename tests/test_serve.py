@@ -259,6 +259,18 @@ def test_a_drafting_server_answers_what_plain_generation_does(demo_home, local, 
     assert "Traceback" not in (tmp_path / "log").read_text()
 
 
+def test_cors_origins_and_the_request_timeout(demo_home, tmp_path):
+    with _running(demo_home, tmp_path / "log", "--allowed-origins", "http://app.localhost", "--timeout", "1") as url:
+        preflight = urllib.request.Request(f"{url}/v1/chat/completions", method="OPTIONS", headers={
+            "Origin": "http://app.localhost", "Access-Control-Request-Method": "POST"})
+        with urllib.request.urlopen(preflight, timeout=30) as response:
+            assert response.headers["access-control-allow-origin"] == "http://app.localhost"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model="demo", max_tokens=4000,
+                                               messages=[{"role": "user", "content": "Go on and on."}])
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens < 4000
+
+
 def test_models_lists_the_checkpoint(server):
     assert [m.id for m in _openai(server).models.list()] == ["demo"]
 
