@@ -69,8 +69,6 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
         array = array.transpose(1, 2, 0)  # channels-first input
     if array.shape[-1] not in (1, 3, 4):
         raise InputError(f"An image array needs 1, 3 or 4 channels; got shape {array.shape}.")
-    if array.size == 0:
-        raise InputError(f"An image array has no pixels; got shape {array.shape}.")
     pixels = _as_uint8(array)
     if pixels.shape[-1] == 1:
         return np.repeat(pixels, 3, axis=-1)
@@ -83,6 +81,8 @@ def _as_uint8(array: np.ndarray) -> np.ndarray:
     """uint8 arrays pass through; float arrays in [0, 1] are rounded to 0..255."""
     if array.dtype == np.uint8:
         return array
+    if np.issubdtype(array.dtype, np.floating) and array.size == 0:
+        return array.astype(np.uint8)  # refused with its size when it is cut into patches
     if np.issubdtype(array.dtype, np.floating) and np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1:
         return np.rint(array * 255).astype(np.uint8)
     raise InputError(f"An image array must be uint8 (0-255) or float in [0, 1]; got dtype {array.dtype}.")
