@@ -175,12 +175,13 @@ class PromptCache:
         self.tokens = self.tokens[:n]
 
     def quantize(self) -> None:
-        """Quantize the full-attention caches to kv_bits, if set (mlx-lm cannot quantize rotating ones)."""
+        """Quantize the full-attention caches to kv_bits, if set (mlx-lm cannot quantize rotating ones,
+        nor heads narrower than its smallest group of 32, which stay as they are)."""
         if self.kv_bits is None:
             return
         self.caches = [
             c.to_quantized(group_size=64 if c.keys.shape[-1] % 64 == 0 else 32, bits=self.kv_bits)
-            if isinstance(c, KVCache) and c.keys is not None else c
+            if isinstance(c, KVCache) and c.keys is not None and c.keys.shape[-1] % 32 == 0 else c
             for c in self.caches
         ]
 

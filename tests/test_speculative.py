@@ -209,3 +209,30 @@ def test_sampled_speculative_equals_plain_sampled_for_the_same_seed(seed, models
                   stats=stats)
     assert drafted == plain and stats.accepted > 0, stats.rounds
     assert plain != run(model, text_prompt(), PromptCache(model), max_tokens=32)  # it did sample: not the greedy text
+
+
+def test_greedy_speculative_with_quantized_kv(tmp_path):
+    """kv_bits=8 on a target whose heads are 32 wide (so its full-attention caches do quantize)."""
+    wide = {**TARGET, "head_dim": 32, "global_head_dim": 32}
+    with dr.kv_sharing_5_24():
+        target = reference.build(wide, seed=3)
+        with torch.no_grad():
+            for layer in target.model.language_model.layers:
+                layer.post_attention_layernorm.weight.mul_(0.45)
+                layer.post_feedforward_layernorm.weight.mul_(0.45)
+        assistant = dr.build_assistant(wide, seed=7, hidden=reference.BASE_TEXT["hidden_size"])
+        passthrough(assistant, target)
+    model = load_model(reference.save(target, tmp_path / "target"))
+    drafter = load_draft_model(dr.save(assistant, tmp_path / "assistant"))
+    cache, stats = PromptCache(model, kv_bits=8), DraftStats()
+    drafted = run(model, text_prompt(), cache, drafter, stats=stats)
+    assert drafted == run(model, text_prompt(), PromptCache(model, kv_bits=8))
+    assert stats.accepted > 0 and any(type(c).__name__ == "QuantizedKVCache" for c in cache.caches)
+
+
+def test_heads_too_narrow_to_quantize_keep_their_cache(models):
+    """kv_bits on a target with 16-wide heads (below MLX's smallest group): those caches stay float."""
+    model, _ = models
+    cache = PromptCache(model, kv_bits=8)
+    assert run(model, text_prompt(), cache, max_tokens=8) == run(model, text_prompt(), PromptCache(model), max_tokens=8)
+    assert not any(type(c).__name__ == "QuantizedKVCache" for c in cache.caches)
