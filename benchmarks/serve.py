@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         from mlx_gemma4u.demo import ensure_demo
 
         args.checkpoint = str(ensure_demo())
-    report = {"machine": machine(), "checkpoint": args.checkpoint, "max_tokens": args.max_tokens, "results": {}}
+    report = {"machine": machine(), "checkpoint": Path(args.checkpoint).name, "max_tokens": args.max_tokens,
+              "results": {}}
     for name in COMMANDS:
         with running(name, args.checkpoint, max(args.clients)) as url:
             load(url, args.checkpoint, 1, 4)  # warm-up, not counted

@@ -42,14 +42,20 @@ def passthrough(assistant, target) -> None:
             layer.mlp.down_proj.weight.zero_()
 
 
+def repetitive_target(text: dict):
+    """A transformers target whose post-norm scales are shrunk to 0.45, so it often repeats itself."""
+    target = reference.build(text, seed=3)
+    with torch.no_grad():
+        for layer in target.model.language_model.layers:
+            layer.post_attention_layernorm.weight.mul_(0.45)
+            layer.post_feedforward_layernorm.weight.mul_(0.45)
+    return target
+
+
 @pytest.fixture(scope="module")
 def torch_models():
     with dr.kv_sharing_5_24():
-        target = reference.build(TARGET, seed=3)
-        with torch.no_grad():
-            for layer in target.model.language_model.layers:
-                layer.post_attention_layernorm.weight.mul_(0.45)
-                layer.post_feedforward_layernorm.weight.mul_(0.45)
+        target = repetitive_target(TARGET)
         drafters = {"tied": dr.build_assistant(TARGET, seed=5), "ordered": dr.build_assistant(TARGET, seed=6, ordered=True),
                     "passthrough": dr.build_assistant(TARGET, seed=7, hidden=reference.BASE_TEXT["hidden_size"])}
         passthrough(drafters["passthrough"], target)
@@ -215,11 +221,7 @@ def test_greedy_speculative_with_quantized_kv(tmp_path):
     """kv_bits=8 on a target whose heads are 32 wide (so its full-attention caches do quantize)."""
     wide = {**TARGET, "head_dim": 32, "global_head_dim": 32}
     with dr.kv_sharing_5_24():
-        target = reference.build(wide, seed=3)
-        with torch.no_grad():
-            for layer in target.model.language_model.layers:
-                layer.post_attention_layernorm.weight.mul_(0.45)
-                layer.post_feedforward_layernorm.weight.mul_(0.45)
+        target = repetitive_target(wide)
         assistant = dr.build_assistant(wide, seed=7, hidden=reference.BASE_TEXT["hidden_size"])
         passthrough(assistant, target)
     model = load_model(reference.save(target, tmp_path / "target"))
