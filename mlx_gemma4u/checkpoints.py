@@ -6,10 +6,13 @@
                       (what mlx-vlm writes and runs, and the apps built on it; mlx-lm's text-only
                       conversions are this layout without the media weights)
     mlx-gemma4u-v1    our module paths as they are (what this package's converter wrote before)
+    assistant         model.*, pre_projection.*, post_projection.*, masked_embedding.*: the MTP
+                      drafter's names, transformers' and ours alike (Google's repos and our conversions)
 
-The layout is read off the weight names, never guessed from a repo name. loading.py and convert.py
-both ask this module, so a key means the same thing whichever of them reads it; convert writes
-the mlx-community layout, so its output loads in mlx-vlm too.
+The layout is read off the weight names, never guessed from a repo name (the assistant's is known
+from its config.json's model_type). loading.py and convert.py both ask this module, so a key means
+the same thing whichever of them reads it; convert writes the mlx-community layout, so its output
+loads in mlx-vlm too (an assistant is written in its own layout).
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ _COMMUNITY = (("language_model.model.", "language_model."),
 COMMUNITY = Layout("mlx-community", reads=_COMMUNITY, writes=tuple((new, old) for old, new in _COMMUNITY))
 _OURS = tuple((p, p) for p in ("language_model.", "embed_vision.", "embed_audio.", "lm_head."))
 OURS_V1 = Layout("mlx-gemma4u-v1", reads=_OURS, writes=_OURS)
+ASSISTANT = Layout("assistant", reads=(), writes=())  # draft.DraftModel's paths are transformers' names
 
 
 def detect(keys: Iterable[str]) -> Layout:

@@ -29,6 +29,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import cache as caches
+from . import checkpoints
 from .config import FULL, TextConfig, _check, _from_dict, _positive
 from .decoder import Step, TextModel
 from .errors import CheckpointError, ConfigError
@@ -45,6 +46,7 @@ class DraftConfig:
     use_ordered_embeddings: bool = False
     num_centroids: int = 2048
     centroid_intermediate_top_k: int = 32
+    quantization: dict | None = None  # a converted folder's (mlx-gemma4u convert -q): how its layers were quantized
 
     def __post_init__(self) -> None:
         for name in ("backbone_hidden_size", "num_centroids", "centroid_intermediate_top_k"):
@@ -170,8 +172,9 @@ class DraftModel(nn.Module):
 
 def load_draft_model(path_or_repo: str | os.PathLike, dtype: str | None = None,
                      check_memory: bool = True) -> DraftModel:
-    """A Gemma 4 assistant (e.g. google/gemma-4-12B-it-assistant): local folder or hub id -> DraftModel,
-    every weight checked against config.json (the same checks and errors as `load`)."""
+    """A Gemma 4 assistant (e.g. google/gemma-4-12B-it-assistant, or a folder `mlx-gemma4u convert`
+    made of one, quantized or not): local folder or hub id -> DraftModel, every weight checked against
+    config.json (the same checks and errors as `load`)."""
     from .loading import DTYPES, install_weights, read_weights, resolve
 
     path = resolve(path_or_repo)
@@ -180,5 +183,5 @@ def load_draft_model(path_or_repo: str | os.PathLike, dtype: str | None = None,
     config = DraftConfig.from_file(path / "config.json")
     weights = read_weights(path, dtype, check_memory)
     model = DraftModel(config)
-    install_weights(model, model.sanitize(weights), dtype)
+    install_weights(model, weights, checkpoints.ASSISTANT, config.quantization, dtype)
     return model

@@ -104,15 +104,19 @@ def load_model(path: Path, vision_mask: str = "gemma4", dtype: str | None = None
     layout = checkpoints.detect(weights)
     config = checkpoints.without_absent_media(config, weights, layout)
     model = Model(config, vision_mask=vision_mask)
-    if config.quantization:  # quantize first, so the quantized layers' names are there to check
-        quantize_like(model, config.quantization, weights, layout)
-    install_weights(model, model.sanitize(weights), dtype)
+    install_weights(model, weights, layout, config.quantization, dtype)
     return model
 
 
-def install_weights(model: nn.Module, weights: dict, dtype: str | None) -> None:
-    """Check the sanitized weights are exactly the model's, cast the floating ones (not the
-    quantization scales and biases) to `dtype`, load them and evaluate."""
+def install_weights(model: nn.Module, weights: dict, layout: checkpoints.Layout, quantization: dict | None,
+                    dtype: str | None) -> None:
+    """Load a checkpoint's tensors (named as in `layout`) into `model`, a Model or a DraftModel, and
+    evaluate them. The layers stored quantized become quantized layers first (config.json's
+    `quantization`), so that their names are there to check; the sanitized weights must then be
+    exactly the model's, and the floating ones (not the quantization scales and biases) are cast to `dtype`."""
+    if quantization:
+        quantize_like(model, quantization, weights, layout)
+    weights = model.sanitize(weights)
     _check_complete(model, weights)
     if dtype is not None:
         weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(".scales")
@@ -122,7 +126,7 @@ def install_weights(model: nn.Module, weights: dict, dtype: str | None) -> None:
     mx.eval(model.parameters())
 
 
-def quantize_like(model: Model, quantization: dict, weights: dict, layout: checkpoints.Layout) -> None:
+def quantize_like(model: nn.Module, quantization: dict, weights: dict, layout: checkpoints.Layout) -> None:
     """Turn exactly the layers the checkpoint stores quantized (those with `.scales`) into quantized
     layers, with config.json's per-module settings where it has them."""
     body = {"group_size": quantization.get("group_size", 64), "bits": quantization.get("bits", 4),
@@ -139,7 +143,7 @@ def quantize_like(model: Model, quantization: dict, weights: dict, layout: check
     nn.quantize(model, **body, class_predicate=stored_quantized)
 
 
-def _check_complete(model: Model, weights: dict) -> None:
+def _check_complete(model: nn.Module, weights: dict) -> None:
     expected = dict(tree_flatten(model.parameters()))
     for name, param in expected.items():
         if name not in weights:
