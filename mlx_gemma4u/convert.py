@@ -8,6 +8,11 @@ memory is about the largest tensor (the token embedding), never the whole model.
 our module names, so `load_model` reads them directly; config.json's "quantization" says how to
 rebuild the quantized layers. Everything is written into a staging folder beside DST, renamed
 into place at the end (files.replacing_folder): a killed run leaves no DST or the previous one.
+
+An MTP assistant (config.json's model_type "gemma4_unified_assistant", draft.py) converts the same
+way with the same flags and recipes, under its own names (which `load_draft_model` reads): its
+decoder layers and tied embedding are quantized, its projections to and from the target and its
+centroid scorer stay in float (quantize._ASSISTANT_FLOAT), and `token_ordering` stays integer.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -31,6 +37,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from . import checkpoints
 from . import quantize as q
 from .config import ModelConfig
+from .draft import MODEL_TYPE as ASSISTANT_TYPE
+from .draft import DraftConfig, DraftModel
 from .errors import InputError
 from .files import replacing_folder
 from .loading import DTYPES, _check_complete, check_safetensors, quantize_like, resolve, weight_files
@@ -45,6 +53,8 @@ _ST_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint
 _OWNER = ".convert-owner"
 LOADS_IN = ("The weights are in the mlx-community layout (as mlx-vlm writes them): this folder loads in mlx-gemma4u, "
             "in mlx-vlm (tested with 0.7.10) and in the apps built on mlx-vlm.")
+ASSISTANT_LOADS_IN = ("This is a drafter for speculative decoding, not a model to run alone: it loads in mlx-gemma4u "
+                      "(`load_draft_model`, `--draft-model`) beside its target model.")
 # transformers 5.23's Gemma4UnifiedProcessor settings, as its save_pretrained writes them.
 PROCESSOR_CONFIG = {
     "processor_class": "Gemma4UnifiedProcessor",
@@ -93,8 +103,9 @@ class Summary:
 
 def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, options: Options | None = None,
             upload_repo: str | None = None, force: bool = False, quiet: bool = False, shard_gb: int = 5) -> Summary:
-    """Convert `hf_path` (folder or repo id, any layout checkpoints.py knows) into the MLX folder
-    `mlx_path`, written in the mlx-community layout -> what was written."""
+    """Convert `hf_path` (folder or repo id: a model in any layout checkpoints.py knows, or its MTP
+    assistant) into the MLX folder `mlx_path`, written in the mlx-community layout (an assistant in
+    its own) -> what was written."""
     options = options or Options()
     _check_options(options, _recipe(options, qat=False))
     dst = Path(mlx_path).expanduser()
@@ -102,28 +113,29 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, options: Op
     token = upload_token(upload_repo) if upload_repo else None
     src = resolve(hf_path)
     raw = json.loads((src / "config.json").read_text())
+    assistant = raw.get("model_type") == ASSISTANT_TYPE
     recipe = _recipe(options, is_qat(hf_path, src))
     body = _check_options(options, recipe)
     dtype = _output_dtype(options.dtype, raw)
+    layout = checkpoints.ASSISTANT if assistant else checkpoints.COMMUNITY
     with _progress(quiet) as bars, _no_buffer_cache():
-        config, weights, stored = _read_source(src, bars)
-        target = Model(config)
-        outputs, quantization = _convert(target, weights, stored, options, recipe, body, dtype)
+        model, weights, stored = _read_source(src, bars, assistant)
+        outputs, quantization = _convert(model, weights, stored, options, recipe, body, dtype)
         del weights
-        outputs = checkpoints.in_layout(outputs, checkpoints.COMMUNITY)
-        quantization = quantization and checkpoints.quantization_in(quantization, checkpoints.COMMUNITY)
-        quantize_like(target, quantization or {}, outputs, checkpoints.COMMUNITY)
-        _check_complete(target, target.sanitize(outputs))  # exactly what load_model will check
-        parameters, total = parameter_count(target), sum(v.nbytes for v in outputs.values())
+        outputs = checkpoints.in_layout(outputs, layout)
+        quantization = quantization and checkpoints.quantization_in(quantization, layout)
+        quantize_like(model, quantization or {}, outputs, layout)
+        _check_complete(model, model.sanitize(outputs))  # exactly what load_model / load_draft_model will check
+        parameters, total = parameter_count(model), sum(v.nbytes for v in outputs.values())
         _clean_stale_staging(dst)
         with replacing_folder(dst) as staging:
             (staging / _OWNER).write_text(str(os.getpid()))
             staging.chmod(0o777 & ~_umask())  # mkdtemp made it private; a model folder is not
             _write_weights(staging, outputs, shard_gb, parameters, quantization, bars)
             _write_config(staging, raw, quantization, dtype)
-            _copy_extras(src, staging)
+            _copy_extras(src, staging, processor=not assistant)
             summary = Summary(dst, 0, parameters, 8 * total / parameters)
-            _card(staging, dst.name, src, hf_path, options, recipe, quantization, summary)
+            _card(staging, dst.name, src, hf_path, options, recipe, quantization, summary, assistant)
             (staging / _OWNER).unlink()
     summary.bytes_on_disk = sum(f.stat().st_size for f in dst.iterdir() if f.is_file())
     if upload_repo:
@@ -154,7 +166,7 @@ def _recipe(options: Options, qat: bool) -> str:
     return "qat" if qat and fits else "default"
 
 
-def parameter_count(model: Model) -> int:
+def parameter_count(model: nn.Module) -> int:
     """Weights the model has, a quantized layer's counted as the floats they stand for (mlx-lm's
     get_total_parameters skips arrays held by non-leaf modules, like the position table)."""
     bits = {path: module.bits for path, module in model.named_modules() if hasattr(module, "bits")}
@@ -183,17 +195,21 @@ def _output_dtype(requested: str | None, raw: dict) -> str | None:
     return requested or (declared if declared in DTYPES else None)
 
 
-def _read_source(src: Path, bars: Progress) -> tuple[ModelConfig, dict[str, mx.array], dict | None]:
-    """The source, as load_model reads it -> (its config, its tensors lazily under our names, its
-    "quantization" entry keyed by our module paths or None)."""
+def _read_source(src: Path, bars: Progress, assistant: bool) -> tuple[nn.Module, dict[str, mx.array], dict | None]:
+    """The source, as load_model (an assistant: load_draft_model) reads it -> (a float model of its
+    config, its tensors lazily under our names, its "quantization" entry keyed by our module paths or None)."""
     weights = _read(src, bars)
-    layout = checkpoints.detect(weights)
-    config = checkpoints.without_absent_media(ModelConfig.from_file(src / "config.json"), weights, layout)
-    source = Model(config)
+    if assistant:
+        config, build, layout = DraftConfig.from_file(src / "config.json"), DraftModel, checkpoints.ASSISTANT
+    else:
+        layout = checkpoints.detect(weights)
+        config = checkpoints.without_absent_media(ModelConfig.from_file(src / "config.json"), weights, layout)
+        build = Model
+    source = build(config)
     if not config.quantization:
-        return config, source.sanitize(weights), None
+        return source, source.sanitize(weights), None
     quantize_like(source, config.quantization, weights, layout)
-    return config, source.sanitize(weights), checkpoints.quantization_in_our_names(config.quantization, layout)
+    return build(config), source.sanitize(weights), checkpoints.quantization_in_our_names(config.quantization, layout)
 
 
 def _read(src: Path, bars: Progress) -> dict[str, mx.array]:
@@ -221,7 +237,7 @@ def _check_options(options: Options, recipe: str) -> q.Spec | None:
     return body
 
 
-def _convert(model: Model, weights: dict, stored: dict | None, options: Options, recipe: str, body: q.Spec | None,
+def _convert(model: nn.Module, weights: dict, stored: dict | None, options: Options, recipe: str, body: q.Spec | None,
              dtype: str | None) -> tuple[dict[str, mx.array], dict | None]:
     """Sanitized source tensors -> (lazy output tensors, config.json's "quantization" or None).
 
@@ -314,18 +330,19 @@ def _write_config(out: Path, raw: dict, quantization: dict | None, dtype: str | 
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _copy_extras(src: Path, out: Path) -> None:
-    """Tokenizer, chat template and processor files, as the source has them; a processor_config.json
-    with transformers' defaults when the source has none (mlx-vlm builds its processor from it)."""
+def _copy_extras(src: Path, out: Path, processor: bool) -> None:
+    """Tokenizer, chat template and processor files, as the source has them; if `processor` (not for
+    an assistant, which has no processor), a processor_config.json with transformers' defaults when
+    the source has none (mlx-vlm builds its processor from it)."""
     for name in EXTRA_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
-    if not (out / "processor_config.json").is_file():
+    if processor and not (out / "processor_config.json").is_file():
         (out / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2))
 
 
 def _card(out: Path, dst_name: str, src: Path, hf_path, options: Options, recipe: str, quantization: dict | None,
-          summary: Summary) -> None:
+          summary: Summary, assistant: bool) -> None:
     base = str(hf_path) if not Path(hf_path).expanduser().exists() else None
     license_ = None
     if (src / "README.md").is_file():
@@ -343,8 +360,8 @@ def _card(out: Path, dst_name: str, src: Path, hf_path, options: Options, recipe
     stats = f"{summary.parameters / 1e9:.2f}B parameters, {summary.bits_per_weight:.2f} bits per weight."
     if quantization:
         stats += f" Quantization (config.json): {json.dumps({k: v for k, v in quantization.items() if not isinstance(v, dict)})}."
-    stats += f"\n\n{LOADS_IN}"
-    write_model_card(out, base, license_, made, stats)
+    stats += f"\n\n{ASSISTANT_LOADS_IN if assistant else LOADS_IN}"
+    write_model_card(out, base, license_, made, stats, assistant)
 
 
 def _clean_stale_staging(dst: Path) -> None:

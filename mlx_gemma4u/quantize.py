@@ -1,7 +1,10 @@
 """Quantization recipes: which layers get how many bits, and the per-tensor work behind them.
 
 A recipe maps each quantizable module path (every Linear and the token Embedding) to a `Spec` or
-to None (kept in float). The position table and the norms are plain arrays, never quantized.
+to None (kept in float). The position table and the norms are plain arrays, never quantized. The
+MTP assistant (draft.py) follows the same recipes: its decoder layers like the model's, its tied
+embedding `model.embed_tokens` (also its head) like the model's embedding, while its projections
+to and from the target and its centroid scorer always stay in float (_ASSISTANT_FLOAT says why).
 
     "default"   MLP at --q-bits; attention projections and the token embedding (which is also the
                 output head: the model ties them) at 6 bits when --q-bits is below 6; the
@@ -10,14 +13,15 @@ to None (kept in float). The position table and the norms are plain arrays, neve
                 nvfp4 and mxfp8 modes the image/audio embedders stay in float.
     "mixed-6-4" attention projections and token embedding at 6 bits, MLP at 4; embedders in float.
     "mixed-8-4" the same with 8 bits instead of 6.
-    "qat"       for checkpoints trained for 4 bits (Google's -qat-q4_0-unquantized): exactly what
+    "qat"       for checkpoints trained for 4 bits (Google's -qat-q4_0-unquantized, and their
+                -qat-q4_0-unquantized-assistant drafters): exactly what
                 QAT trained, the decoder's attention and MLP projections, at 4-bit affine in groups
                 of 32 (Q4_0's block); the token embedding, which QAT left alone, at 8 bits; the
                 image/audio embedders in float.
 
 Why: see benchmarks/quant_recipes.py and the README (top-1 agreement and KL against the float
 model). The config entry written for a plan is mlx-lm's: {"group_size", "bits", "mode"} plus one
-entry per layer whose settings differ, which `loading._quantize_like` reads back.
+entry per layer whose settings differ, which `loading.quantize_like` reads back.
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ from .errors import InputError
 MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
 RECIPES = ("default", "uniform", "mixed-6-4", "mixed-8-4", "qat")
 _MEDIA = ("embed_vision.", "embed_audio.")
-_EMBEDDINGS = ("language_model.embed_tokens", "lm_head")
+_EMBEDDINGS = ("language_model.embed_tokens", "lm_head", "model.embed_tokens")  # the last: the assistant's
+# The assistant's layers that stay float. pre_projection (2 * 3840 -> 1024 in the 12B's assistant)
+# reads the target's hidden state and post_projection (1024 -> 3840) writes the next draft step's,
+# so rounding there compounds over the K steps of a round; the centroid scorer (1024 -> 2048) picks
+# the top-k centroids, a hard choice that a rounding can flip, dropping a whole group of tokens.
+# Together about 14M weights, against the tied embedding's 268M (262144 x 1024), which is quantized.
+_ASSISTANT_FLOAT = ("pre_projection", "post_projection", "masked_embedding.centroids")
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,8 @@ def body_spec(bits: int | None, group_size: int | None, mode: str, recipe: str =
 
 def recipe_spec(recipe: str, path: str, body: Spec) -> Spec | None:
     """The recipe's choice for one module path (None: keep it in float)."""
+    if path in _ASSISTANT_FLOAT:
+        return None
     media, embedding, attention = path.startswith(_MEDIA), path in _EMBEDDINGS, ".self_attn." in path
     if media and (recipe != "uniform" or body.mode != "affine"):
         return None  # the media embedders compute in their weights' float dtype: affine scales only

@@ -35,21 +35,49 @@ class UploadError(Gemma4UError, OSError):
     """The converted folder could not be uploaded (no token, offline, refused)."""
 
 
-def write_model_card(out: Path, base_model: str | None, license_: str | None, made_with: str, stats: str) -> None:
-    """README.md with the hub metadata block, how the folder was made, and how to run it."""
+_ABOUT = "Gemma 4 Unified (text, images, video, audio) in MLX format for Apple silicon"
+_RUN = """```sh
+pip install mlx-gemma4u
+mlx-gemma4u generate --model <this repo or folder> --prompt "Describe this picture." --image photo.jpg
+```
+
+```python
+import mlx_gemma4u
+model, processor = mlx_gemma4u.load("<this repo or folder>")
+print(mlx_gemma4u.generate(model, processor, [{"role": "user", "content": "Hello"}], max_tokens=100))
+```"""
+_ABOUT_ASSISTANT = "Gemma 4's multi-token-prediction assistant (the drafter for speculative decoding) in MLX format"
+_RUN_ASSISTANT = """```sh
+pip install mlx-gemma4u
+mlx-gemma4u generate --model <its target model> --draft-model <this repo or folder> --prompt "Hello"
+```
+
+```python
+import mlx_gemma4u
+model, processor = mlx_gemma4u.load("<its target model>")
+assistant = mlx_gemma4u.load_draft_model("<this repo or folder>")
+print(mlx_gemma4u.generate(model, processor, "Hello", draft_model=assistant, max_tokens=100))
+```"""
+
+
+def write_model_card(out: Path, base_model: str | None, license_: str | None, made_with: str, stats: str,
+                     assistant: bool = False) -> None:
+    """README.md with the hub metadata block, how the folder was made, and how to run it (an
+    `assistant`: beside its target model)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(library_name="mlx", pipeline_tag="image-text-to-text", license=license_,
-                         base_model=base_model, tags=["mlx", "gemma4", "mlx-gemma4u"])
+    data = ModelCardData(library_name="mlx", pipeline_tag=None if assistant else "image-text-to-text",
+                         license=license_, base_model=base_model, tags=["mlx", "gemma4", "mlx-gemma4u"])
     name = out.name if base_model is None else f"{base_model} for MLX"
+    source = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a local checkpoint"
     text = f"""---
 {data.to_yaml()}
 ---
 
 # {name}
 
-Gemma 4 Unified (text, images, video, audio) in MLX format for Apple silicon, made with
-mlx-gemma4u from {f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a local checkpoint"}.
+{_ABOUT_ASSISTANT if assistant else _ABOUT}, made with
+mlx-gemma4u from {source}.
 
 ## How it was made
 
@@ -61,16 +89,7 @@ mlx-gemma4u from {f"[{base_model}](https://huggingface.co/{base_model})" if base
 
 ## Run it
 
-```sh
-pip install mlx-gemma4u
-mlx-gemma4u generate --model <this repo or folder> --prompt "Describe this picture." --image photo.jpg
-```
-
-```python
-import mlx_gemma4u
-model, processor = mlx_gemma4u.load("<this repo or folder>")
-print(mlx_gemma4u.generate(model, processor, [{{"role": "user", "content": "Hello"}}], max_tokens=100))
-```
+{_RUN_ASSISTANT if assistant else _RUN}
 """
     ModelCard(text).save(out / "README.md")
 
