@@ -46,7 +46,8 @@ def add_draft_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-model", metavar="PATH",
                         help="a Gemma 4 assistant (drafter) folder or repo id, e.g. google/gemma-4-12B-it-assistant")
     parser.add_argument("--num-draft-tokens", type=_checked(int, lambda v: v > 0, "a positive integer"),
-                        help="tokens drafted per round (default 3)")
+                        help="tokens drafted per round (default: chosen each round from the measured acceptance "
+                             "and costs, down to none where drafting does not pay)")
 
 
 def draft_kwargs(args: argparse.Namespace) -> dict:
@@ -125,7 +126,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def draft_line(stats) -> str:
     """A reply's drafting in a few words (generate's summary, chat's status line)."""
-    return f"drafted {stats.drafted}, accepted {stats.accepted} ({stats.rate:.0%}), K {stats.k}"
+    plain = f", {stats.plain} undrafted" if stats.plain else ""
+    return f"drafted {stats.drafted}, accepted {stats.accepted} ({stats.rate:.0%}), K {stats.k}{plain}"
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

@@ -16,7 +16,7 @@ each step's log-probabilities lazy: they cost a pass over the vocabulary only if
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -45,7 +45,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     finish_reason: str | None = None
     from_draft: bool = False  # the token was drafted (and accepted), not the target's own next token
-    draft: "DraftStats | None" = None  # with a draft model: the reply's drafting so far
+    draft: "DraftStats | None" = None  # with a draft model: the reply's drafting so far (speculative.py)
 
 
 def prefill_chunks(start: int, n_tokens: int, step_size: int, blocks: np.ndarray) -> list[tuple[int, int]]:
@@ -148,111 +148,41 @@ def generate_step(
     """
     sample = TokenSampler(sampler, logits_processors, inputs["input_ids"][0])
     token, logprobs = sample(prefill(model, inputs, prompt_cache, prefill_step_size))
+    steps = decode(model, sample, prompt_cache, token, logprobs, max_tokens)
+    try:
+        for value, logprobs, _ in steps:
+            yield value, logprobs
+    finally:
+        steps.close()
+
+
+def decode(model, sample: TokenSampler, prompt_cache: PromptCache, token: mx.array, logprobs: mx.array,
+           count: int, hidden: mx.array | None = None) -> Iterator[tuple[int, mx.array, mx.array | None]]:
+    """Yield `token` ((1,), drawn but not in the caches yet) and the count - 1 tokens after it, one
+    target step each, every next step queued before the current token is handed out.
+
+    Each item: (id, logprobs, the (1, 1, D) final hidden state that predicted it), the hidden states
+    only if `hidden` (the one that predicted `token`) is given: what a drafter resumes from. Every
+    token handed out but the last is in the caches and PromptCache.tokens, even if the caller stops.
+    """
     cache = prompt_cache.caches  # after prefill: the caches it quantized, if kv_bits is set
+    with_hidden = hidden is not None
     mx.async_eval(token)
-    for n in range(max_tokens):
-        more = n + 1 < max_tokens
+    for n in range(count):
+        more = n + 1 < count
         if more:
-            logits = model(token[None], cache=cache, logits_to_keep=1)
+            out = model(token[None], cache=cache, logits_to_keep=1, return_hidden=with_hidden)
+            logits, next_hidden = out if with_hidden else (out, None)
             next_token, next_logprobs = sample(logits[:, -1])
             mx.async_eval(next_token)
         value = token.item()
         try:
-            yield value, logprobs
+            yield value, logprobs, hidden
         finally:  # the token just handed out is in the cache now, even if the caller stops here
             if more:
                 prompt_cache.tokens.append(value)
         if more:
-            token, logprobs = next_token, next_logprobs
-
-
-@dataclass
-class DraftStats:
-    """A reply's speculative decoding: tokens drafted and accepted, per round and in all, and the K used."""
-
-    drafted: int = 0
-    accepted: int = 0
-    rounds: list[int] = field(default_factory=list)  # accepted drafts per round
-    k: int = 0  # the draft length of the latest round
-
-    @property
-    def rate(self) -> float:
-        """Accepted / drafted (0 before anything was drafted)."""
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    def add(self, k: int, accepted: int) -> None:
-        self.k, self.drafted, self.accepted = k, self.drafted + k, self.accepted + accepted
-        self.rounds.append(accepted)
-
-
-def speculative_step(
-    model,
-    drafter,
-    inputs: dict,
-    prompt_cache: PromptCache,
-    sampler: Callable,
-    logits_processors: list | None = None,
-    max_tokens: int = 256,
-    prefill_step_size: int = 512,
-    num_draft_tokens: int = 3,
-    stats: DraftStats | None = None,
-) -> Iterator[tuple[int, mx.array, bool]]:
-    """generate_step with an MTP drafter (draft.DraftModel): yield (token, logprobs, from_draft).
-
-    Each round drafts k tokens after the last one, runs the target once over the last token and the
-    k drafts (k + 1 positions), then draws the target's own token at each position in turn with the
-    plain loop's TokenSampler: a draft is accepted while it equals that token; the first that differs
-    (or the one after all k) is the target's. Every emitted token is one sampler call on the target's
-    logits for the same history, so the output follows the target's distribution: greedy, exactly
-    the plain loop's tokens; sampled, speculative sampling's rule for a deterministic drafter
-    (accept with probability p(draft), else draw from p without the draft). The caches are then
-    rewound to the accepted length, so they hold what PromptCache.tokens says, even if the caller
-    stops in the middle of a round.
-    """
-    stats = stats if stats is not None else DraftStats()
-    sample = TokenSampler(sampler, logits_processors, inputs["input_ids"][0])
-    logits, hidden = prefill(model, inputs, prompt_cache, prefill_step_size, return_hidden=True)
-    token, logprobs = sample(logits)
-    value = token.item()
-    yield value, logprobs, False
-    emitted = 1
-    while emitted < max_tokens:
-        k = min(num_draft_tokens, max_tokens - emitted - 1, model.config.text.sliding_window)
-        out, hidden = _speculative_round(model, drafter, sample, prompt_cache, value, hidden, k)
-        n = len(out) - 1  # accepted drafts, in the caches now
-        stats.add(k, n)
-        for i, (value, logprobs) in enumerate(out):
-            try:
-                yield value, logprobs, i < n
-            except GeneratorExit:  # keep only the drafts handed out
-                if i < n - 1:
-                    prompt_cache.keep(len(prompt_cache.tokens) - (n - 1 - i))
-                raise
-        emitted += len(out)
-
-
-def _speculative_round(model, drafter, sample: TokenSampler, prompt_cache: PromptCache, token: int,
-                       hidden: mx.array, k: int) -> tuple[list[tuple[int, mx.array]], mx.array]:
-    """Draft k tokens after `token` (not in the caches yet; `hidden` (1, 1, D) predicted it), verify
-    -> ([(id, logprobs)] accepted drafts then the target's token, the (1, 1, D) hidden state that
-    predicted that last one). The caches end holding `token` and the accepted drafts."""
-    cache = prompt_cache.caches
-    last = mx.array([token], dtype=mx.int32)
-    drafts = drafter.draft(model, model.shared_kv(cache), last, hidden, k) if k else last[:0]
-    logits, hiddens = model(mx.concatenate([last, drafts])[None], cache=cache, logits_to_keep=k + 1,
-                            return_hidden=True)
-    proposed = drafts.tolist()
-    out = []
-    for i in range(k + 1):
-        drawn, logprobs = sample(logits[:, i])
-        out.append((drawn.item(), logprobs))
-        if i == k or out[-1][0] != proposed[i]:
-            break
-    n = len(out) - 1
-    prompt_cache.tokens += [token, *proposed]
-    if n < k:
-        prompt_cache.keep(len(prompt_cache.tokens) - (k - n))
-    return out, hiddens[:, n:n + 1]
+            token, logprobs, hidden = next_token, next_logprobs, next_hidden
 
 
 def prepare_inputs(processor, prompt, images=None, videos=None, audio=None, enable_thinking: bool = False,
@@ -340,7 +270,8 @@ def stream_generate(
     Stops at any end-of-turn / end-of-sequence id of the checkpoint (never printed), at a stop
     string (not printed either) or at max_tokens. Pass a PromptCache to carry a conversation over
     turns: each turn then prefills only what the cache does not hold. draft_model: an MTP assistant
-    (load_draft_model) for speculative decoding, num_draft_tokens tokens drafted per round; the
+    (load_draft_model) for speculative decoding, num_draft_tokens tokens drafted per round (None:
+    chosen each round from the measured acceptance and costs, see speculative.DraftLength); the
     output is the same as without it (token for token when greedy).
     """
     _check_sampling(max_tokens, temperature, top_p, top_k, min_p, kv_bits)
@@ -356,12 +287,15 @@ def stream_generate(
     n_prompt = inputs["input_ids"].shape[1]
     check_context(model, n_prompt, max_tokens)
     start = time.perf_counter()
-    stats = DraftStats() if draft_model is not None else None
+    stats = None
     if draft_model is None:
         steps = generate_step(model, inputs, prompt_cache, sampler, processors, max_tokens, prefill_step_size)
     else:
+        from .speculative import DraftStats, speculative_step  # it builds on this module
+
+        stats = DraftStats()
         steps = speculative_step(model, draft_model, inputs, prompt_cache, sampler, processors, max_tokens,
-                                 prefill_step_size, num_draft_tokens or 3, stats)
+                                 prefill_step_size, num_draft_tokens, stats)
     prompt_time = gen_start = None
     for n, (token, logprobs, *drafted) in enumerate(steps, start=1):
         if gen_start is None:

@@ -1,4 +1,4 @@
-"""Speculative decoding with a Gemma 4 MTP assistant (draft.py, generate.speculative_step).
+"""Speculative decoding with a Gemma 4 MTP assistant (draft.py, speculative.py).
 
 Checkpoints: a tiny multimodal target with no KV-shared layers (as the real 12B) whose post-norm
 scales are shrunk to 0.45 so that it often repeats its last token, and three assistants whose
@@ -9,10 +9,15 @@ in about one draft in eight here: whole rounds, partial rounds and rejections al
 transformers runs with 5.24.0's kv_sharing_modes (draft_reference.kv_sharing_5_24).
 """
 
+import json
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 from transformers.generation import candidate_generator
 
@@ -21,8 +26,12 @@ import multimodal_inputs as mi
 import reference
 from mlx_gemma4u.draft import load_draft_model
 from mlx_gemma4u.errors import ConfigError
-from mlx_gemma4u.generate import DraftStats, PromptCache, generate_step, speculative_step
+from mlx_gemma4u.generate import PromptCache, TokenSampler, generate_step, prefill, stream_generate
 from mlx_gemma4u.loading import load_model
+from mlx_gemma4u.speculative import DraftLength, DraftStats, _speculative_round, speculative_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.speculative import ReplayDrafter, assistant_config, random_drafter  # noqa: E402
 
 STEPS, K = 64, 4
 TARGET = reference.TEXT_CONFIGS["plain"]
@@ -84,7 +93,7 @@ def run(model, inputs, cache, drafter=None, k=K, max_tokens=STEPS, sampler=None,
     if drafter is None:
         return [t for t, _ in generate_step(model, inputs, cache, sampler, max_tokens=max_tokens, prefill_step_size=16)]
     steps = speculative_step(model, drafter, inputs, cache, sampler, max_tokens=max_tokens, prefill_step_size=16,
-                             num_draft_tokens=k, stats=stats)
+                             draft_length=k, stats=stats)
     return [t for t, _, _ in steps]
 
 
@@ -159,7 +168,7 @@ def test_stopping_mid_round_keeps_cache_consistent(models):
     model, drafters = models
     cache = PromptCache(model)
     steps = speculative_step(model, drafters["passthrough"], text_prompt(), cache, make_sampler(0.0),
-                             max_tokens=STEPS, num_draft_tokens=K)
+                             max_tokens=STEPS, draft_length=DraftLength(K))
     for n, (_, _, from_draft) in enumerate(steps):
         if from_draft and n > 20:
             break
@@ -200,20 +209,20 @@ def test_load_draft_model_refuses_a_target_checkpoint(tmp_path):
         load_draft_model(tmp_path)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sampled_speculative_equals_plain_sampled_for_the_same_seed(seed, models):
+@pytest.mark.parametrize("seed, k", [(0, K), (1, K), (2, K), (3, None)])
+def test_sampled_speculative_equals_plain_sampled_for_the_same_seed(seed, k, models):
     """Every emitted token is one draw of the plain loop's sampler on the target's logits for the same
     history, in the same order, so with the same seed the sampled text is the plain loop's token for
-    token: the output distribution is the target's (a stronger check than a frequency test)."""
+    token, with a fixed K and with adaptive K (plain stretches included)."""
     model, drafters = models
     sampler = make_sampler(0.1)  # cool enough that the greedy drafter is often accepted
     mx.random.seed(seed)
     plain = run(model, text_prompt(), PromptCache(model), sampler=sampler, max_tokens=32)
     mx.random.seed(seed)
     stats = DraftStats()
-    drafted = run(model, text_prompt(), PromptCache(model), drafters["passthrough"], sampler=sampler, max_tokens=32,
-                  stats=stats)
-    assert drafted == plain and stats.accepted > 0, stats.rounds
+    drafted = run(model, text_prompt(), PromptCache(model), drafters["passthrough"], k=k, sampler=sampler,
+                  max_tokens=32, stats=stats)
+    assert drafted == plain and (stats.accepted > 0 if k else stats.plain > 0), stats.rounds
     assert plain != run(model, text_prompt(), PromptCache(model), max_tokens=32)  # it did sample: not the greedy text
 
 
@@ -238,3 +247,164 @@ def test_heads_too_narrow_to_quantize_keep_their_cache(models):
     cache = PromptCache(model, kv_bits=8)
     assert run(model, text_prompt(), cache, max_tokens=8) == run(model, text_prompt(), PromptCache(model), max_tokens=8)
     assert not any(type(c).__name__ == "QuantizedKVCache" for c in cache.caches)
+
+
+def simulate(pass_cost, draft_cost: float, acceptance: float, tokens: int = 2000, seed: int = 0) -> list[int]:
+    """DraftLength's choices over a reply of about `tokens` tokens with synthetic costs (seconds of a
+    pass over n positions; a drafter step in plain steps) and drafts accepted with `acceptance`:
+    one K per round, 0 for each plain stretch."""
+    length, rng, ks, done = DraftLength(draft_cost=draft_cost), np.random.default_rng(seed), [], 0
+    while done < tokens:
+        k = length.next()
+        ks.append(k)
+        if k == 0:
+            length.decoded(length.stretch, length.stretch * pass_cost(1))
+            done += length.stretch
+            continue
+        accepted = int(np.argmin(np.append(rng.random(k) < acceptance, False)))  # leading successes
+        length.drafted(k, accepted, k * draft_cost * pass_cost(1), pass_cost(k + 1))
+        done += accepted + 1
+    return ks
+
+
+def test_adaptive_k_drafts_long_where_verifying_is_free():
+    """A Mac-like target (a pass over n positions costs one step) and a drafter a twentieth of it."""
+    ks = simulate(lambda n: 1.0, 0.05, 0.9)
+    assert ks[0] == 0 and ks[-20:] == [DraftLength.MAX_K] * 20
+
+
+def test_adaptive_k_decodes_plainly_where_drafting_does_not_pay():
+    """Never-accepted drafts on a flat pass, and well-accepted ones on a CPU-like pass that grows with
+    n: plain stretches that double to the cap, with a one-draft probe between them."""
+    for pass_cost, acceptance in ((lambda n: 1.0, 0.0), (lambda n: float(n), 0.8)):
+        ks = simulate(pass_cost, 0.3, acceptance)
+        assert ks.count(0) > 5 and set(ks[3:]) <= {0, 1} and ks.count(1) <= ks.count(0), ks
+    length = DraftLength(draft_cost=0.3)
+    for n in range(12):
+        if length.next() == 0:
+            length.decoded(length.stretch, float(length.stretch))
+        else:
+            length.drafted(1, 0, 0.3, 1.0)
+    assert length.stretch == DraftLength.MAX_STRETCH
+
+
+def test_adaptive_k_never_drafts_with_a_drafter_slower_than_a_step():
+    """Even all-accepted drafts cannot pay when a draft step costs more than a target step: not even a probe."""
+    assert set(simulate(lambda n: 1.0, 1.5, 1.0)) == {0}
+
+
+def test_pass_cost_reads_unmeasured_lengths_off_the_line():
+    length = DraftLength()
+    length.passes = {1: 1.0, 3: 2.0, 5: 3.0}
+    assert length.pass_cost(9) == pytest.approx(5.0) and length.pass_cost(3) == 2.0
+
+
+class Clocked(DraftLength):
+    """Adaptive K whose measurements are replaced by synthetic costs, so its choices are reproducible."""
+
+    def __init__(self, pass_cost, draft_cost: float):
+        super().__init__(draft_cost=draft_cost)
+        self.costs = pass_cost
+
+    def drafted(self, k, accepted, draft_seconds, pass_seconds):
+        super().drafted(k, accepted, k * self.draft_cost * self.costs(1), self.costs(k + 1))
+
+    def decoded(self, n, seconds):
+        super().decoded(n, n * self.costs(1))
+
+
+@pytest.mark.parametrize("acceptance", [0.0, 0.8, 1.0])
+def test_adaptive_greedy_speculative_equals_plain(acceptance, models):
+    """The replay drafter (benchmarks/speculative.py) proposes the plain greedy tokens, corrupted with
+    probability 1 - acceptance: on a Mac-like cost model K rises to the cap when every draft is
+    right and falls to plain stretches when none is, and the output is plain greedy's throughout."""
+    model, drafters = models
+    plain = run(model, text_prompt(), PromptCache(model))
+    record = text_prompt()["input_ids"][0].tolist() + plain
+    stats = DraftStats()
+    steps = speculative_step(model, ReplayDrafter(drafters["passthrough"], record, acceptance), text_prompt(),
+                             PromptCache(model), make_sampler(0.0), max_tokens=STEPS,
+                             draft_length=Clocked(lambda n: 1.0, 0.05), stats=stats)
+    assert [t for t, _, _ in steps] == plain
+    if acceptance == 1.0:
+        assert stats.accepted == stats.drafted and DraftLength.MAX_K in stats.ks
+    if acceptance == 0.0:
+        assert stats.accepted == 0 and stats.plain >= STEPS * 3 // 4, stats
+
+
+def test_stream_generate_drafts_adaptively_by_default(models, processor):
+    """stream_generate(draft_model=...): the same tokens as without, each response saying whether its
+    token was drafted, with the reply's drafting statistics."""
+    model, drafters = models
+    prompt = text_prompt()["input_ids"][0].tolist()
+    plain = [r.token for r in stream_generate(model, processor, prompt, max_tokens=STEPS)]
+    responses = list(stream_generate(model, processor, prompt, max_tokens=STEPS, draft_model=drafters["passthrough"]))
+    assert [r.token for r in responses] == plain
+    stats = responses[-1].draft
+    assert sum(r.from_draft for r in responses) == stats.accepted
+    assert stats.plain + stats.accepted + len(stats.rounds) + 1 == len(plain)
+
+
+def chi_square_bound(dof: int, z: float = 3.09) -> float:
+    """The chi-square statistic that `dof` degrees of freedom exceed with probability 1e-3 (z = 3.09),
+    by Wilson and Hilferty's cube-root normal approximation."""
+    return dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+
+
+def chi_square(counts: np.ndarray, p: np.ndarray) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom; tokens expected fewer than 5 times share one bin."""
+    expected = p * counts.sum()
+    big = expected >= 5
+    observed, wanted = np.append(counts[big], counts[~big].sum()), np.append(expected[big], expected[~big].sum())
+    return float(((observed - wanted) ** 2 / wanted).sum()), len(observed) - 1
+
+
+def test_speculative_sampling_preserves_the_target_distribution(models):
+    """2,000 seeded rounds of one draft from the same state (temperature 0.2; the replay drafter proposes
+    the target's argmax, which has 39% probability): the first token's frequencies match the
+    target's softmax, and so do the second token's given the draft was accepted (about 770 rounds),
+    by a chi-square test at p = 1e-3 (measured 9.6 on 15 degrees of freedom, bound 37.8; 9.6 on 10,
+    bound 29.8); the same counts reject the softmax at temperature 0.25."""
+    model, drafters = models
+    temperature, draws = 0.2, 2000
+    inputs = text_prompt()
+    prompt_cache = PromptCache(model)
+    logits, hidden = prefill(model, inputs, prompt_cache, return_hidden=True)
+    token, n = int(mx.argmax(logits).item()), len(prompt_cache.tokens)
+    ids = inputs["input_ids"][0].tolist() + [token]
+    target = model(mx.array([ids]))[0, -1].astype(mx.float32)
+    draft = int(mx.argmax(target).item())
+    drafter = ReplayDrafter(drafters["passthrough"], ids + [draft], acceptance=1.0)  # always proposes `draft`
+    after = model(mx.array([ids + [draft]]))[0, -1].astype(mx.float32)
+    firsts, seconds = np.zeros(reference.V), np.zeros(reference.V)
+    for seed in range(draws):
+        prompt_cache.keep(n)
+        sample = TokenSampler(make_sampler(temperature), None, inputs["input_ids"][0], seed=seed)
+        out, _ = _speculative_round(model, drafter, sample, prompt_cache, token, hidden, 1, DraftLength(1))
+        firsts[out[0][0]] += 1
+        if len(out) == 2:
+            seconds[out[1][0]] += 1
+    softmax = lambda x, t: np.array(mx.softmax(x / t).tolist())  # noqa: E731
+    for counts, scores in ((firsts, target), (seconds, after)):
+        statistic, dof = chi_square(counts, softmax(scores, temperature))
+        assert statistic < chi_square_bound(dof), (statistic, dof)
+    statistic, dof = chi_square(firsts, softmax(target, 0.25))
+    assert statistic > chi_square_bound(dof)
+    assert seconds.sum() == firsts[draft] > draws / 4
+
+
+def test_cli_generate_with_a_draft_model(demo_home, tmp_path):
+    """`generate --demo --draft-model FOLDER` (a random assistant for the demo, saved as a checkpoint
+    folder): the same reply as without, and the summary line reports the drafting."""
+    from test_demo_cli import cli
+
+    target = load_model(demo_home / "demo-v1")
+    folder = tmp_path / "assistant"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(assistant_config(target, hidden=32, intermediate=64)))
+    drafter = random_drafter(target, mx.float32, hidden=32, intermediate=64)
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(drafter.parameters())))
+    args = ("generate", "--demo", "--prompt", "Hello", "--max-tokens", "12")
+    plain, drafted = cli(*args, home=demo_home), cli(*args, "--draft-model", str(folder), home=demo_home)
+    assert plain.returncode == drafted.returncode == 0, drafted.stderr
+    assert drafted.stdout == plain.stdout and "drafted" in drafted.stderr and "drafted" not in plain.stderr
