@@ -11,6 +11,8 @@ decoder.TextModel), so the last layer's MLP and the 262,144-wide head run for on
 never ends inside an image or video-frame block (the block's tokens see each other both ways, so
 they must reach the cache together). Greedy decoding takes the argmax of the raw logits and leaves
 each step's log-probabilities lazy: they cost a pass over the vocabulary only if someone reads them.
+speculative.py (decoding with a drafter) and batch.py (many sequences at once) build on prefill,
+decode and TokenSampler.
 """
 
 from __future__ import annotations

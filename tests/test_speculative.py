@@ -164,7 +164,8 @@ def test_two_prompt_cache_turns(models):
 
 
 def test_stopping_mid_round_keeps_cache_consistent(models):
-    """A caller that stops after a drafted token leaves the caches holding exactly PromptCache.tokens."""
+    """A caller that stops after a drafted token (the chat's Ctrl-C) leaves the caches holding exactly
+    PromptCache.tokens, and the next turn on them decodes as a cold start does."""
     model, drafters = models
     cache = PromptCache(model)
     steps = speculative_step(model, drafters["passthrough"], text_prompt(), cache, make_sampler(0.0),
@@ -174,6 +175,9 @@ def test_stopping_mid_round_keeps_cache_consistent(models):
             break
     steps.close()
     assert all(c.offset == len(cache.tokens) for c in cache.caches)
+    follow = {"input_ids": mx.array([cache.tokens + text_prompt(5, seed=9)["input_ids"][0].tolist()], dtype=mx.int32)}
+    assert run(model, follow, cache, drafters["passthrough"]) == run(model, follow, PromptCache(model))
+    assert cache.reused > 20
 
 
 def test_accepted_counts_equal_transformers(torch_models, models, monkeypatch):
