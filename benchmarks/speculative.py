@@ -51,11 +51,12 @@ class ReplayDrafter:
     def parameters(self) -> dict:
         return self.drafter.parameters()
 
-    def draft(self, target, shared_kv: dict, token: mx.array, hidden: mx.array, k: int) -> mx.array:
-        real = self.drafter.draft(target, shared_kv, token, hidden, k)
-        first = next(iter(shared_kv.values())).offset + 1  # the position of the first draft
+    def draft(self, target, shared_kvs: list[dict], tokens: mx.array, hidden: mx.array, k: int) -> mx.array:
+        """DraftModel.draft for one sequence: (1, k) proposals."""
+        real = self.drafter.draft(target, shared_kvs, tokens, hidden, k)
+        first = next(iter(shared_kvs[0].values())).offset + 1  # the position of the first draft
         proposals = [self._propose(p) for p in range(first, first + k)]
-        return mx.array(proposals, dtype=mx.int32) + 0 * real  # the drafter's work stays in the graph
+        return mx.array([proposals], dtype=mx.int32) + 0 * real  # the drafter's work stays in the graph
 
     def _propose(self, position: int) -> int:
         right = self.record[min(position, len(self.record) - 1)]

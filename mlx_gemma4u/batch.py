@@ -19,6 +19,10 @@ would need a second, padded formulation, where separate caches make them the sam
 row would attend over the longest row's keys. What they save, one attention call per layer instead
 of B, is the small part of a decode step: the weights, read once for all rows, are the large part.
 
+With a drafter (speculative.py), a step is one speculative round for every row: the rows draft K
+tokens together (the drafter's Linears batched the same way, each row attending to its own keys),
+one (B, K + 1) pass verifies them, and each row accepts, samples and rewinds by its own count.
+
 Exactness: MLX's CPU matmuls (float32, bfloat16, 4-bit) give each row of a (B, D) product bit for
 bit what the row gives alone, so batching the Linears changes no token; tests/test_batch.py checks
 whole greedy replies against stream_generate.
@@ -38,6 +42,7 @@ from .config import SLIDING
 from .decoder import RowSteps
 from .errors import Gemma4UError, InputError
 from .generate import ReplyText, TokenSampler, _check_sampling, check_context, prefill, prepare_inputs
+from .speculative import DraftLength, DraftStats
 
 SAMPLING = {"max_tokens": 256, "temperature": 0.0, "top_p": 0.0, "top_k": 0, "min_p": 0.0, "seed": None,
             "repetition_penalty": None, "presence_penalty": None, "frequency_penalty": None, "stop": None,
@@ -59,6 +64,7 @@ class BatchResponse:
     generation_tokens: int = 0
     generation_tps: float = 0.0  # this sequence's tokens over its own time from first to last token
     latency: float = 0.0  # seconds from submission to the last token (queueing included)
+    draft: DraftStats | None = None  # with a draft model: this sequence's drafting
 
 
 class _Sequence:
@@ -74,9 +80,13 @@ class _Sequence:
         self.token: mx.array | None = None  # the sampled, not yet handed out token, (1,)
         self.logprobs: mx.array | None = None  # its log-probabilities over the vocabulary
         self.sampler: TokenSampler | None = None
+        # Drafting: the (id, logprobs) a round produced, to hand out in order (all but the last are in
+        # the caches), and the (1, 1, D) hidden state that predicted the last.
+        self.pending: list[tuple[int, mx.array]] = []
+        self.hidden: mx.array | None = None
 
-    def start(self, model, prefill_step_size: int) -> None:
-        """Prefill alone and sample the first token (left pending)."""
+    def start(self, model, prefill_step_size: int, drafting: bool = False) -> None:
+        """Prefill alone and sample the first token (left pending; with its hidden state if drafting)."""
         s = self.settings
         sampler = make_sampler(temp=s["temperature"], top_p=s["top_p"], top_k=s["top_k"], min_p=s["min_p"])
         processors = make_logits_processors(repetition_penalty=s["repetition_penalty"],
@@ -84,18 +94,35 @@ class _Sequence:
                                             frequency_penalty=s["frequency_penalty"])
         self.sampler = TokenSampler(sampler, processors, self.inputs["input_ids"][0], s["seed"])
         begin = time.perf_counter()
-        logits = prefill(model, self.inputs, self.prompt_cache, prefill_step_size)
+        out = prefill(model, self.inputs, self.prompt_cache, prefill_step_size, return_hidden=drafting)
+        logits, self.hidden = out if drafting else (out, None)
         self.token, self.logprobs = self.sampler(logits)
         mx.eval(self.token)
+        if drafting:
+            self.pending, self.response.draft = [(self.token.item(), self.logprobs)], DraftStats()
         r = self.response
         r.prefilled_tokens = r.prompt_tokens - self.prompt_cache.reused
         self.first_token_at = time.perf_counter()
         r.prompt_tps = r.prefilled_tokens / max(self.first_token_at - begin, 1e-9)
         self.inputs = None  # the media arrays are no longer needed
 
-    def hand_out(self) -> tuple[int, str, str | None]:
-        """Take the pending token -> (token, text to show, finish reason or None)."""
-        value = self.token.item()
+    def take(self) -> list[tuple[int, mx.array, bool]]:
+        """The tokens to hand out now: (id, logprobs, from_draft), a round's accepted drafts then the
+        target's own token when drafting, else the one pending token."""
+        if not self.pending:
+            return [(self.token.item(), self.logprobs, False)]
+        n = len(self.pending) - 1
+        return [(value, logprobs, i < n) for i, (value, logprobs) in enumerate(self.pending)]
+
+    def leave(self, last: int) -> None:
+        """The sequence finished at pending token `last` (an index): drop the drafts after it from
+        the caches, so a caller's PromptCache holds what it says."""
+        extra = len(self.pending) - 2 - last  # the pending tokens in the caches: all but the final one
+        if extra > 0:
+            self.prompt_cache.keep(len(self.prompt_cache.tokens) - extra)
+
+    def hand_out(self, value: int) -> tuple[int, str, str | None]:
+        """Hand out token `value` -> (token, text to show, finish reason or None)."""
         r = self.response
         r.tokens.append(value)
         segment, finish = self.reply.add(value, last=len(r.tokens) == self.max_tokens)
@@ -122,7 +149,7 @@ class BatchGenerator:
     """
 
     def __init__(self, model, processor, max_batch: int = 8, max_kv_bytes: int | None = None,
-                 prefill_step_size: int = 512):
+                 prefill_step_size: int = 512, draft_model=None, num_draft_tokens: int | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch must be a positive integer, got {max_batch!r}.")
         if max_kv_bytes is not None and max_kv_bytes <= 0:
@@ -133,6 +160,10 @@ class BatchGenerator:
         self.logprobs: dict[int, mx.array] = {}  # of the token each sequence handed out last
         self._queue: deque[tuple[int, _Sequence]] = deque()
         self._active: dict[int, _Sequence] = {}
+        self.drafter = draft_model
+        if draft_model is not None:
+            self.draft_length = DraftLength.for_models(model, draft_model, num_draft_tokens)
+            self._plain_left, self._plain_seconds = 0, 0.0  # the plain stretch under way (K = 0)
 
     @property
     def done(self) -> bool:
@@ -173,16 +204,20 @@ class BatchGenerator:
         events = self._admit()
         going = []
         for uid, sequence in list(self._active.items()):
-            self.logprobs[uid] = sequence.logprobs
-            token, segment, finish = sequence.hand_out()
-            events.append((uid, token, segment, finish))
+            for n, (value, logprobs, _) in enumerate(sequence.take()):
+                self.logprobs[uid] = logprobs
+                token, segment, finish = sequence.hand_out(value)
+                events.append((uid, token, segment, finish))
+                if finish:
+                    break
             if finish:
                 # its caches go with it (unless the caller passed the PromptCache)
+                sequence.leave(n)
                 del self._active[uid], self.logprobs[uid]
             else:
                 going.append(sequence)
         if going:
-            self._decode(going)
+            self._decode(going) if self.drafter is None else self._draft(going)
         return events
 
     def cancel(self, uid: int) -> None:
@@ -198,7 +233,7 @@ class BatchGenerator:
         while self._queue and len(self._active) < self.max_batch and self._fits(self._queue[0][1]):
             uid, sequence = self._queue.popleft()
             try:
-                sequence.start(self.model, self.prefill_step_size)
+                sequence.start(self.model, self.prefill_step_size, drafting=self.drafter is not None)
             except Gemma4UError as error:
                 self._fail(uid, error)
                 events.append((uid, None, "", "error"))
@@ -220,16 +255,75 @@ class BatchGenerator:
             sequence.token, sequence.logprobs = sequence.sampler(logits[i:i + 1, -1])
         mx.async_eval([s.token for s in sequences])
 
+    def _draft(self, sequences: list[_Sequence]) -> None:
+        """One speculative round for all rows (speculative.py's, rows batched): each row's last token
+        and K drafts verified in one (B, K + 1) pass; each row keeps its own accepted length and is
+        rewound to it. K = 0: a plain step, within a plain stretch of DraftLength's length."""
+        if self._plain_left == 0:
+            k = min(self.draft_length.next(), self.model.config.text.sliding_window)
+            if k == 0:
+                self._plain_left, self._plain_seconds = self.draft_length.stretch, 0.0
+        else:
+            k = 0
+        last = mx.array([s.pending[-1][0] for s in sequences], dtype=mx.int32)
+        caches = [s.prompt_cache.caches for s in sequences]
+        start = time.perf_counter()
+        drafts = last[:, None][:, :0]
+        if k:
+            drafts = self.drafter.draft(self.model, [self.model.shared_kv(c) for c in caches], last,
+                                        mx.concatenate([s.hidden for s in sequences]), k)
+            mx.async_eval(drafts)
+        logits, hiddens = decode_rows(self.model, mx.concatenate([last[:, None], drafts], axis=1), caches,
+                                      return_hidden=True)
+        mx.async_eval(logits, hiddens)
+        proposed = drafts.tolist()
+        drafted = time.perf_counter()
+        verified = None
+        for i, sequence in enumerate(sequences):
+            out = []
+            for j in range(k + 1):
+                token, logprobs = sequence.sampler(logits[i:i + 1, j])
+                out.append((token.item(), logprobs))
+                verified = verified or time.perf_counter()
+                if j == k or out[-1][0] != proposed[i][j]:
+                    break
+            self._keep_round(sequence, out, proposed[i], hiddens[i:i + 1], k)
+            if k:
+                self.draft_length.drafted(k, len(out) - 1, drafted - start, verified - drafted)
+        if k == 0:
+            self._plain_left -= 1
+            self._plain_seconds += time.perf_counter() - start
+            if self._plain_left == 0:
+                self.draft_length.decoded(self.draft_length.stretch, self._plain_seconds)
+
+    @staticmethod
+    def _keep_round(sequence: _Sequence, out: list, proposed: list[int], hiddens: mx.array, k: int) -> None:
+        """A row's round: `out` its accepted drafts then the target's token -> pending; the caches
+        keep its last token and the accepted drafts."""
+        n = len(out) - 1
+        cache = sequence.prompt_cache
+        cache.tokens += [sequence.pending[-1][0], *proposed]
+        if n < k:
+            cache.keep(len(cache.tokens) - (k - n))
+        sequence.pending, sequence.hidden = out, hiddens[:, n:n + 1]
+        if k:
+            sequence.response.draft.add(k, n)
+        else:
+            sequence.response.draft.add_plain(1)
+
     def _fail(self, uid: int, error: Exception) -> None:
         self.responses[uid] = BatchResponse(finish_reason="error", error=str(error))
 
 
-def decode_rows(model, tokens: mx.array, caches: list[list]) -> mx.array:
-    """(B, 1) next tokens of B sequences and each one's caches -> (B, 1, vocab) logits, every row
-    exactly what the sequence's own `model(tokens[i:i+1], cache=caches[i])` gives."""
-    rows = RowSteps([model._step((1, 1), cache, None, None) for cache in caches])
+def decode_rows(model, tokens: mx.array, caches: list[list],
+                return_hidden: bool = False) -> mx.array | tuple[mx.array, mx.array]:
+    """(B, T) next tokens of B sequences and each one's caches -> (B, T, vocab) logits (and the
+    (B, T, D) hidden states if return_hidden), every row exactly what the sequence's own
+    `model(tokens[i:i+1], cache=caches[i])` gives."""
+    rows = RowSteps([model._step((1, tokens.shape[1]), cache, None, None) for cache in caches])
     per_slot = [tuple(cache[slot] for cache in caches) for slot in range(len(caches[0]))]
-    return model.logits(model.language_model(model.embed(tokens), rows, per_slot))
+    hidden = model.language_model(model.embed(tokens), rows, per_slot)
+    return (model.logits(hidden), hidden) if return_hidden else model.logits(hidden)
 
 
 def kv_bytes(model, n_tokens: int, kv_bits: int | None = None) -> int:
@@ -254,16 +348,19 @@ def kv_bytes(model, n_tokens: int, kv_bits: int | None = None) -> int:
 
 
 def batch_generate(model, processor, prompts: list, max_tokens: int = 256, max_batch: int = 8,
-                   max_kv_bytes: int | None = None, prefill_step_size: int = 512,
-                   **sampling) -> list[BatchResponse]:
+                   max_kv_bytes: int | None = None, prefill_step_size: int = 512, draft_model=None,
+                   num_draft_tokens: int | None = None, **sampling) -> list[BatchResponse]:
     """The replies to `prompts`, in order, decoded together.
 
     Each prompt is a prompt as stream_generate takes it, or a dict {"prompt": ..., "images": ...,
     "videos": ..., "audio": ..., and any setting}: its settings (max_tokens, temperature, top_p,
     top_k, min_p, seed, penalties, stop, kv_bits, prompt_cache) override the shared ones given here.
     A prompt that fails gets a response with finish_reason "error"; the others are unaffected.
+    draft_model / num_draft_tokens: speculative decoding as in stream_generate, every row keeping
+    its own accepted length (each response's .draft says how it went).
     """
-    generator = BatchGenerator(model, processor, max_batch, max_kv_bytes, prefill_step_size)
+    generator = BatchGenerator(model, processor, max_batch, max_kv_bytes, prefill_step_size, draft_model,
+                               num_draft_tokens)
     for prompt in prompts:
         own = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
         if "prompt" not in own:

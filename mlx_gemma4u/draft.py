@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten
 from . import cache as caches
 from . import checkpoints
 from .config import FULL, TextConfig, _check, _from_dict, _positive
-from .decoder import Step, TextModel
+from .decoder import RowSteps, Step, TextModel
 from .errors import CheckpointError, ConfigError
 
 MODEL_TYPE = "gemma4_unified_assistant"
@@ -105,7 +105,8 @@ class CentroidHead(nn.Module):
         ids = groups[top].reshape(B, L, -1)  # (B, L, k * tokens per centroid)
         rows = table(ids)  # (B, L, n, D)
         selected = (rows @ h[..., None]).squeeze(-1).astype(h.dtype)  # (B, L, n)
-        out = mx.full((B, L, table.weight.shape[0]), selected.min() - 1, dtype=selected.dtype)
+        floor = selected.min(axis=-1, keepdims=True) - 1  # per row, so rows drafting together do not mix
+        out = mx.broadcast_to(floor, (B, L, table.weight.shape[0]))
         return mx.put_along_axis(out, ids, selected, axis=-1)
 
 
@@ -144,17 +145,20 @@ class DraftModel(nn.Module):
         logits = self.masked_embedding(h, table) if "masked_embedding" in self else table.as_linear(h)
         return logits, self.post_projection(h)
 
-    def draft(self, target, shared_kv: dict, token: mx.array, hidden: mx.array, k: int) -> mx.array:
-        """k greedy draft tokens (k,) to follow `token` (1,), the last token, not yet in the target's
-        caches (`shared_kv`, Model.shared_kv); hidden (1, 1, Dt): the target's final-normed hidden
-        state that predicted it. Left unevaluated, so the k steps run as one graph."""
-        step = self.attend_to(shared_kv, next(iter(shared_kv.values())).offset)
+    def draft(self, target, shared_kvs: list[dict], tokens: mx.array, hidden: mx.array, k: int) -> mx.array:
+        """k greedy draft tokens (B, k) for each of B sequences: tokens (B,) their last tokens, not yet
+        in the target's caches (shared_kvs: each row's Model.shared_kv); hidden (B, 1, Dt): the
+        target's final-normed hidden states that predicted them. Rows draft together through every
+        Linear (decoder.RowSteps), each attending to its own keys. Left unevaluated, so the k steps
+        run as one graph."""
+        steps = [self.attend_to(kv, next(iter(kv.values())).offset) for kv in shared_kvs]
+        step = steps[0] if len(steps) == 1 else RowSteps(steps)
         drafts = []
         for _ in range(k):
-            logits, hidden = self(target.language_model.embed(token[None]), hidden, step)
-            token = mx.argmax(logits[0], axis=-1).astype(mx.int32)
-            drafts.append(token)
-        return mx.concatenate(drafts)
+            logits, hidden = self(target.language_model.embed(tokens[:, None]), hidden, step)
+            tokens = mx.argmax(logits[:, 0], axis=-1).astype(mx.int32)
+            drafts.append(tokens)
+        return mx.stack(drafts, axis=1)
 
     def sanitize(self, weights: dict) -> dict:
         """Checkpoint keys (transformers' names are ours) -> ours; the tied lm_head is dropped.

@@ -75,6 +75,12 @@ class DraftLength:
         self.stretch = self.FIRST_PLAIN
         self.probe = False  # a plain stretch just ended: try drafting once more
 
+    @classmethod
+    def for_models(cls, model, drafter, fixed: int | None = None) -> "DraftLength":
+        """K for `drafter` on `model`: `fixed`, or adaptive with a drafter step first guessed at the
+        drafter's share of the weights a decode step reads."""
+        return cls(fixed, _weight_bytes(drafter) / _weight_bytes(model.language_model))
+
     def next(self) -> int:
         """K for the next round; 0: decode the next `stretch` tokens plainly."""
         if self.fixed is not None:
@@ -150,11 +156,11 @@ def speculative_step(
     (accept with probability p(draft), else draw from p without the draft). The caches are then
     rewound to the accepted length, so they hold what PromptCache.tokens says, even if the caller
     stops in the middle of a round. draft_length: how K is chosen, or a fixed K (None: adaptive,
-    a drafter step first guessed at the drafter's share of the weights a decode step reads).
+    DraftLength.for_models).
     """
     stats = stats if stats is not None else DraftStats()
     if not isinstance(draft_length, DraftLength):
-        draft_length = DraftLength(draft_length, _weight_bytes(drafter) / _weight_bytes(model.language_model))
+        draft_length = DraftLength.for_models(model, drafter, draft_length)
     sample = TokenSampler(sampler, logits_processors, inputs["input_ids"][0])
     logits, hidden = prefill(model, inputs, prompt_cache, prefill_step_size, return_hidden=True)
     token, logprobs = sample(logits)
@@ -215,7 +221,7 @@ def _speculative_round(model, drafter, sample: TokenSampler, prompt_cache: Promp
     cache = prompt_cache.caches
     last = mx.array([token], dtype=mx.int32)
     start = time.perf_counter()
-    drafts = drafter.draft(model, model.shared_kv(cache), last, hidden, k)
+    drafts = drafter.draft(model, [model.shared_kv(cache)], last, hidden, k)[0]
     mx.async_eval(drafts)  # the drafter runs while the verify pass's graph is built
     logits, hiddens = model(mx.concatenate([last, drafts])[None], cache=cache, logits_to_keep=k + 1,
                             return_hidden=True)

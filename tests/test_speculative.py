@@ -24,6 +24,7 @@ from transformers.generation import candidate_generator
 import draft_reference as dr
 import multimodal_inputs as mi
 import reference
+from mlx_gemma4u.batch import batch_generate
 from mlx_gemma4u.draft import load_draft_model
 from mlx_gemma4u.errors import ConfigError
 from mlx_gemma4u.generate import PromptCache, TokenSampler, generate_step, prefill, stream_generate
@@ -126,8 +127,8 @@ def test_first_draft_steps_equal_transformers(head, torch_models, models):
         np.testing.assert_allclose(np.array(got_logits), want_logits, atol=tolerance, rtol=0)
         np.testing.assert_allclose(np.array(hidden), want_hidden, atol=tolerance, rtol=0)
         token = mx.argmax(got_logits[0], axis=-1)
-    drafts = ours[head].draft(model, model.shared_kv(cache), *first, 3)
-    assert drafts.tolist() == [int(np.argmax(e[0])) for e in expected]
+    drafts = ours[head].draft(model, [model.shared_kv(cache)], *first, 3)
+    assert drafts.tolist() == [[int(np.argmax(e[0])) for e in expected]]
 
 
 @pytest.mark.parametrize("name", ["text", "one_image", "audio"])
@@ -412,3 +413,31 @@ def test_cli_generate_with_a_draft_model(demo_home, tmp_path):
     plain, drafted = cli(*args, home=demo_home), cli(*args, "--draft-model", str(folder), home=demo_home)
     assert plain.returncode == drafted.returncode == 0, drafted.stderr
     assert drafted.stdout == plain.stdout and "drafted" in drafted.stderr and "drafted" not in plain.stderr
+
+
+@pytest.mark.parametrize("k", [K, None])
+def test_batched_speculative_rows_keep_their_own_accepted_lengths(k, models, processor):
+    """Six prompts of different lengths decoded together with the passthrough drafter (fixed K, and
+    adaptive): each row's tokens are its plain greedy tokens alone, rows accept different numbers of
+    drafts in the same round (no clamping to the batch's shortest), and a row that stops early
+    (max_tokens 9, mid-round) leaves its PromptCache holding exactly what it handed out."""
+    model, drafters = models
+    bos = processor.tokenizer.bos_token_id  # batch_generate, as stream_generate, starts every prompt with it
+    prompts = [[bos, *text_prompt(n, seed=s)["input_ids"][0].tolist()] for n, s in ((13, 2), (5, 3), (21, 4), (9, 5),
+                                                                                    (16, 6))]
+    early = PromptCache(model)
+    requests = [*prompts, {"prompt": prompts[0], "max_tokens": 9, "prompt_cache": early}]
+    responses = batch_generate(model, processor, requests, max_tokens=40, draft_model=drafters["passthrough"],
+                               num_draft_tokens=k)
+    for prompt, response in zip(prompts, responses):
+        assert response.tokens == run(model, {"input_ids": mx.array([prompt], dtype=mx.int32)}, PromptCache(model),
+                                      max_tokens=40)
+    assert responses[5].tokens == responses[0].tokens[:9]
+    kept = early.tokens[len(prompts[0]):]  # the handed-out tokens in the caches (the last one may not be)
+    assert all(c.offset == len(early.tokens) for c in early.caches) and kept == responses[5].tokens[:len(kept)]
+    assert len(kept) >= 8
+    stats = [r.draft for r in responses[:5]]
+    assert sum(s.accepted for s in stats) > 0
+    if k:
+        rounds = list(zip(*(s.rounds for s in stats)))  # the rounds all rows took part in
+        assert any(len(set(r)) > 1 for r in rounds), rounds

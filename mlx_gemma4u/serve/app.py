@@ -425,7 +425,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-local-files", action="store_true",
                         help="let requests name media by local path (off: data: URIs and http(s) URLs only)")
     parser.add_argument("--draft-model", metavar="PATH",
-                        help="a Gemma 4 MTP assistant for speculative decoding (requests then run one at a time)")
+                        help="a Gemma 4 MTP assistant for speculative decoding (the batch drafts together, each "
+                             "request keeping its own accepted drafts)")
     parser.add_argument("--max-concurrency", type=int, default=8,
                         help="requests decoded together (batched; default 8); more wait in the queue")
     parser.add_argument("--max-queue", type=int, default=16,

@@ -78,14 +78,16 @@ class Worker:
         try:
             self.model, self.processor = load()
             drafter = self._load_drafter() if self._load_drafter else None
-            generator = None if drafter else BatchGenerator(self.model, self.processor, max_batch=self.max_concurrency)
+
+            def new_generator() -> BatchGenerator:
+                return BatchGenerator(self.model, self.processor, max_batch=self.max_concurrency, draft_model=drafter)
+
+            generator = new_generator()
         except BaseException as e:  # handed to the constructor, which raises it
             self._load_error = e
             return
         finally:
             self._loaded.set()
-        if drafter is not None:
-            return self._serve_drafting(drafter)
         running: dict[int, tuple[Request, Any, str]] = {}  # uid -> (request, its cache, its prompt)
         while True:
             try:
@@ -96,36 +98,11 @@ class Worker:
                 for uid in list(running):
                     running[uid][0].emit(e)
                     self._finish(running, uid)
-                generator = BatchGenerator(self.model, self.processor, max_batch=self.max_concurrency)
+                generator = new_generator()
             for uid, (request, _, _) in list(running.items()):
                 if request.cancelled.is_set() or time.monotonic() > request.deadline:
                     generator.cancel(uid)
                     self._finish(running, uid)
-
-    def _serve_drafting(self, drafter) -> None:
-        """With a drafter, requests run one at a time through stream_generate's speculative loop
-        (the batching engine does not draft yet)."""
-        from ..generate import stream_generate
-
-        while True:
-            request = self._queue.get()
-            cache = None
-            try:
-                if request.cancelled.is_set():
-                    continue
-                prompt, media = self._render(request)
-                cache = self._cache_for(prompt, request.options.get("kv_bits"))
-                for response in stream_generate(self.model, self.processor, prompt, prompt_cache=cache,
-                                                draft_model=drafter, **media, **request.options):
-                    request.emit(response)
-                    if request.cancelled.is_set() or time.monotonic() > request.deadline:
-                        break
-            except Exception as e:  # reported to that request's client; the worker keeps serving
-                request.emit(e)
-            finally:
-                if cache is not None:
-                    self._keep(cache, prompt)
-                self._close(request)
 
     def _admit(self, generator, running: dict, wait: bool) -> None:
         """Hand the engine waiting requests while it has room (blocking for one when nothing runs);
