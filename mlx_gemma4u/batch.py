@@ -42,7 +42,7 @@ from .config import SLIDING
 from .decoder import RowSteps
 from .errors import Gemma4UError, InputError
 from .generate import ReplyText, TokenSampler, _check_sampling, check_context, prefill, prepare_inputs
-from .speculative import DraftLength, DraftStats
+from .speculative import DraftLength, DraftStats, settle, verify
 
 SAMPLING = {"max_tokens": 256, "temperature": 0.0, "top_p": 0.0, "top_k": 0, "min_p": 0.0, "seed": None,
             "repetition_penalty": None, "presence_penalty": None, "frequency_penalty": None, "stop": None,
@@ -278,15 +278,10 @@ class BatchGenerator:
         mx.async_eval(logits, hiddens)
         proposed = drafts.tolist()
         drafted = time.perf_counter()
-        verified = None
+        mx.eval(logits)
+        verified = time.perf_counter()
         for i, sequence in enumerate(sequences):
-            out = []
-            for j in range(k + 1):
-                token, logprobs = sequence.sampler(logits[i:i + 1, j])
-                out.append((token.item(), logprobs))
-                verified = verified or time.perf_counter()
-                if j == k or out[-1][0] != proposed[i][j]:
-                    break
+            out = verify(sequence.sampler, logits[i:i + 1], proposed[i])
             self._keep_round(sequence, out, proposed[i], hiddens[i:i + 1], k)
             if k:
                 self.draft_length.drafted(k, len(out) - 1, drafted - start, verified - drafted)
@@ -301,10 +296,7 @@ class BatchGenerator:
         """A row's round: `out` its accepted drafts then the target's token -> pending; the caches
         keep its last token and the accepted drafts."""
         n = len(out) - 1
-        cache = sequence.prompt_cache
-        cache.tokens += [sequence.pending[-1][0], *proposed]
-        if n < k:
-            cache.keep(len(cache.tokens) - (k - n))
+        settle(sequence.prompt_cache, sequence.pending[-1][0], proposed, n)
         sequence.pending, sequence.hidden = out, hiddens[:, n:n + 1]
         if k:
             sequence.response.draft.add(k, n)

@@ -192,6 +192,26 @@ def speculative_step(
         emitted += len(out)
 
 
+def verify(sample: TokenSampler, logits: mx.array, proposed: list[int]) -> list[tuple[int, mx.array]]:
+    """Draw the target's token at each of the (1, k + 1, vocab) verify logits in turn until one
+    differs from its draft in `proposed` (k of them) or all k matched -> [(id, logprobs)]: the
+    accepted drafts, then the target's own token."""
+    out = []
+    for i in range(len(proposed) + 1):
+        drawn, logprobs = sample(logits[:, i])
+        out.append((drawn.item(), logprobs))
+        if i == len(proposed) or out[-1][0] != proposed[i]:
+            break
+    return out
+
+
+def settle(prompt_cache: PromptCache, token: int, proposed: list[int], n: int) -> None:
+    """The caches just ran `token` and the drafts `proposed`: keep `token` and the first n drafts."""
+    prompt_cache.tokens += [token, *proposed]
+    if n < len(proposed):
+        prompt_cache.keep(len(prompt_cache.tokens) - (len(proposed) - n))
+
+
 def _weight_bytes(module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
@@ -228,17 +248,10 @@ def _speculative_round(model, drafter, sample: TokenSampler, prompt_cache: Promp
     mx.async_eval(logits, hiddens)
     proposed = drafts.tolist()
     drafted = time.perf_counter()
-    out = []
-    for i in range(k + 1):
-        drawn, logprobs = sample(logits[:, i])
-        out.append((drawn.item(), logprobs))
-        if i == 0:
-            verified = time.perf_counter()
-        if i == k or out[-1][0] != proposed[i]:
-            break
+    mx.eval(logits)
+    verified = time.perf_counter()
+    out = verify(sample, logits, proposed)
     n = len(out) - 1
     draft_length.drafted(k, n, drafted - start, verified - drafted)
-    prompt_cache.tokens += [token, *proposed]
-    if n < k:
-        prompt_cache.keep(len(prompt_cache.tokens) - (k - n))
+    settle(prompt_cache, token, proposed, n)
     return out, hiddens[:, n:n + 1]
