@@ -106,13 +106,10 @@ class _Sequence:
         r.prompt_tps = r.prefilled_tokens / max(self.first_token_at - begin, 1e-9)
         self.inputs = None  # the media arrays are no longer needed
 
-    def take(self) -> list[tuple[int, mx.array, bool]]:
-        """The tokens to hand out now: (id, logprobs, from_draft), a round's accepted drafts then the
-        target's own token when drafting, else the one pending token."""
-        if not self.pending:
-            return [(self.token.item(), self.logprobs, False)]
-        n = len(self.pending) - 1
-        return [(value, logprobs, i < n) for i, (value, logprobs) in enumerate(self.pending)]
+    def take(self) -> list[tuple[int, mx.array]]:
+        """The (id, logprobs) to hand out now: a round's accepted drafts then the target's own token
+        when drafting, else the one pending token."""
+        return self.pending or [(self.token.item(), self.logprobs)]
 
     def leave(self, last: int) -> None:
         """The sequence finished at pending token `last` (an index): drop the drafts after it from
@@ -204,7 +201,7 @@ class BatchGenerator:
         events = self._admit()
         going = []
         for uid, sequence in list(self._active.items()):
-            for n, (value, logprobs, _) in enumerate(sequence.take()):
+            for n, (value, logprobs) in enumerate(sequence.take()):
                 self.logprobs[uid] = logprobs
                 token, segment, finish = sequence.hand_out(value)
                 events.append((uid, token, segment, finish))
@@ -216,8 +213,10 @@ class BatchGenerator:
                 del self._active[uid], self.logprobs[uid]
             else:
                 going.append(sequence)
-        if going:
-            self._decode(going) if self.drafter is None else self._draft(going)
+        if going and self.drafter is None:
+            self._decode(going)
+        elif going:
+            self._draft(going)
         return events
 
     def cancel(self, uid: int) -> None:
