@@ -39,10 +39,9 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .cache import PromptCache, rewind_room
 from .config import SLIDING
-from .decoder import RowSteps
 from .errors import Gemma4UError, InputError
 from .generate import ReplyText, TokenSampler, _check_sampling, check_context, prefill, prepare_inputs
-from .speculative import DraftLength, DraftStats, settle, verify
+from .speculative import DraftLength, DraftStats, draft_and_verify, settle, verify
 
 SAMPLING = {"max_tokens": 256, "temperature": 0.0, "top_p": 0.0, "top_k": 0, "min_p": 0.0, "seed": None,
             "repetition_penalty": None, "presence_penalty": None, "frequency_penalty": None, "stop": None,
@@ -248,7 +247,7 @@ class BatchGenerator:
     def _decode(self, sequences: list[_Sequence]) -> None:
         """One step for all rows: feed each row's handed-out token, sample each row's next one."""
         tokens = mx.concatenate([s.token for s in sequences])[:, None]
-        logits = decode_rows(self.model, tokens, [s.prompt_cache.caches for s in sequences])
+        logits = self.model.rows(tokens, [s.prompt_cache.caches for s in sequences])
         for i, sequence in enumerate(sequences):
             sequence.prompt_cache.tokens.append(sequence.response.tokens[-1])
             sequence.token, sequence.logprobs = sequence.sampler(logits[i:i + 1, -1])
@@ -265,25 +264,15 @@ class BatchGenerator:
         else:
             k = 0
         last = mx.array([s.pending[-1][0] for s in sequences], dtype=mx.int32)
-        caches = [s.prompt_cache.caches for s in sequences]
         start = time.perf_counter()
-        drafts = last[:, None][:, :0]
-        if k:
-            drafts = self.drafter.draft(self.model, [self.model.shared_kv(c) for c in caches], last,
-                                        mx.concatenate([s.hidden for s in sequences]), k)
-            mx.async_eval(drafts)
-        logits, hiddens = decode_rows(self.model, mx.concatenate([last[:, None], drafts], axis=1), caches,
-                                      return_hidden=True)
-        mx.async_eval(logits, hiddens)
-        proposed = drafts.tolist()
-        drafted = time.perf_counter()
-        mx.eval(logits)
-        verified = time.perf_counter()
+        proposed, logits, hiddens, draft_seconds, pass_seconds = draft_and_verify(
+            self.model, self.drafter, [s.prompt_cache.caches for s in sequences], last,
+            mx.concatenate([s.hidden for s in sequences]), k)
         for i, sequence in enumerate(sequences):
             out = verify(sequence.sampler, logits[i:i + 1], proposed[i])
             self._keep_round(sequence, out, proposed[i], hiddens[i:i + 1], k)
             if k:
-                self.draft_length.drafted(k, len(out) - 1, drafted - start, verified - drafted)
+                self.draft_length.drafted(k, len(out) - 1, draft_seconds, pass_seconds)
         if k == 0:
             self._plain_left -= 1
             self._plain_seconds += time.perf_counter() - start
@@ -304,17 +293,6 @@ class BatchGenerator:
 
     def _fail(self, uid: int, error: Exception) -> None:
         self.responses[uid] = BatchResponse(finish_reason="error", error=str(error))
-
-
-def decode_rows(model, tokens: mx.array, caches: list[list],
-                return_hidden: bool = False) -> mx.array | tuple[mx.array, mx.array]:
-    """(B, T) next tokens of B sequences and each one's caches -> (B, T, vocab) logits (and the
-    (B, T, D) hidden states if return_hidden), every row exactly what the sequence's own
-    `model(tokens[i:i+1], cache=caches[i])` gives."""
-    rows = RowSteps([model._step((1, tokens.shape[1]), cache, None, None) for cache in caches])
-    per_slot = [tuple(cache[slot] for cache in caches) for slot in range(len(caches[0]))]
-    hidden = model.language_model(model.embed(tokens), rows, per_slot)
-    return (model.logits(hidden), hidden) if return_hidden else model.logits(hidden)
 
 
 def kv_bytes(model, n_tokens: int, kv_bits: int | None = None) -> int:

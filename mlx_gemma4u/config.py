@@ -288,11 +288,14 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> "ModelConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path} does not exist: a model folder needs a config.json.")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path} is not readable JSON ({e}).") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config(Path(path), "a model folder"))
+
+
+def read_config(path: Path, folder: str) -> object:
+    """The parsed config.json at `path` (a model's or a drafter's: `folder` names which, for the error)."""
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: {folder} needs a config.json.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not readable JSON ({e}).") from None

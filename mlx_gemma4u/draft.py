@@ -19,7 +19,6 @@ the lowest selected logit minus one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from mlx.utils import tree_flatten
 
 from . import cache as caches
 from . import checkpoints
-from .config import FULL, TextConfig, _check, _from_dict, _positive
+from .config import FULL, TextConfig, _check, _from_dict, _positive, read_config
 from .decoder import RowSteps, Step, TextModel
 from .errors import CheckpointError, ConfigError
 
@@ -78,13 +77,7 @@ class DraftConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> "DraftConfig":
-        if not path.is_file():
-            raise ConfigError(f"{path} does not exist: a drafter folder needs a config.json.")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path} is not readable JSON ({e}).") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config(path, "a drafter folder"))
 
 
 class CentroidHead(nn.Module):

@@ -18,7 +18,7 @@ from . import cache as caches
 from . import checkpoints
 from .audio import AudioEmbedder
 from .config import FULL, ModelConfig
-from .decoder import Step, TextModel
+from .decoder import RowSteps, Step, TextModel
 from .errors import CheckpointError, InputError
 from .kernels import softcap
 from .masks import SEMANTICS, build_mask, vision_blocks
@@ -64,6 +64,17 @@ class Model(nn.Module):
         h = self.embed(input_ids, **media) if inputs_embeds is None else inputs_embeds
         step = self._step(input_ids.shape, cache, attention_mask, mm_token_type_ids)
         hidden = self.language_model(h, step, cache, keep=logits_to_keep)
+        return (self.logits(hidden), hidden) if return_hidden else self.logits(hidden)
+
+    def rows(self, tokens: mx.array, caches: list[list],
+             return_hidden: bool = False) -> mx.array | tuple[mx.array, mx.array]:
+        """(B, T) next tokens of B independent sequences, caches[i] row i's caches -> (B, T, vocab)
+        logits (and the (B, T, D) hidden states if return_hidden), every row exactly what
+        `self(tokens[i:i+1], cache=caches[i])` gives: the Linears run for all rows at once, attention
+        per row against its own caches (decoder.RowSteps)."""
+        rows = RowSteps([self._step((1, tokens.shape[1]), cache, None, None) for cache in caches])
+        per_slot = [tuple(cache[slot] for cache in caches) for slot in range(len(caches[0]))]
+        hidden = self.language_model(self.embed(tokens), rows, per_slot)
         return (self.logits(hidden), hidden) if return_hidden else self.logits(hidden)
 
     def embed(

@@ -192,6 +192,25 @@ def speculative_step(
         emitted += len(out)
 
 
+def draft_and_verify(model, drafter, caches: list[list], last: mx.array, hidden: mx.array,
+                     k: int) -> tuple[list[list[int]], mx.array, mx.array, float, float]:
+    """B sequences' last tokens (B,), not in their caches yet ((B, 1, Dt) hidden: the states that
+    predicted them): draft k tokens each, run the target once over the last token and the drafts ->
+    (the drafts, B lists of k; the (B, k + 1, vocab) verify logits; the (B, k + 1, D) hidden
+    states; the drafter's seconds; the verify pass's seconds). k = 0: a plain step."""
+    start = time.perf_counter()
+    drafts = last[:, None][:, :0]
+    if k:
+        drafts = drafter.draft(model, [model.shared_kv(c) for c in caches], last, hidden, k)
+        mx.async_eval(drafts)  # the drafter runs while the verify pass's graph is built
+    logits, hiddens = model.rows(mx.concatenate([last[:, None], drafts], axis=1), caches, return_hidden=True)
+    mx.async_eval(logits, hiddens)
+    proposed = drafts.tolist()
+    drafted = time.perf_counter()
+    mx.eval(logits)
+    return proposed, logits, hiddens, drafted - start, time.perf_counter() - drafted
+
+
 def verify(sample: TokenSampler, logits: mx.array, proposed: list[int]) -> list[tuple[int, mx.array]]:
     """Draw the target's token at each of the (1, k + 1, vocab) verify logits in turn until one
     differs from its draft in `proposed` (k of them) or all k matched -> [(id, logprobs)]: the
@@ -238,20 +257,10 @@ def _speculative_round(model, drafter, sample: TokenSampler, prompt_cache: Promp
     -> ([(id, logprobs)] accepted drafts then the target's token, the (1, 1, D) hidden state that
     predicted that last one). The caches end holding `token` and the accepted drafts; draft_length
     hears what the round cost and how much of it was accepted."""
-    cache = prompt_cache.caches
-    last = mx.array([token], dtype=mx.int32)
-    start = time.perf_counter()
-    drafts = drafter.draft(model, [model.shared_kv(cache)], last, hidden, k)[0]
-    mx.async_eval(drafts)  # the drafter runs while the verify pass's graph is built
-    logits, hiddens = model(mx.concatenate([last, drafts])[None], cache=cache, logits_to_keep=k + 1,
-                            return_hidden=True)
-    mx.async_eval(logits, hiddens)
-    proposed = drafts.tolist()
-    drafted = time.perf_counter()
-    mx.eval(logits)
-    verified = time.perf_counter()
-    out = verify(sample, logits, proposed)
+    proposed, logits, hiddens, draft_seconds, pass_seconds = draft_and_verify(
+        model, drafter, [prompt_cache.caches], mx.array([token], dtype=mx.int32), hidden, k)
+    out = verify(sample, logits, proposed[0])
     n = len(out) - 1
-    draft_length.drafted(k, n, drafted - start, verified - drafted)
-    settle(prompt_cache, token, proposed, n)
+    draft_length.drafted(k, n, draft_seconds, pass_seconds)
+    settle(prompt_cache, token, proposed[0], n)
     return out, hiddens[:, n:n + 1]
