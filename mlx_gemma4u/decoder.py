@@ -25,6 +25,7 @@ from mlx_lm.models.base import scaled_dot_product_attention
 
 from .config import LayerSpec, TextConfig
 from .kernels import gelu_mul, norm_rope, residual_norm
+from .linear import Embedding, Linear
 from .rope import RoPE
 
 
@@ -82,14 +83,14 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, spec.num_kv_heads, spec.head_dim
         self.eps = config.rms_norm_eps
         self.reuse, self.store = spec.kv_mode == "reuse", spec.kv_mode == "store"
-        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.q_proj = Linear(dim, self.n_heads * self.head_dim, bias=bias)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=self.eps)
         if not self.reuse:
-            self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+            self.k_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=self.eps)
             if not spec.k_eq_v:
-                self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+                self.v_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, dim, bias=bias)
         self.rope = RoPE(self.head_dim, config.rope_parameters[spec.layer_type])
 
     def _project_kv(self, x: mx.array) -> tuple[mx.array, mx.array]:
@@ -154,9 +155,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden, bias=False)
+        self.up_proj = Linear(dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(gelu_mul(self.gate_proj(x), self.up_proj(x)))
@@ -202,7 +203,7 @@ class TextModel(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config, spec) for spec in config.layers]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         owners = [i for i, spec in enumerate(config.layers) if spec.kv_mode != "reuse"]

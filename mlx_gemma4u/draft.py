@@ -32,6 +32,7 @@ from . import checkpoints
 from .config import FULL, TextConfig, _check, _from_dict, _positive, read_config
 from .decoder import RowSteps, Step, TextModel
 from .errors import CheckpointError, ConfigError
+from .linear import Linear
 
 MODEL_TYPE = "gemma4_unified_assistant"
 
@@ -86,7 +87,7 @@ class CentroidHead(nn.Module):
     def __init__(self, config: DraftConfig):
         super().__init__()
         self.top_k = config.centroid_intermediate_top_k
-        self.centroids = nn.Linear(config.text.hidden_size, config.num_centroids, bias=False)
+        self.centroids = Linear(config.text.hidden_size, config.num_centroids, bias=False)
         self.token_ordering = mx.zeros((config.text.vocab_size,), dtype=mx.int32)
 
     def __call__(self, h: mx.array, table: nn.Module) -> mx.array:
@@ -109,8 +110,8 @@ class DraftModel(nn.Module):
         self.config = config
         D, Dt = config.text.hidden_size, config.backbone_hidden_size
         self.model = TextModel(config.text)
-        self.pre_projection = nn.Linear(2 * Dt, D, bias=False)
-        self.post_projection = nn.Linear(D, Dt, bias=False)
+        self.pre_projection = Linear(2 * Dt, D, bias=False)
+        self.post_projection = Linear(D, Dt, bias=False)
         if config.use_ordered_embeddings:
             self.masked_embedding = CentroidHead(config)
 

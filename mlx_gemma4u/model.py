@@ -21,6 +21,7 @@ from .config import FULL, ModelConfig
 from .decoder import RowSteps, Step, TextModel
 from .errors import CheckpointError, InputError
 from .kernels import softcap
+from .linear import Linear
 from .masks import SEMANTICS, build_mask, vision_blocks
 from .multimodal import placeholder_positions, scatter_soft_tokens
 from .vision import VisionEmbedder
@@ -40,7 +41,7 @@ class Model(nn.Module):
         if config.audio is not None:
             self.embed_audio = AudioEmbedder(config.audio, text.hidden_size)
         if not text.tie_word_embeddings:
-            self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+            self.lm_head = Linear(text.hidden_size, text.vocab_size, bias=False)
 
     def __call__(
         self,

@@ -15,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import InputError
+from .linear import Linear
 
 PIECE = 512  # the widest run of products a float32 media Linear adds in one go
 
@@ -33,7 +34,7 @@ class MultimodalEmbedder(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.embedding_projection = nn.Linear(in_dim, out_dim, bias=False)
+        self.embedding_projection = Linear(in_dim, out_dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         dtype = compute_dtype(self.embedding_projection)

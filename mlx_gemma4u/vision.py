@@ -21,6 +21,7 @@ import numpy as np
 from .config import VisionConfig
 from .errors import InputError
 from .kernels import position_norm
+from .linear import Linear
 from .multimodal import MultimodalEmbedder, compute_dtype, kept_rows, project, two_step_mean
 
 LAYER_NORM_EPS = 1e-5
@@ -53,7 +54,7 @@ class VisionEmbedder(nn.Module):
         self.config = config
         dim = config.mm_embed_dim
         self.patch_ln1 = PatchLayerNorm(config.patch_values, eps=LAYER_NORM_EPS)
-        self.patch_dense = nn.Linear(config.patch_values, dim)
+        self.patch_dense = Linear(config.patch_values, dim)
         self.patch_ln2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.pos_embedding = mx.zeros((config.mm_posemb_size, 2, dim))
         self.pos_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)

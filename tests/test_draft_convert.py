@@ -102,7 +102,7 @@ def test_quantized_assistant_keeps_projections_centroids_norms_and_ordering_floa
         assert layer.input_layernorm.weight.dtype == layer.self_attn.q_norm.weight.dtype == mx.float32
     kept = [drafter.pre_projection, drafter.post_projection]
     kept += [drafter.masked_embedding.centroids] if head == "ordered" else []
-    assert all(type(layer) is nn.Linear and layer.weight.dtype == mx.float32 for layer in kept)
+    assert all(isinstance(layer, nn.Linear) and layer.weight.dtype == mx.float32 for layer in kept)  # not quantized
     assert drafter.model.norm.weight.dtype == mx.float32
     stored = mx.load(str(converted[head, name] / "model.safetensors"))
     assert not any(k.startswith(("pre_projection.", "post_projection.", "masked_embedding.centroids.")) and
@@ -162,7 +162,7 @@ def test_qat_assistant_gets_the_qat_recipe(sources, tmp_path):
     assert (drafter.model.layers[0].mlp.up_proj.bits, drafter.model.layers[0].mlp.up_proj.group_size) == (4, 32)
     assert drafter.model.layers[0].self_attn.q_proj.bits == 4
     assert (drafter.model.embed_tokens.bits, drafter.model.embed_tokens.group_size) == (8, 64)
-    assert type(drafter.pre_projection) is type(drafter.masked_embedding.centroids) is nn.Linear
+    assert all(isinstance(m, nn.Linear) for m in (drafter.pre_projection, drafter.masked_embedding.centroids))
 
 
 def test_layers_the_group_size_does_not_divide_stay_float(sources, states, tmp_path):
@@ -172,8 +172,8 @@ def test_layers_the_group_size_does_not_divide_stay_float(sources, states, tmp_p
                                        quiet=True).path)
     layer = drafter.model.layers[0]
     assert isinstance(layer.mlp.down_proj, nn.QuantizedLinear)
-    assert all(type(m) is nn.Linear for m in (layer.mlp.up_proj, layer.self_attn.q_proj, layer.self_attn.o_proj))
-    assert type(drafter.model.embed_tokens) is nn.Embedding
+    assert all(isinstance(m, nn.Linear) for m in (layer.mlp.up_proj, layer.self_attn.q_proj, layer.self_attn.o_proj))
+    assert isinstance(drafter.model.embed_tokens, nn.Embedding)  # (nn.Quantized* are not nn.Linear / nn.Embedding)
     assert np.isfinite(first_drafts(drafter, target, states)[0]).all()
 
 
