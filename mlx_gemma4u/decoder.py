@@ -24,6 +24,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 
 from .config import LayerSpec, TextConfig
+from .cpu_streams import in_pieces
 from .kernels import gelu_mul, norm_rope, residual_norm
 from .linear import Embedding, Linear
 from .rope import RoPE
@@ -69,6 +70,27 @@ class RowSteps:
 
     def __init__(self, steps: list[Step]):
         self.steps = steps
+
+
+def attention(q: mx.array, k, v, cache, mask) -> mx.array:
+    """(B, heads, T, D) queries over (B, kv_heads, K, D) keys and values (each a (data, scales,
+    biases) tuple from a quantized cache), scale 1 -> (B, heads, T, D); in pieces of heads on the
+    CPU's cores (cpu_streams.py): of key-value heads with the queries of their group, or of query
+    heads when they all share one key-value head."""
+    quantized = isinstance(k, (tuple, list))
+    kv_heads, n_keys = (k[0] if quantized else k).shape[1:3]
+    group = q.shape[1] // kv_heads if kv_heads > 1 else 1
+
+    def heads(a, lo, hi):
+        if kv_heads == 1:
+            return a
+        return tuple(part[:, lo:hi] for part in a) if quantized else a[:, lo:hi]
+
+    def run(lo, hi):
+        return scaled_dot_product_attention(q[:, lo * group:hi * group], heads(k, lo, hi), heads(v, lo, hi), cache,
+                                            scale=1.0, mask=mask)
+
+    return in_pieces(run, q.shape[1] // group, 2 * q.size * n_keys, axis=1)
 
 
 def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
@@ -118,10 +140,8 @@ class Attention(nn.Module):
         B, T, _ = projected_q.shape
         q = norm_rope(projected_q.reshape(B, T, self.n_heads, self.head_dim), self.q_norm.weight, self.eps,
                       self.rope, step.offset)
-        n_keys = (k[0] if isinstance(k, (tuple, list)) else k).shape[2]  # quantized: (data, scales, biases)
-        mask = step.mask(self.layer_type, cache, n_keys)
-        out = scaled_dot_product_attention(q, k, v, cache, scale=1.0, mask=mask)
-        return out.transpose(0, 2, 1, 3).reshape(B, T, -1)
+        mask = step.mask(self.layer_type, cache, (k[0] if isinstance(k, (tuple, list)) else k).shape[2])
+        return attention(q, k, v, cache, mask).transpose(0, 2, 1, 3).reshape(B, T, -1)
 
     def __call__(self, x: mx.array, step: "Step | RowSteps", cache=None, keep: int = 0) -> mx.array:
         """(B, T, D) -> (B, T, D), or (B, keep, D) for the last `keep` positions only: keys and values

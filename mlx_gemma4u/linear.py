@@ -1,60 +1,22 @@
-"""The model's Linear and Embedding layers: mlx.nn's, with large matmuls spread over the CPU's cores.
-
-MLX's CPU backend runs the ops of a stream on one thread, and its matmuls (reference BLAS for
-float32 on Linux, its own loops for bfloat16 and quantized weights) stay on that thread: on an
-N-core machine N - 1 cores idle through every projection and the output head. Here a large matmul
-is cut by output rows into one piece per core (each of at least SPLIT_MACS multiply-adds), each
-piece computed on a CPU stream of its own, and the pieces are concatenated. Each output is still the same dot
-product over the same inputs in the same order, so the result is bit-identical to the unsplit
-matmul (tests/test_linear.py); measured 1.9x on 2 cores for the 262,144-wide head.
-
-On a GPU nothing changes: its one stream already fills it. MLX_GEMMA4U_CPU_CORES=1 turns the
-split off (to measure it, or to leave cores to other work).
+"""The model's Linear and Embedding layers: mlx.nn's, with large matmuls cut by output rows into one
+piece per CPU core (cpu_streams.py); bit-identical to mlx.nn's layers.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
-SPLIT_MACS = 1 << 20  # below about this many multiply-adds the streams' hand-over costs more than it saves
-_local = threading.local()  # MLX streams belong to the thread that made them
-
-
-def cpu_cores() -> int:
-    """How many pieces a large CPU matmul is cut into: MLX_GEMMA4U_CPU_CORES, else the usable cores."""
-    setting = os.environ.get("MLX_GEMMA4U_CPU_CORES")
-    if setting:
-        return max(1, int(setting))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _streams(n: int) -> list:
-    """n - 1 extra CPU streams of this thread (piece 0 runs on the caller's stream)."""
-    streams = getattr(_local, "streams", [])
-    if len(streams) < n - 1:
-        streams = _local.streams = streams + [mx.new_stream(mx.cpu) for _ in range(n - 1 - len(streams))]
-    return streams
+from .cpu_streams import in_pieces
 
 
 def spread(matmul: Callable[..., mx.array], x: mx.array, *weights: mx.array) -> mx.array:
-    """matmul(x, *weights) -> (..., N), where every weight is (N, ...) by output row, computed in
-    pieces of rows on one CPU stream per core when the product is large enough to pay for it."""
+    """matmul(x, *weights) -> (..., N), where every weight is (N, ...) by output row, in pieces of
+    rows on the CPU's cores when the product is large enough to pay for it."""
     rows = weights[0].shape[0]
-    macs = x.size * rows
-    n = min(cpu_cores(), macs // SPLIT_MACS, rows)
-    if n < 2 or mx.default_device() != mx.cpu:
-        return matmul(x, *weights)
-    bounds = [rows * i // n for i in range(n + 1)]
-    pieces = [matmul(x, *(w[bounds[0]:bounds[1]] for w in weights))]
-    for stream, lo, hi in zip(_streams(n), bounds[1:-1], bounds[2:]):
-        with mx.stream(stream):
-            pieces.append(matmul(x, *(w[lo:hi] for w in weights)))
-    return mx.concatenate(pieces, axis=-1)
+    return in_pieces(lambda lo, hi: matmul(x, *(w[lo:hi] for w in weights)), rows, x.size * rows, axis=-1)
 
 
 def _times_transposed(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:

@@ -1,8 +1,10 @@
-"""The model's Linear and Embedding layers (mlx_gemma4u/linear.py).
+"""Work cut into pieces across CPU streams (mlx_gemma4u/cpu_streams.py): the Linear and Embedding
+layers (linear.py) and attention (decoder.attention).
 
-A large matmul is cut by output rows across CPU streams; every output must be bit-identical to
-mlx.nn's unsplit layer, for float and quantized weights, with and without a bias, from any thread,
-and quantizing our layers must give our quantized layers (so the split survives quantization).
+A large matmul is cut by output rows, attention by heads; every output must be bit-identical to
+the uncut op (mlx.nn's layer, MLX's attention), for float and quantized weights and caches, with
+and without a bias or a mask, from any thread, and quantizing our layers must give our quantized
+layers (so the cut survives quantization).
 """
 
 import threading
@@ -13,6 +15,9 @@ import numpy as np
 import pytest
 
 from mlx_gemma4u import linear
+from mlx_gemma4u import decoder
+
+sdpa = decoder.scaled_dot_product_attention
 
 ROWS, WIDTH = 12289, 256  # 3.1M multiply-adds a token: three pieces, of uneven size
 
@@ -39,7 +44,7 @@ def pieces(monkeypatch, x, rows) -> int:
 
 def test_a_large_product_is_cut_in_one_piece_per_core_and_a_small_one_is_not(three_cores, monkeypatch):
     assert pieces(monkeypatch, mx.zeros((1, 1, WIDTH)), ROWS) == 3
-    assert pieces(monkeypatch, mx.zeros((1, 8, WIDTH)), 1024) == 2  # 2M multiply-adds: two of SPLIT_MACS
+    assert pieces(monkeypatch, mx.zeros((1, 8, WIDTH)), 1024) == 2  # 2M multiply-adds: two of PIECE_WORK
     assert pieces(monkeypatch, mx.zeros((1, 1, 64)), 64) == 1  # 4K: the hand-over would cost more
     monkeypatch.setenv("MLX_GEMMA4U_CPU_CORES", "1")
     assert pieces(monkeypatch, mx.zeros((1, 1, WIDTH)), ROWS) == 1
@@ -98,3 +103,31 @@ def test_a_worker_thread_gets_streams_of_its_own(three_cores):
     worker.start()
     worker.join(timeout=60)
     assert results == [True]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("kv_heads", [1, 2, 3])
+@pytest.mark.parametrize("queries, mask", [(1, None), (40, "causal"), (40, "array")])
+def test_attention_in_pieces_of_heads_equals_mlx_attention_bit_for_bit(three_cores, monkeypatch, dtype, kv_heads,
+                                                                        queries, mask):
+    heads, keys, dim = 6, 3000, 64  # one query: 2.3M multiply-adds, two pieces
+    q = rand((1, heads, queries, dim), dtype, 5)
+    k, v = rand((1, kv_heads, keys, dim), dtype, 6), rand((1, kv_heads, keys, dim), dtype, 7)
+    if mask == "array":
+        mask = mx.array(np.random.default_rng(8).random((1, 1, queries, keys)) < 0.7)
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+    calls = []
+    monkeypatch.setattr(decoder, "scaled_dot_product_attention", lambda *a, **kw: calls.append(a) or sdpa(*a, **kw))
+    assert mx.array_equal(decoder.attention(q, k, v, None, mask), expected).item()
+    assert len(calls) == (2 if queries == 1 else 3 if kv_heads != 2 else 2)
+
+
+def test_attention_over_a_quantized_cache_in_pieces_equals_it_uncut(three_cores, monkeypatch):
+    class QuantizedCache:
+        bits, group_size = 8, 32
+
+    q = rand((1, 4, 40, 64), mx.bfloat16, 9)  # 4M multiply-adds: one piece per key-value head
+    k, v = (mx.quantize(rand((1, 2, 200, 64), mx.bfloat16, seed), group_size=32, bits=8) for seed in (10, 11))
+    cut = decoder.attention(q, k, v, QuantizedCache(), "causal")
+    monkeypatch.setenv("MLX_GEMMA4U_CPU_CORES", "1")
+    assert mx.array_equal(cut, decoder.attention(q, k, v, QuantizedCache(), "causal")).item()
