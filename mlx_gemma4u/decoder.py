@@ -74,7 +74,7 @@ class RowSteps:
 
 def attention(q: mx.array, k, v, cache, mask) -> mx.array:
     """(B, heads, T, D) queries over (B, kv_heads, K, D) keys and values (each a (data, scales,
-    biases) tuple from a quantized cache), scale 1 -> (B, heads, T, D); in pieces of heads on the
+    biases) tuple from a quantized cache), scale 1 -> (B, T, heads, D); in pieces of heads on the
     CPU's cores (cpu_streams.py): of key-value heads with the queries of their group, or of query
     heads when they all share one key-value head."""
     quantized = isinstance(k, (tuple, list))
@@ -87,10 +87,11 @@ def attention(q: mx.array, k, v, cache, mask) -> mx.array:
         return tuple(part[:, lo:hi] for part in a) if quantized else a[:, lo:hi]
 
     def run(lo, hi):
-        return scaled_dot_product_attention(q[:, lo * group:hi * group], heads(k, lo, hi), heads(v, lo, hi), cache,
-                                            scale=1.0, mask=mask)
+        out = scaled_dot_product_attention(q[:, lo * group:hi * group], heads(k, lo, hi), heads(v, lo, hi), cache,
+                                           scale=1.0, mask=mask)
+        return out.transpose(0, 2, 1, 3)  # the pieces are joined straight into the layout o_proj reads
 
-    return in_pieces(run, q.shape[1] // group, 2 * q.size * n_keys, axis=1)
+    return in_pieces(run, q.shape[1] // group, 2 * q.size * n_keys, axis=2)
 
 
 def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
@@ -141,7 +142,7 @@ class Attention(nn.Module):
         q = norm_rope(projected_q.reshape(B, T, self.n_heads, self.head_dim), self.q_norm.weight, self.eps,
                       self.rope, step.offset)
         mask = step.mask(self.layer_type, cache, (k[0] if isinstance(k, (tuple, list)) else k).shape[2])
-        return attention(q, k, v, cache, mask).transpose(0, 2, 1, 3).reshape(B, T, -1)
+        return attention(q, k, v, cache, mask).reshape(B, T, -1)
 
     def __call__(self, x: mx.array, step: "Step | RowSteps", cache=None, keep: int = 0) -> mx.array:
         """(B, T, D) -> (B, T, D), or (B, keep, D) for the last `keep` positions only: keys and values

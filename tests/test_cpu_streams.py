@@ -115,7 +115,7 @@ def test_attention_in_pieces_of_heads_equals_mlx_attention_bit_for_bit(three_cor
     k, v = rand((1, kv_heads, keys, dim), dtype, 6), rand((1, kv_heads, keys, dim), dtype, 7)
     if mask == "array":
         mask = mx.array(np.random.default_rng(8).random((1, 1, queries, keys)) < 0.7)
-    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask).transpose(0, 2, 1, 3)
     calls = []
     monkeypatch.setattr(decoder, "scaled_dot_product_attention", lambda *a, **kw: calls.append(a) or sdpa(*a, **kw))
     assert mx.array_equal(decoder.attention(q, k, v, None, mask), expected).item()
