@@ -181,7 +181,14 @@ class MLP(nn.Module):
         self.down_proj = Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(gelu_mul(self.gate_proj(x), self.up_proj(x)))
+        """Gate and up are cut together (cpu_streams.py), each piece gated on its own, so neither
+        is ever whole in memory: a cut of each, joined and then gated, would hold both twice over."""
+        hidden = self.gate_proj.weight.shape[0]
+
+        def gated(lo, hi):
+            return gelu_mul(self.gate_proj.rows(x, lo, hi), self.up_proj.rows(x, lo, hi))
+
+        return self.down_proj(in_pieces(gated, hidden, 2 * x.size * hidden, axis=-1))
 
 
 class DecoderLayer(nn.Module):

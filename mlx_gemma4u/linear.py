@@ -1,10 +1,11 @@
 """The model's Linear and Embedding layers: mlx.nn's, with large matmuls cut by output rows into one
 piece per CPU core (cpu_streams.py); bit-identical to mlx.nn's layers.
+
+Each layer also computes any run of its output features on its own, `rows(x, lo, hi)`, so that a
+caller can cut two layers together (the MLP's gate and up projections, decoder.MLP).
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -12,32 +13,34 @@ import mlx.nn as nn
 from .cpu_streams import in_pieces
 
 
-def spread(matmul: Callable[..., mx.array], x: mx.array, *weights: mx.array) -> mx.array:
-    """matmul(x, *weights) -> (..., N), where every weight is (N, ...) by output row, in pieces of
-    rows on the CPU's cores when the product is large enough to pay for it."""
-    rows = weights[0].shape[0]
-    return in_pieces(lambda lo, hi: matmul(x, *(w[lo:hi] for w in weights)), rows, x.size * rows, axis=-1)
+class _Cut:
+    """x -> (..., out_features) as `rows` over pieces of the output features."""
+
+    def cut(self, x: mx.array) -> mx.array:
+        features = self["weight"].shape[0]
+        return in_pieces(lambda lo, hi: self.rows(x, lo, hi), features, x.size * features, axis=-1)
 
 
-def _times_transposed(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
-    return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
+class _FloatRows(_Cut):
+    def rows(self, x: mx.array, lo: int, hi: int) -> mx.array:
+        """(..., in) -> (..., hi - lo): output features lo to hi, in one piece."""
+        w = self["weight"][lo:hi]
+        return mx.addmm(self["bias"][lo:hi], x, w.T) if "bias" in self else x @ w.T
 
 
-def _quantized(layer: nn.Module) -> Callable[..., mx.array]:
-    """x, weight, scales[, biases] -> x times the layer's dequantized weight, transposed."""
-    def matmul(x, weight, scales, biases=None):
-        return mx.quantized_matmul(x, weight, scales=scales, biases=biases, transpose=True,
-                                   group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
-    return matmul
+class _QuantizedRows(_Cut):
+    def rows(self, x: mx.array, lo: int, hi: int) -> mx.array:
+        """(..., in) -> (..., hi - lo): output features lo to hi, in one piece."""
+        biases = self.get("biases")
+        out = mx.quantized_matmul(x, self["weight"][lo:hi], scales=self["scales"][lo:hi],
+                                  biases=None if biases is None else biases[lo:hi], transpose=True,
+                                  group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return out + self["bias"][lo:hi] if "bias" in self else out
 
 
-def _quantized_weights(layer: nn.Module) -> list[mx.array]:
-    return [layer["weight"], layer["scales"]] + ([layer["biases"]] if layer.get("biases") is not None else [])
-
-
-class Linear(nn.Linear):
+class Linear(_FloatRows, nn.Linear):
     def __call__(self, x: mx.array) -> mx.array:
-        return spread(_times_transposed, x, self["weight"], *([self["bias"]] if "bias" in self else []))
+        return self.cut(x)
 
     def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
                      quantize_input: bool = False) -> nn.Module:
@@ -46,15 +49,14 @@ class Linear(nn.Linear):
         return QuantizedLinear.from_linear(self, group_size, bits, mode)
 
 
-class QuantizedLinear(nn.QuantizedLinear):
+class QuantizedLinear(_QuantizedRows, nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
-        out = spread(_quantized(self), x, *_quantized_weights(self))
-        return out + self["bias"] if "bias" in self else out
+        return self.cut(x)
 
 
-class Embedding(nn.Embedding):
+class Embedding(_FloatRows, nn.Embedding):
     def as_linear(self, x: mx.array) -> mx.array:
-        return spread(_times_transposed, x, self["weight"])
+        return self.cut(x)
 
     def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
                      quantize_input: bool = False) -> nn.Module:
@@ -63,6 +65,6 @@ class Embedding(nn.Embedding):
         return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
 
 
-class QuantizedEmbedding(nn.QuantizedEmbedding):
+class QuantizedEmbedding(_QuantizedRows, nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
-        return spread(_quantized(self), x, *_quantized_weights(self))
+        return self.cut(x)

@@ -33,12 +33,12 @@ def three_cores(monkeypatch):
 
 
 def pieces(monkeypatch, x, rows) -> int:
-    """How many pieces `spread` cuts an (x, (rows, ...)) product into."""
+    """How many pieces a Linear cuts an (x, (rows, ...)) product into."""
     calls = []
-    original = linear._times_transposed
-    monkeypatch.setattr(linear, "_times_transposed", lambda *a: calls.append(a) or original(*a))
+    original = linear.Linear.rows
+    monkeypatch.setattr(linear.Linear, "rows", lambda *a: calls.append(a) or original(*a))
     linear.Linear(x.shape[-1], rows, bias=False)(x)
-    monkeypatch.setattr(linear, "_times_transposed", original)
+    monkeypatch.setattr(linear.Linear, "rows", original)
     return len(calls)
 
 
@@ -76,6 +76,18 @@ def test_quantized_layers_are_ours_and_equal_mlx_bit_for_bit(three_cores, mode, 
     x = rand((1, tokens, WIDTH), mx.bfloat16, 2)
     assert mx.array_equal(q_linear(x), theirs_linear(x)).item()
     assert mx.array_equal(q_table.as_linear(x), theirs_table.as_linear(x)).item()
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_mlp_cut_through_gate_and_up_equals_the_uncut_mlp_bit_for_bit(three_cores, monkeypatch, quantized):
+    mlp = decoder.MLP(WIDTH, 3 * WIDTH)
+    if quantized:
+        nn.quantize(mlp, group_size=64, bits=4)
+    mlp.set_dtype(mx.bfloat16)
+    x = rand((1, 40, WIDTH), mx.bfloat16, 12)
+    cut = mlp(x)
+    monkeypatch.setenv("MLX_GEMMA4U_CPU_CORES", "1")
+    assert mx.array_equal(cut, mlp.down_proj(decoder.gelu_mul(mlp.gate_proj(x), mlp.up_proj(x)))).item()
 
 
 def test_nn_quantize_turns_our_layers_into_our_quantized_layers():
