@@ -14,7 +14,7 @@ PEERS = IMPLS[1:]
 HEADER = ["size", "dtype", "figure", *IMPLS, *(f"ours vs {p}" for p in PEERS)]
 LABELS = {"load_s": "load (s)", "ttft_text_s": "TTFT text (s)", "ttft_image_s": "TTFT 280-token image (s)",
           "ttft_audio_s": "TTFT 10 s audio (s)", "decode_tps": "decode (tok/s)", "peak_rss_mb": "peak RSS (MB)",
-          "mlx_peak_mb": "MLX peak (MB)"}
+          "mlx_peak_mb": "MLX peak (MB)", "mlx_run_peak_mb": "MLX peak after load (MB)"}
 
 
 def machine() -> dict:

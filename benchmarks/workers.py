@@ -197,9 +197,20 @@ def run_logits(impl, prompts: dict) -> dict[str, np.ndarray]:
 def peak_memory() -> dict:
     """This process's peak resident memory, and MLX's own peak allocation when MLX was used (MB)."""
     out = {"peak_rss_mb": peak_rss_mb()}
-    if "mlx.core" in sys.modules:
-        out["mlx_peak_mb"] = sys.modules["mlx.core"].get_peak_memory() / 2**20
+    if (mlx_peak := _mx_peak_mb()) is not None:
+        out["mlx_peak_mb"] = mlx_peak
     return out
+
+
+def _mx_peak_mb(reset: bool = False) -> float | None:
+    """MLX's peak allocation so far (MB; None where MLX was not used), its count restarted if `reset`."""
+    mx = sys.modules.get("mlx.core")
+    if mx is None:
+        return None
+    peak = mx.get_peak_memory() / 2**20
+    if reset:
+        mx.reset_peak_memory()
+    return peak
 
 
 def peak_rss_mb() -> float:
@@ -226,8 +237,12 @@ def main(job_file: str) -> None:
         np.savez(job["out"] + ".npz", **run_logits(impl, prompts))
         record = {}
     else:
+        at_load = _mx_peak_mb(reset=True)
         record = {"load_s": load_s, **run_timing(impl, prompts, job)}
-    Path(job["out"]).write_text(json.dumps({**record, **peak_memory()}))
+        if at_load is not None:  # the peak of generating alone, and of the whole process
+            record["mlx_run_peak_mb"] = _mx_peak_mb()
+            record["mlx_peak_mb"] = max(at_load, record["mlx_run_peak_mb"])
+    Path(job["out"]).write_text(json.dumps({**peak_memory(), **record}))
 
 
 def load(job: dict):

@@ -45,6 +45,7 @@ def test_report_json_is_well_formed(report):
         for stats in cell.values():
             assert stats["median"] > 0 and stats["spread"] >= 0 and stats["n"] == 1
     assert "mlx_peak_mb" in cells["ours"]
+    assert 0 < cells["ours"]["mlx_run_peak_mb"]["median"] <= cells["ours"]["mlx_peak_mb"]["median"]
 
 
 def test_ratios_bound_and_logits_where_peers_ran(report):
