@@ -5,8 +5,8 @@ CPU core and cut across all of them (mlx_gemma4u/cpu_streams.py), in one process
                                  [--out benchmarks/results/profile.json]
 
 Parts: one sliding and one full decoder layer's attention (projections, norms, RoPE, cache update,
-attention) and MLP, and the output head, each over `tokens` prompt positions (prefill) and over one
-position after them (decode). Each figure is the median of --repeats evaluations, in milliseconds.
+attention) and MLP, each over `tokens` prompt positions (prefill) and over one position after them
+(decode), and the output head over one position (what both a prefill and a decode step run). Each figure is the median of --repeats evaluations, in milliseconds.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def parts(model, tokens: int) -> dict:
             layer = model.language_model.layers[index]
             out[f"{phase} {kind.split('_')[0]} attention"] = _attention(model, layer, index, x, lo, hi)
             out[f"{phase} {kind.split('_')[0]} MLP"] = lambda layer=layer, lo=lo, hi=hi: mx.eval(layer.mlp(x[:, lo:hi]))
-        out[f"{phase} head (last position)"] = lambda: mx.eval(model.logits(x[:, -1:]))
+    out["head (one position)"] = lambda: mx.eval(model.logits(x[:, -1:]))
     return out
 
 

@@ -4,9 +4,9 @@ MLX's CPU backend runs the ops of a stream on one thread, and its matmuls (refer
 float32 on Linux, its own loops for bfloat16 and quantized weights) and attention stay on that
 thread: on an N-core machine N - 1 cores idle through every projection, the output head and the
 attention of a prefill. Work whose pieces are independent (a matmul's output rows, attention's
-key-value heads) is cut into one piece per core, each piece computed on a CPU stream of its own,
+heads, the MLP's gate and up together) is cut into one piece per core, each piece computed on a CPU stream of its own,
 and the pieces are concatenated. Every output value is computed exactly as without the cut, so
-results are bit-identical (tests/test_linear.py); measured 1.9x on 2 cores for the 262,144-wide head.
+results are bit-identical (tests/test_cpu_streams.py); measured 1.9x on 2 cores for the 262,144-wide head.
 
 On a GPU nothing changes: its one stream already fills it. MLX_GEMMA4U_CPU_CORES=1 turns the
 cut off (to measure it, or to leave cores to other work).

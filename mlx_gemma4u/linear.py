@@ -21,21 +21,26 @@ class _Cut:
         return in_pieces(lambda lo, hi: self.rows(x, lo, hi), features, x.size * features, axis=-1)
 
 
+def _part(a: mx.array, lo: int, hi: int) -> mx.array:
+    """Rows lo to hi of `a`: `a` itself when that is all of it (an uncut call reads the weight as is)."""
+    return a if (lo, hi) == (0, a.shape[0]) else a[lo:hi]
+
+
 class _FloatRows(_Cut):
     def rows(self, x: mx.array, lo: int, hi: int) -> mx.array:
         """(..., in) -> (..., hi - lo): output features lo to hi, in one piece."""
-        w = self["weight"][lo:hi]
-        return mx.addmm(self["bias"][lo:hi], x, w.T) if "bias" in self else x @ w.T
+        w = _part(self["weight"], lo, hi)
+        return mx.addmm(_part(self["bias"], lo, hi), x, w.T) if "bias" in self else x @ w.T
 
 
 class _QuantizedRows(_Cut):
     def rows(self, x: mx.array, lo: int, hi: int) -> mx.array:
         """(..., in) -> (..., hi - lo): output features lo to hi, in one piece."""
         biases = self.get("biases")
-        out = mx.quantized_matmul(x, self["weight"][lo:hi], scales=self["scales"][lo:hi],
-                                  biases=None if biases is None else biases[lo:hi], transpose=True,
+        out = mx.quantized_matmul(x, _part(self["weight"], lo, hi), scales=_part(self["scales"], lo, hi),
+                                  biases=None if biases is None else _part(biases, lo, hi), transpose=True,
                                   group_size=self.group_size, bits=self.bits, mode=self.mode)
-        return out + self["bias"][lo:hi] if "bias" in self else out
+        return out + _part(self["bias"], lo, hi) if "bias" in self else out
 
 
 class Linear(_FloatRows, nn.Linear):
