@@ -64,13 +64,13 @@ def _attention(model, layer, index, x, lo, hi):
     import mlx.core as mx
 
     slot = model.language_model._cache_slot[index]
-    prompt = model.make_cache()
+    prompt = model.make_cache()[slot]
     if lo:
-        mx.eval(layer.self_attn(x[:, :lo], model._step((1, lo), prompt, None, None), prompt[slot]))
+        mx.eval(layer.self_attn(x[:, :lo], model._step((1, lo), [prompt], None, None), prompt))
 
     def run():
-        cache = prompt if lo else model.make_cache()
-        mx.eval(layer.self_attn(x[:, lo:hi], model._step((1, hi - lo), cache, None, None), cache[slot]))
+        cache = prompt if lo else model.make_cache()[slot]
+        mx.eval(layer.self_attn(x[:, lo:hi], model._step((1, hi - lo), [cache], None, None), cache))
 
     return run
 

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import os
 import threading
+from functools import cache
 from typing import Callable
 
 import mlx.core as mx
+
+from .errors import InputError
 
 PIECE_WORK = 1 << 20  # multiply-adds; below about this a piece's hand-over costs more than it saves
 _local = threading.local()  # MLX streams belong to the thread that made them
@@ -27,8 +30,16 @@ _local = threading.local()  # MLX streams belong to the thread that made them
 def cpu_cores() -> int:
     """How many pieces large CPU work is cut into: MLX_GEMMA4U_CPU_CORES, else the usable cores."""
     setting = os.environ.get("MLX_GEMMA4U_CPU_CORES")
-    if setting:
-        return max(1, int(setting))
+    if not setting:
+        return _usable_cores()
+    if not setting.strip().isdigit():
+        raise InputError(f"MLX_GEMMA4U_CPU_CORES must be a whole number of cores, got {setting!r}.")
+    return max(1, int(setting))
+
+
+@cache
+def _usable_cores() -> int:
+    """Asked once: in_pieces runs for every matmul of every step."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -43,8 +54,8 @@ def _streams(n: int) -> list:
 def in_pieces(run: Callable[[int, int], mx.array], size: int, work: int, axis: int) -> mx.array:
     """run(0, size), computed as run(lo, hi) over consecutive ranges of [0, size), one per core
     (each of at least PIECE_WORK of the `work` multiply-adds), concatenated along `axis`."""
-    n = min(cpu_cores(), work // PIECE_WORK, size)
-    if n < 2 or mx.default_device() != mx.cpu:
+    n = min(cpu_cores(), work // PIECE_WORK, size) if mx.default_device() == mx.cpu else 1
+    if n < 2:
         return run(0, size)
     bounds = [size * i // n for i in range(n + 1)]
     pieces = [run(bounds[0], bounds[1])]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mlx_gemma4u import linear
+from mlx_gemma4u.errors import InputError
 from mlx_gemma4u import decoder
 
 sdpa = decoder.scaled_dot_product_attention
@@ -48,6 +49,12 @@ def test_a_large_product_is_cut_in_one_piece_per_core_and_a_small_one_is_not(thr
     assert pieces(monkeypatch, mx.zeros((1, 1, 64)), 64) == 1  # 4K: the hand-over would cost more
     monkeypatch.setenv("MLX_GEMMA4U_CPU_CORES", "1")
     assert pieces(monkeypatch, mx.zeros((1, 1, WIDTH)), ROWS) == 1
+
+
+def test_a_bad_core_count_is_refused_in_one_sentence(monkeypatch):
+    monkeypatch.setenv("MLX_GEMMA4U_CPU_CORES", "two")
+    with pytest.raises(InputError, match="MLX_GEMMA4U_CPU_CORES must be a whole number of cores, got 'two'"):
+        linear.Linear(WIDTH, ROWS)(mx.zeros((1, WIDTH)))
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
