@@ -30,23 +30,36 @@ whole greedy replies against stream_generate.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .cache import PromptCache, rewind_room
+from .cache import PromptCache, rewind, rewind_room
 from .config import SLIDING
 from .errors import Gemma4UError, InputError
-from .generate import ReplyText, TokenSampler, _check_sampling, check_context, prefill, prepare_inputs
+from .generate import ReplyText, TokenSampler, check_context, check_settings, prefill, prepare_inputs
 from .speculative import DraftLength, DraftStats, draft_and_verify, settle, verify
 
 SAMPLING = {"max_tokens": 256, "temperature": 0.0, "top_p": 0.0, "top_k": 0, "min_p": 0.0, "seed": None,
             "repetition_penalty": None, "presence_penalty": None, "frequency_penalty": None, "stop": None,
             "kv_bits": None, "prompt_cache": None}
-MEDIA = ("images", "videos", "audio")
+log = logging.getLogger(__name__)
+
+
+class Event(NamedTuple):
+    """One token handed out by `BatchGenerator.step` (token None and finish "error" for a sequence
+    that failed: its response says why)."""
+
+    uid: int
+    token: int | None
+    text: str
+    finish: str | None
+    logprobs: mx.array | None  # (vocab,) float32 log-probabilities the token was drawn from
 
 
 @dataclass
@@ -57,6 +70,7 @@ class BatchResponse:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    fault: bool = False  # the error is a fault of ours, not of the prompt or its settings
     prompt_tokens: int = 0
     prefilled_tokens: int = 0  # prompt tokens actually run (the rest came from the prompt cache)
     prompt_tps: float = 0.0  # this prompt's prefill, tokens/s
@@ -140,7 +154,7 @@ class BatchGenerator:
         gen = BatchGenerator(model, processor, max_batch=8)
         uid = gen.submit("Hello", max_tokens=32)
         while not gen.done:
-            for uid, token, text, finish in gen.step(): ...
+            for event in gen.step(): ...  # (uid, token, text, finish, logprobs)
         gen.responses[uid]
     """
 
@@ -153,7 +167,6 @@ class BatchGenerator:
         self.model, self.processor = model, processor
         self.max_batch, self.max_kv_bytes, self.prefill_step_size = max_batch, max_kv_bytes, prefill_step_size
         self.responses: dict[int, BatchResponse] = {}
-        self.logprobs: dict[int, mx.array] = {}  # of the token each sequence handed out last
         self._queue: deque[tuple[int, _Sequence]] = deque()
         self._active: dict[int, _Sequence] = {}
         self.drafter = draft_model
@@ -172,13 +185,21 @@ class BatchGenerator:
 
         A bad prompt or setting does not raise: its response is finished at once with the error.
         """
+        processor_kwargs = {k: v for k, v in settings.items() if k not in SAMPLING}
+        try:
+            inputs = prepare_inputs(self.processor, prompt, images, videos, audio, enable_thinking, **processor_kwargs)
+        except Exception as error:  # a bad prompt or file's own message is worth showing
+            return self._fail(len(self.responses), error, told=(Gemma4UError, TypeError, ValueError, OSError))
+        return self.add(inputs, **{k: v for k, v in settings.items() if k in SAMPLING})
+
+    def add(self, inputs: dict, **settings) -> int:
+        """Queue one prompt already through the processor (prepare_inputs' arrays) with its
+        settings (SAMPLING's names) -> its id; like submit, a bad setting finishes it at once."""
         uid = len(self.responses)
         self.responses[uid] = BatchResponse()
         try:
-            s = {**SAMPLING, **{k: v for k, v in settings.items() if k in SAMPLING}}
-            processor_kwargs = {k: v for k, v in settings.items() if k not in SAMPLING}
-            _check_sampling(s["max_tokens"], s["temperature"], s["top_p"], s["top_k"], s["min_p"], s["kv_bits"])
-            inputs = prepare_inputs(self.processor, prompt, images, videos, audio, enable_thinking, **processor_kwargs)
+            s = {**SAMPLING, **settings}
+            check_settings(**{k: v for k, v in s.items() if k != "prompt_cache"})
             n_prompt = inputs["input_ids"].shape[1]
             check_context(self.model, n_prompt, s["max_tokens"])
             need = kv_bytes(self.model, n_prompt + s["max_tokens"], s["kv_bits"])
@@ -186,57 +207,86 @@ class BatchGenerator:
                 raise InputError(f"This prompt's KV caches need up to {need:,} bytes, more than max_kv_bytes "
                                  f"({self.max_kv_bytes:,}); lower max_tokens or raise the bound.")
             cache = s["prompt_cache"] if s["prompt_cache"] is not None else PromptCache(self.model, s["kv_bits"])
-        except (Gemma4UError, TypeError, ValueError, OSError) as error:  # what a bad prompt or file raises
-            self._fail(uid, error)
-            return uid
+        except Exception as error:
+            return self._fail(uid, error)
         sequence = _Sequence(inputs, s, cache, need, self.processor.tokenizer)
         self.responses[uid] = sequence.response
         self._queue.append((uid, sequence))
         return uid
 
-    def step(self) -> list[tuple[int, int | None, str, str | None]]:
+    def step(self) -> list[Event]:
         """Admit what fits, then hand out one token per active sequence and run one decode step for
-        those that go on -> [(id, token, text, finish reason)] (token None for a failed prefill)."""
+        those that go on -> the tokens handed out.
+
+        Whatever fails while a sequence is admitted, handed out or stepped ends that sequence alone
+        (an "error" event; its response says why): the others go on as if it had never been there.
+        """
         events = self._admit()
-        going = []
+        going = {}
         for uid, sequence in list(self._active.items()):
-            for n, (value, logprobs) in enumerate(sequence.take()):
-                self.logprobs[uid] = logprobs
-                token, segment, finish = sequence.hand_out(value)
-                events.append((uid, token, segment, finish))
-                if finish:
-                    break
-            if finish:
-                # its caches go with it (unless the caller passed the PromptCache)
-                sequence.leave(n)
-                del self._active[uid], self.logprobs[uid]
-            else:
-                going.append(sequence)
-        if going and self.drafter is None:
-            self._decode(going)
-        elif going:
-            self._draft(going)
+            try:
+                finished = self._hand_out(uid, sequence, events)
+            except Exception as error:
+                finished = self._drop(uid, error, events)
+            if not finished:
+                going[uid] = sequence
+        if going:
+            self._advance(going, events)
         return events
+
+    def _hand_out(self, uid: int, sequence: "_Sequence", events: list[Event]) -> bool:
+        """Hand out the sequence's pending tokens up to its finish -> whether it finished."""
+        for n, (value, logprobs) in enumerate(sequence.take()):
+            token, segment, finish = sequence.hand_out(value)
+            events.append(Event(uid, token, segment, finish, logprobs))
+            if finish:
+                sequence.leave(n)  # its caches go with it (unless the caller passed the PromptCache)
+                del self._active[uid]
+                return True
+        return False
+
+    def _advance(self, going: dict[int, "_Sequence"], events: list[Event]) -> None:
+        """One decode step (or speculative round) for all going rows; if it fails, each row is
+        rolled back and stepped alone, so that only the rows that fail alone are dropped."""
+        step = self._decode if self.drafter is None else self._draft
+        try:
+            step(list(going.values()))
+            return
+        except Exception as error:
+            if len(going) == 1:
+                self._drop(*going, error, events)
+                return
+        for uid, sequence in going.items():
+            _roll_back(sequence.prompt_cache)
+            try:
+                step([sequence])
+            except Exception as error:
+                _roll_back(sequence.prompt_cache)
+                self._drop(uid, error, events)
+
+    def _drop(self, uid: int, error: Exception, events: list[Event]) -> bool:
+        """End active sequence `uid` with `error` (an "error" event) -> True."""
+        del self._active[uid]
+        self._fail(uid, error)
+        events.append(Event(uid, None, "", "error", None))
+        return True
 
     def cancel(self, uid: int) -> None:
         """Stop sequence `uid` now (its client went away): it leaves the queue or the batch, its
         response keeps what it has."""
         self._queue = deque((u, s) for u, s in self._queue if u != uid)
         if self._active.pop(uid, None) is not None:
-            self.logprobs.pop(uid, None)
             self.responses[uid].finish_reason = self.responses[uid].finish_reason or "cancelled"
 
-    def _admit(self) -> list:
+    def _admit(self) -> list[Event]:
         events = []
         while self._queue and len(self._active) < self.max_batch and self._fits(self._queue[0][1]):
             uid, sequence = self._queue.popleft()
+            self._active[uid] = sequence
             try:
                 sequence.start(self.model, self.prefill_step_size, drafting=self.drafter is not None)
-            except Gemma4UError as error:
-                self._fail(uid, error)
-                events.append((uid, None, "", "error"))
-                continue
-            self._active[uid] = sequence
+            except Exception as error:
+                self._drop(uid, error, events)
         return events
 
     def _fits(self, sequence: _Sequence) -> bool:
@@ -291,8 +341,23 @@ class BatchGenerator:
         else:
             sequence.response.draft.add_plain(1)
 
-    def _fail(self, uid: int, error: Exception) -> None:
-        self.responses[uid] = BatchResponse(finish_reason="error", error=str(error))
+    def _fail(self, uid: int, error: Exception, told: tuple = (Gemma4UError,)) -> int:
+        """Finish `uid`'s response with the error: its own message for the `told` kinds, else (a
+        fault of ours) its type, the traceback going to the log."""
+        fault = not isinstance(error, told)
+        if fault:
+            log.error("sequence %d failed", uid, exc_info=error)
+        message = f"Internal error ({type(error).__name__})." if fault else str(error)
+        self.responses[uid] = BatchResponse(finish_reason="error", error=message, fault=fault)
+        return uid
+
+
+def _roll_back(prompt_cache: PromptCache) -> None:
+    """Take back from the caches anything a failed step added past the tokens they are known to hold."""
+    held = len(prompt_cache.tokens)
+    for cache in prompt_cache.caches:
+        if cache.offset > held:
+            rewind(cache, cache.offset - held)
 
 
 def kv_bytes(model, n_tokens: int, kv_bits: int | None = None) -> int:

@@ -17,6 +17,7 @@ decode and TokenSampler.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -188,27 +189,37 @@ def decode(model, sample: TokenSampler, prompt_cache: PromptCache, token: mx.arr
 
 
 def prepare_inputs(processor, prompt, images=None, videos=None, audio=None, enable_thinking: bool = False,
-                   **processor_kwargs) -> dict:
-    """The processor's arrays for one prompt (batch of 1), with the BOS token exactly once.
+                   **processor_kwargs) -> dict[str, mx.array]:
+    """The processor's arrays for one prompt (batch of 1) as MLX arrays: see prepare_arrays."""
+    arrays = prepare_arrays(processor, prompt, images, videos, audio, enable_thinking, **processor_kwargs)
+    return {k: mx.array(v) for k, v in arrays.items()}
+
+
+def prepare_arrays(processor, prompt, images=None, videos=None, audio=None, enable_thinking: bool = False,
+                   tools: list[dict] | None = None, **processor_kwargs) -> dict[str, np.ndarray]:
+    """The processor's arrays for one prompt (batch of 1), with the BOS token exactly once, as
+    numpy arrays: no MLX work, so any thread may prepare a prompt that another one generates from.
 
     A list of token ids is used as is; a string verbatim (its <|image|>, <|audio|>, <|video|>
-    placeholders are expanded); chat messages go through the chat template with the generation
-    prompt, and media passed beside them join the last user message.
+    placeholders are expanded, its special-token strings are those tokens); chat messages go
+    through the chat template with the generation prompt (and `tools`), their text staying text,
+    and media passed beside them join the last user message.
     """
     media = {"images": images, "videos": videos, "audio": audio}
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
         if any(media.values()):
             raise InputError("A prompt of token ids cannot take media; pass a string or chat messages.")
-        inputs = {"input_ids": mx.array([list(prompt)], dtype=mx.int32)}
+        inputs = {"input_ids": np.array([list(prompt)], dtype=np.int64)}
     elif isinstance(prompt, str):
         if not prompt:
             raise InputError("The prompt is empty.")
-        inputs = processor(text=prompt, return_tensors="mlx", add_special_tokens=False, **media, **processor_kwargs)
+        inputs = processor(text=prompt, return_tensors="np", add_special_tokens=False, **media, **processor_kwargs)
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
         messages = _attach_media(list(prompt), media)
+        template = {"tools": tools} if tools else {}
         inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                               return_tensors="mlx", enable_thinking=enable_thinking,
-                                               processor_kwargs=processor_kwargs)
+                                               return_tensors="np", enable_thinking=enable_thinking,
+                                               processor_kwargs=processor_kwargs, **template)
     else:
         raise InputError("prompt must be a non-empty string, list of token ids, or list of chat messages (dicts).")
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "mm_token_type_ids", *MEDIA_KEYS)}
@@ -232,13 +243,13 @@ def _attach_media(messages: list[dict], media: dict) -> list[dict]:
 
 
 def _with_bos(inputs: dict, bos: int) -> dict:
-    ids = inputs["input_ids"].astype(mx.int32)
-    if ids.shape[1] and ids[0, 0].item() == bos:
+    ids = inputs["input_ids"].astype(np.int32)
+    if ids.shape[1] and ids[0, 0] == bos:
         return {**inputs, "input_ids": ids}
-    out = {**inputs, "input_ids": mx.concatenate([mx.array([[bos]], dtype=mx.int32), ids], axis=1)}
+    out = {**inputs, "input_ids": np.concatenate([np.array([[bos]], dtype=np.int32), ids], axis=1)}
     if "mm_token_type_ids" in inputs:
         types = inputs["mm_token_type_ids"]
-        out["mm_token_type_ids"] = mx.concatenate([mx.zeros((1, 1), dtype=types.dtype), types], axis=1)
+        out["mm_token_type_ids"] = np.concatenate([np.zeros((1, 1), dtype=types.dtype), types], axis=1)
     return out
 
 
@@ -276,7 +287,8 @@ def stream_generate(
     chosen each round from the measured acceptance and costs, see speculative.DraftLength); the
     output is the same as without it (token for token when greedy).
     """
-    _check_sampling(max_tokens, temperature, top_p, top_k, min_p, kv_bits)
+    check_settings(max_tokens, temperature, top_p, top_k, min_p, seed, repetition_penalty, presence_penalty,
+                   frequency_penalty, stop, kv_bits)
     if seed is not None:
         mx.random.seed(seed)
     tokenizer = processor.tokenizer
@@ -376,16 +388,44 @@ def generate(model, processor, prompt, verbose: bool = False, **kwargs) -> str:
     return text
 
 
-def _check_sampling(max_tokens, temperature, top_p, top_k, min_p, kv_bits) -> None:
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+SEEDS = range(2**64)  # the seeds mx.random.key takes
+PENALTIES = {"repetition_penalty": (0.1, 10.0), "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0)}
+
+
+def check_settings(max_tokens=256, temperature=0.0, top_p=0.0, top_k=0, min_p=0.0, seed=None, repetition_penalty=None,
+                   presence_penalty=None, frequency_penalty=None, stop=None, kv_bits=None) -> None:
+    """Refuse, in one sentence, a generation setting the engine cannot use: the one check of them
+    all, made before any work starts (by stream_generate, BatchGenerator.submit and the server)."""
+    if not _whole(max_tokens) or max_tokens < 1:
         raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}.")
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
+        if not _number(value):
+            raise InputError(f"{name} must be a finite number, got {value!r}.")
     if temperature < 0:
         raise InputError(f"temperature must be 0 (greedy) or more, got {temperature}.")
     if not 0 <= top_p <= 1:
         raise InputError(f"top_p must be in [0, 1] (0 turns it off), got {top_p}.")
-    if top_k < 0:
-        raise InputError(f"top_k must be 0 (off) or a positive integer, got {top_k}.")
+    if not _whole(top_k) or top_k < 0:
+        raise InputError(f"top_k must be 0 (off) or a positive integer, got {top_k!r}.")
     if not 0 <= min_p < 1:
         raise InputError(f"min_p must be in [0, 1), got {min_p}.")
+    if seed is not None and not (_whole(seed) and seed in SEEDS):
+        raise InputError(f"seed must be a whole number from 0 to 2**64 - 1, got {seed!r}.")
+    given = {"repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
+             "frequency_penalty": frequency_penalty}
+    for name, value in given.items():
+        low, high = PENALTIES[name]
+        if value is not None and not (_number(value) and low <= value <= high):
+            raise InputError(f"{name} must be a number from {low:g} to {high:g} (or unset), got {value!r}.")
+    if stop is not None and not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
+        raise InputError(f"stop must be a list of strings, got {stop!r}.")
     if kv_bits not in (None, 4, 8):
         raise InputError(f"kv_bits must be 4 or 8 (or unset), got {kv_bits!r}.")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

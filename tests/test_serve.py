@@ -24,7 +24,8 @@ anthropic = pytest.importorskip("anthropic", reason="the anthropic client (test 
 
 from mlx_gemma4u import generate, load  # noqa: E402
 from mlx_gemma4u.processing.text import load_tokenizer  # noqa: E402
-from mlx_gemma4u.serve.messages import MediaReader, openai_messages  # noqa: E402
+from mlx_gemma4u.serve.media import MediaLimits, MediaReader  # noqa: E402
+from mlx_gemma4u.serve.messages import openai_messages  # noqa: E402
 from mlx_gemma4u.serve.replies import Reply  # noqa: E402
 
 KEY = "test-key"
@@ -268,7 +269,7 @@ def test_cors_origins_and_the_request_timeout(demo_home, tmp_path):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         reply = client.chat.completions.create(model="demo", max_tokens=4000,
                                                messages=[{"role": "user", "content": "Go on and on."}])
-    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens < 4000
+    assert reply.choices[0].finish_reason == "timeout" and reply.usage.completion_tokens < 4000  # not a length stop
 
 
 def test_models_lists_the_checkpoint(server):
@@ -318,7 +319,7 @@ def test_tool_turns_round_trip_through_the_template(tokenizer, hf_tokenizer_dir,
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
             "name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temperature": 21})},
-    ], MediaReader(allow_local_files=False))
+    ], MediaReader(MediaLimits()))
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tools=tools)
     assert "<|tool>declaration:get_weather" in text
     call = text[text.index("<|tool_call>"):text.index("<tool_call|>") + len("<tool_call|>")]
@@ -332,6 +333,6 @@ def test_audio_data_is_decoded_to_samples():
 
     buffer = io.BytesIO()
     soundfile.write(buffer, np.zeros(1600, dtype=np.float32), 16000, format="WAV")
-    item = MediaReader(False).audio(base64.b64encode(buffer.getvalue()).decode(), "wav")
+    item = MediaReader(MediaLimits()).audio(base64.b64encode(buffer.getvalue()).decode(), "wav")
     samples, rate = item["audio"]
     assert rate == 16000 and samples.shape == (1600,)

@@ -74,7 +74,7 @@ def read_video(source: str | Path, num_frames: int | None = None, fps: float | N
             if _is_still_image(container):
                 raise InputError(f"The file {str(source)!r} is a still image, not a video; pass it as an image.")
             stream = container.streams.video[0]
-            total, video_fps = _scan_packets(container, stream)
+            total, video_fps = scan_packets(container, stream)
             indices = sample_indices(total, video_fps, num_frames, fps)
             frames = _decode_frames(container, stream, indices)
     except av.FFmpegError as exc:
@@ -90,7 +90,7 @@ def _is_still_image(container: av.container.InputContainer) -> bool:
     return container.format.name == "image2" or container.format.name.endswith("_pipe")
 
 
-def _scan_packets(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> tuple[int, float]:
+def scan_packets(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> tuple[int, float]:
     """Frame count and average frame rate measured from the stream's packets, as torchcodec's exact mode does.
 
     The rate is frames / (end of the last frame - start of the first), which can differ slightly

@@ -8,66 +8,11 @@ become one model turn with `tool_calls` and `tool_responses`, the form Gemma 4's
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-
-
-class MediaReader:
-    """Turns one request's media references into processor inputs; owns the temporary files of
-    inline videos (PyAV reads files), removed by `close`."""
-
-    def __init__(self, allow_local_files: bool):
-        self.allow_local_files = allow_local_files
-        self._folder: tempfile.TemporaryDirectory | None = None
-
-    def close(self) -> None:
-        if self._folder is not None:
-            self._folder.cleanup()
-
-    def image(self, url: str) -> dict:
-        if url.startswith("data:"):
-            from PIL import Image
-
-            try:
-                image = Image.open(io.BytesIO(_data_uri(url)))
-                image.load()
-            except OSError:
-                raise InputError("The image data URI does not hold a readable image.") from None
-            return {"type": "image", "image": image}
-        return {"type": "image", **self._remote_or_local(url, "image")}
-
-    def audio(self, data: str, fmt: str | None) -> dict:
-        import soundfile
-
-        try:
-            samples, rate = soundfile.read(io.BytesIO(_base64(data, "input_audio.data")), dtype="float32")
-        except (RuntimeError, soundfile.LibsndfileError):
-            raise InputError(f"input_audio holds no readable {fmt or 'audio'} data.") from None
-        return {"type": "audio", "audio": (samples, rate)}
-
-    def video(self, url: str) -> dict:
-        if url.startswith("data:"):
-            if self._folder is None:
-                self._folder = tempfile.TemporaryDirectory(prefix="mlx-gemma4u-video-")
-            path = Path(self._folder.name) / f"video-{len(list(Path(self._folder.name).iterdir()))}"
-            path.write_bytes(_data_uri(url))
-            return {"type": "video", "path": str(path)}
-        return {"type": "video", **self._remote_or_local(url, "video")}
-
-    def _remote_or_local(self, url: str, kind: str) -> dict:
-        if url.startswith(("http://", "https://")):
-            return {"url": url}
-        if not self.allow_local_files:
-            raise InputError(f"The {kind} must be a data: URI or an http(s) URL; local files are read only when "
-                             "the server runs with --allow-local-files.")
-        return {"path": url.removeprefix("file://")}
+from .media import MediaReader
 
 
 def openai_messages(messages: list[dict], media: MediaReader) -> list[dict]:
@@ -75,13 +20,16 @@ def openai_messages(messages: list[dict], media: MediaReader) -> list[dict]:
     out: list[dict] = []
     names: dict[str, str] = {}  # tool_call_id -> function name
     for i, message in enumerate(messages):
-        role = message.get("role")
+        role = _role(message, i)
         if role == "tool":
             _attach_tool_response(out, names, message.get("tool_call_id"), _text(message.get("content"), i), i)
             continue
         converted = {"role": role, "content": _openai_content(message.get("content"), media, i)}
         if role == "assistant" and message.get("tool_calls"):
-            converted["tool_calls"] = [_openai_tool_call(call, names, i) for call in message["tool_calls"]]
+            calls = message["tool_calls"]
+            if not isinstance(calls, list):
+                raise InputError(f"Message {i} tool_calls must be a list of tool calls.")
+            converted["tool_calls"] = [_openai_tool_call(call, names, i) for call in calls]
         out.append(converted)
     return out
 
@@ -91,24 +39,27 @@ def anthropic_messages(system: Any, messages: list[dict], media: MediaReader) ->
     out: list[dict] = [{"role": "system", "content": _text(system, "system")}] if system else []
     names: dict[str, str] = {}
     for i, message in enumerate(messages):
-        content = message.get("content")
+        role, content = _role(message, i), message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise InputError(f"Message {i} content must be a string or a list of content blocks.")
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
         parts, calls = [], []
         for block in blocks:
+            if not isinstance(block, dict):
+                raise InputError(f"Message {i} has a content block that is not an object.")
             kind = block.get("type")
             if kind == "tool_result":
                 _attach_tool_response(out, names, block.get("tool_use_id"), _text(block.get("content"), i), i)
             elif kind == "tool_use":
-                names[block.get("id", "")] = block.get("name", "")
-                calls.append({"function": {"name": block.get("name"), "arguments": block.get("input") or {}}})
+                calls.append(_anthropic_tool_use(block, names, i))
             elif kind == "image":
                 parts.append(_anthropic_image(block.get("source") or {}, media, i))
             elif kind == "text":
-                parts.append({"type": "text", "text": block.get("text", "")})
+                parts.append({"type": "text", "text": _text(block.get("text"), i)})
             elif kind not in ("thinking", "redacted_thinking"):
                 raise InputError(f"Message {i} has a content block of type {kind!r}, which this server does not read.")
         if parts or calls or not blocks:
-            converted = {"role": message.get("role"), "content": parts}
+            converted = {"role": role, "content": parts}
             if calls:
                 converted["tool_calls"] = calls
             out.append(converted)
@@ -138,15 +89,27 @@ def _openai_content(content: Any, media: MediaReader, i: int) -> str | list:
     return parts
 
 
-def _openai_tool_call(call: dict, names: dict, i: int) -> dict:
-    function = call.get("function") or {}
+def _openai_tool_call(call: Any, names: dict, i: int) -> dict:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise InputError(f"Message {i} has a tool call without a function name.")
     arguments = function.get("arguments") or "{}"
     try:
         arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
     except ValueError:
         raise InputError(f"Message {i} has a tool call whose arguments are not JSON.") from None
-    names[call.get("id", "")] = function.get("name", "")
-    return {"function": {"name": function.get("name"), "arguments": arguments}}
+    if not isinstance(arguments, dict):
+        raise InputError(f"Message {i} has a tool call whose arguments are not a JSON object.")
+    names[str(call.get("id", ""))] = function["name"]
+    return {"function": {"name": function["name"], "arguments": arguments}}
+
+
+def _anthropic_tool_use(block: dict, names: dict, i: int) -> dict:
+    name, arguments = block.get("name"), block.get("input") or {}
+    if not isinstance(name, str) or not isinstance(arguments, dict):
+        raise InputError(f"Message {i} has a tool_use block without a name or whose input is not an object.")
+    names[str(block.get("id", ""))] = name
+    return {"function": {"name": name, "arguments": arguments}}
 
 
 def _attach_tool_response(out: list[dict], names: dict, call_id: str | None, text: str, i: int) -> None:
@@ -157,16 +120,24 @@ def _attach_tool_response(out: list[dict], names: dict, call_id: str | None, tex
         response = json.loads(text)
     except ValueError:
         response = text
-    out[-1].setdefault("tool_responses", []).append({"name": names.get(call_id or "", "unknown"),
+    out[-1].setdefault("tool_responses", []).append({"name": names.get(str(call_id or ""), "unknown"),
                                                      "response": response})
 
 
-def _anthropic_image(source: dict, media: MediaReader, i: int) -> dict:
+def _anthropic_image(source: Any, media: MediaReader, i: int) -> dict:
+    if not isinstance(source, dict):
+        raise InputError(f"Message {i} has an image block whose source is not an object.")
     if source.get("type") == "base64":
         return media.image(f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}")
     if source.get("type") == "url":
         return media.image(str(source.get("url", "")))
     raise InputError(f"Message {i} has an image source of type {source.get('type')!r}; use base64 or url.")
+
+
+def _role(message: Any, i: int) -> str:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise InputError(f"Message {i} must be an object with a role.")
+    return message["role"]
 
 
 def _text(content: Any, where) -> str:
@@ -183,17 +154,3 @@ def _url(value: Any, i: int) -> str:
     if not isinstance(url, str) or not url:
         raise InputError(f"Message {i} has a media part without a url.")
     return url
-
-
-def _data_uri(uri: str) -> bytes:
-    header, _, data = uri.partition(",")
-    if ";base64" not in header:
-        raise InputError("Media data URIs must be base64 encoded (data:<type>;base64,...).")
-    return _base64(data, "the data URI")
-
-
-def _base64(data: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InputError(f"{what} is not valid base64.") from None

@@ -1,5 +1,7 @@
-"""Request bodies, checked by pydantic: a known field of the wrong type is a 400, unknown fields
-are ignored (clients send many we do not use)."""
+"""Request bodies, checked by pydantic: a known field of the wrong type (or a non-finite number)
+is a 400, unknown fields are ignored (clients send many we do not use). The ranges of the
+generation settings are checked once, by generate.check_settings; only limits of an API itself
+(Anthropic's temperature, OpenAI's top_logprobs) are stated here."""
 
 from __future__ import annotations
 
@@ -9,18 +11,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class Sampling(_Body):
-    temperature: float = Field(0.0, ge=0)
-    top_p: float = Field(0.0, ge=0, le=1)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0, lt=1)
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    min_p: float = 0.0
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = None
     stream: bool = False
 
 
@@ -31,8 +33,8 @@ class StreamOptions(_Body):
 class ChatCompletion(Sampling):
     model: str | None = None
     messages: list[dict[str, Any]] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
     logprobs: bool = False
@@ -47,9 +49,10 @@ class ChatCompletion(Sampling):
 class Completion(Sampling):
     model: str | None = None
     prompt: str
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = 16
     stop: str | list[str] | None = None
     n: int = 1
+    logprobs: int | None = Field(None, ge=0, le=5)
     stream_options: StreamOptions | None = None
 
 
@@ -57,7 +60,7 @@ class Message(Sampling):
     model: str | None = None
     messages: list[dict[str, Any]] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
-    max_tokens: int = Field(ge=1)
+    max_tokens: int
     stop_sequences: list[str] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None

@@ -1,7 +1,11 @@
-"""The model's worker thread: requests queue up (a bounded queue: 429 when full) and decode
+"""The engine's thread: prepared requests queue up (a bounded queue: 429 when full) and decode
 together through the batching engine (batch.BatchGenerator: up to --max-concurrency sequences at
 once, each with its own sampler, stop strings and limits, each getting exactly the tokens it gets
-alone); their responses go back to each request's event loop as they come.
+alone); their tokens go back to each request's event loop as they come.
+
+Requests arrive here already prepared (pool.py: media fetched and decoded, prompt tokenized), so
+this thread does nothing but step the batch. Whatever goes wrong in one request ends that request
+alone. Log-probabilities are read here too: MLX arrays are evaluated on the thread that made them.
 
 A prompt-prefix cache across requests (least recently used, bounded in bytes): a request starts
 from the cached conversation that shares the longest prefix with its prompt, so a conversation's
@@ -12,6 +16,7 @@ leaves the batch at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import threading
@@ -19,26 +24,25 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from ..errors import Gemma4UError, InputError
+from .errors import STOPPING, Busy, Fault, ShuttingDown
 
 DONE = object()  # the event that ends a request's stream
-
-
-class Busy(Gemma4UError):
-    """The queue is full: the client should retry later (HTTP 429)."""
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class Request:
-    """One generation: a prompt (chat messages, ours, rendered with `tools`; or a string used as
-    is) and stream_generate's keyword arguments."""
+class Job:
+    """One generation: its prepared inputs (prepare_arrays' numpy arrays), its settings (the names
+    generate.check_settings takes, already checked) and how many top log-probabilities to report
+    with each token (None: no log-probabilities)."""
 
-    prompt: str | list[dict]
-    options: dict[str, Any]
+    inputs: dict[str, np.ndarray]
+    settings: dict[str, Any]
     deadline: float
-    media: Any = None  # a messages.MediaReader, closed when the request is done
-    tools: list[dict] | None = None
-    enable_thinking: bool = False
+    top_logprobs: int | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -46,7 +50,25 @@ class Request:
         self.loop = asyncio.get_running_loop()
 
     def emit(self, event: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+@dataclass
+class Token:
+    """One token handed to a request, with its reply's counts so far. finish_reason: "stop",
+    "length", "timeout" (its time ran out; token None) or None."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None
+    prompt_tokens: int
+    prefilled_tokens: int
+    generation_tokens: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # best first
 
 
 class Worker:
@@ -58,7 +80,8 @@ class Worker:
         self.cache_bytes, self.max_concurrency = cache_bytes, max_concurrency
         self._load_drafter = load_drafter
         self._queue: queue.Queue = queue.Queue(max_queue)
-        self._caches: list = []  # (PromptCache, the prompt it was made for), most recently used last
+        self._caches: list = []  # PromptCaches of finished requests, most recently used last
+        self._stopping = False
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         threading.Thread(target=self._run, args=(load,), name="mlx-gemma4u-worker", daemon=True).start()
@@ -66,11 +89,21 @@ class Worker:
         if self._load_error is not None:
             raise self._load_error
 
-    def submit(self, request: Request) -> None:
+    def submit(self, job: Job) -> None:
+        if self._stopping:
+            raise ShuttingDown(STOPPING)
         try:
-            self._queue.put_nowait(request)
+            self._queue.put_nowait(job)
         except queue.Full:
             raise Busy("The server is busy: too many requests are waiting; retry shortly.") from None
+
+    def stop(self) -> None:
+        """End every queued and running request with an error and let the thread finish."""
+        self._stopping = True
+        try:
+            self._queue.put_nowait(None)  # wakes the thread if it waits for work
+        except queue.Full:
+            pass
 
     def _run(self, load: Callable[[], tuple]) -> None:
         from ..batch import BatchGenerator
@@ -88,104 +121,119 @@ class Worker:
             return
         finally:
             self._loaded.set()
-        running: dict[int, tuple[Request, Any, str]] = {}  # uid -> (request, its cache, its prompt)
-        while True:
+        running: dict[int, tuple[Job, Any]] = {}  # uid -> (job, its PromptCache)
+        while not self._stopping:
             try:
                 self._admit(generator, running, wait=generator.done)
-                for uid, token, text, finish in generator.step():
-                    self._hand_out(generator, running, uid, token, text, finish)
-            except Exception as e:  # a fault of ours: every running request hears of it, the server goes on
-                for uid in list(running):
-                    running[uid][0].emit(e)
-                    self._finish(running, uid)
+                for event in generator.step():
+                    self._hand_out(generator, running, event)
+            except Exception:  # a fault of the engine itself, in no one sequence: it starts over
+                log.exception("the batch failed")
+                self._end_all(running, Fault("Internal error: the batch failed; retry the request."))
                 generator = new_generator()
-            for uid, (request, _, _) in list(running.items()):
-                if request.cancelled.is_set() or time.monotonic() > request.deadline:
-                    generator.cancel(uid)
-                    self._finish(running, uid)
+            self._expire(generator, running)
+        self._end_all(running, ShuttingDown(STOPPING))
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if job is not None:
+                job.emit(ShuttingDown(STOPPING))
+                job.emit(DONE)
 
     def _admit(self, generator, running: dict, wait: bool) -> None:
         """Hand the engine waiting requests while it has room (blocking for one when nothing runs);
         the rest stay in the bounded queue."""
+        import mlx.core as mx
+
         while len(running) < self.max_concurrency:
             try:
-                request = self._queue.get(block=wait)
+                job = self._queue.get(block=wait)
             except queue.Empty:
                 return
             wait = False
-            if request.cancelled.is_set():
-                self._close(request)
+            if job is None or job.cancelled.is_set():
+                if job is not None:
+                    job.emit(DONE)
                 continue
-            try:
-                prompt, media = self._render(request)
-            except Gemma4UError as e:
-                request.emit(e)
-                self._close(request)
-                continue
-            cache = self._cache_for(prompt, request.options.get("kv_bits"))
-            uid = generator.submit(prompt, **media, prompt_cache=cache, **request.options)
-            running[uid] = (request, cache, prompt)
+            cache = self._cache_for(job.inputs["input_ids"][0].tolist(), job.settings.get("kv_bits"))
+            inputs = {k: mx.array(v) for k, v in job.inputs.items()}
+            uid = generator.add(inputs, prompt_cache=cache, **job.settings)
+            running[uid] = (job, cache)
             if generator.responses[uid].finish_reason == "error":
-                request.emit(InputError(generator.responses[uid].error))
+                self._fail(running, uid, generator.responses[uid])
+
+    def _hand_out(self, generator, running: dict, event) -> None:
+        job = running[event.uid][0]
+        r = generator.responses[event.uid]
+        if event.finish == "error":
+            self._fail(running, event.uid, r)
+            return
+        try:
+            token = Token(event.text, event.token, event.finish, r.prompt_tokens, r.prefilled_tokens,
+                          r.generation_tokens)
+            if job.top_logprobs is not None:
+                token.logprob, token.top_logprobs = _logprobs(event.logprobs, event.token, job.top_logprobs)
+        except Exception as e:  # this request's fault alone
+            log.exception("handing out a token failed")
+            generator.cancel(event.uid)
+            running[event.uid][0].emit(Fault(f"Internal error ({type(e).__name__})."))
+            self._finish(running, event.uid)
+            return
+        job.emit(token)
+        if event.finish:
+            self._finish(running, event.uid)
+
+    def _expire(self, generator, running: dict) -> None:
+        """Requests whose client left or whose time ran out leave the batch (the latter told so)."""
+        for uid, (job, _) in list(running.items()):
+            timed_out = time.monotonic() > job.deadline
+            if job.cancelled.is_set() or timed_out:
+                generator.cancel(uid)
+                if timed_out:
+                    r = generator.responses[uid]
+                    job.emit(Token("", None, "timeout", r.prompt_tokens, r.prefilled_tokens, r.generation_tokens))
                 self._finish(running, uid)
 
-    def _hand_out(self, generator, running: dict, uid: int, token, text: str, finish: str | None) -> None:
-        import mlx.core as mx
+    def _fail(self, running: dict, uid: int, response) -> None:
+        """The engine refused or dropped sequence `uid`: its request hears why."""
+        running[uid][0].emit((Fault if response.fault else InputError)(response.error))
+        self._finish(running, uid)
 
-        from ..generate import GenerationResponse
-
-        request = running[uid][0]
-        r = generator.responses[uid]
-        if finish == "error":
-            request.emit(InputError(r.error))
-        else:
-            request.emit(GenerationResponse(
-                text=text, token=token, logprobs=generator.logprobs.get(uid), prompt_tokens=r.prompt_tokens,
-                prefilled_tokens=r.prefilled_tokens, prompt_tps=r.prompt_tps, generation_tokens=r.generation_tokens,
-                generation_tps=r.generation_tps, peak_memory=mx.get_peak_memory() / 1e9,
-                finish_reason=finish))
-        if finish:
+    def _end_all(self, running: dict, error: Gemma4UError) -> None:
+        for uid in list(running):
+            running[uid][0].emit(error)
             self._finish(running, uid)
 
     def _finish(self, running: dict, uid: int) -> None:
-        request, cache, prompt = running.pop(uid)
-        self._keep(cache, prompt)
-        self._close(request)
+        job, cache = running.pop(uid)
+        self._keep(cache)
+        job.emit(DONE)
 
-    @staticmethod
-    def _close(request: Request) -> None:
-        if request.media is not None:
-            request.media.close()
-        request.emit(DONE)
-
-    def _render(self, request: Request) -> tuple[str, dict]:
-        """The prompt text (chat messages through the template, with the request's tools) and the
-        media its placeholders stand for, in order: what apply_chat_template(tokenize=True) does."""
-        if isinstance(request.prompt, str):
-            return request.prompt, {}
-        from ..processing.processor import media_items
-
-        text = self.processor.apply_chat_template(request.prompt, add_generation_prompt=True,
-                                                  enable_thinking=request.enable_thinking, tools=request.tools)
-        media = {key: media_items(request.prompt, kind) or None
-                 for key, kind in (("images", "image"), ("videos", "video"), ("audio", "audio"))}
-        return text, media
-
-    def _cache_for(self, prompt: str, kv_bits: int | None):
-        """The cached conversation whose prompt shares the longest prefix with this one (the prompt
+    def _cache_for(self, ids: list[int], kv_bits: int | None):
+        """The cached conversation that shares the longest prefix with this prompt (the prompt
         cache then reuses exactly the tokens they share), else a new cache."""
-        from ..generate import PromptCache
+        from ..cache import PromptCache
 
-        shared = [(len(os.path.commonprefix([prompt, text])), i) for i, (_, text) in enumerate(self._caches)]
+        shared = [(len(os.path.commonprefix([ids, cache.tokens])), i) for i, cache in enumerate(self._caches)]
         best = max(shared, default=(0, None))
-        if best[0] == 0 or self._caches[best[1]][0].kv_bits != kv_bits:
+        if best[0] == 0 or self._caches[best[1]].kv_bits != kv_bits:
             return PromptCache(self.model, kv_bits)
-        return self._caches.pop(best[1])[0]
+        return self._caches.pop(best[1])
 
-    def _keep(self, cache, prompt: str) -> None:
-        self._caches.append((cache, prompt))
-        while len(self._caches) > 1 and sum(_nbytes(c) for c, _ in self._caches) > self.cache_bytes:
+    def _keep(self, cache) -> None:
+        self._caches.append(cache)
+        while len(self._caches) > 1 and sum(_nbytes(c) for c in self._caches) > self.cache_bytes:
             self._caches.pop(0)
+
+
+def _logprobs(logprobs, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The token's log-probability and the k most likely (id, log-probability), best first."""
+    import mlx.core as mx
+
+    top = []
+    if k:
+        ids = mx.argpartition(-logprobs, k - 1)[:k]
+        top = sorted(zip(ids.tolist(), logprobs[ids].tolist()), key=lambda pair: -pair[1])
+    return logprobs[token].item(), top
 
 
 def _nbytes(cache) -> int:

@@ -1,0 +1,23 @@
+"""What the server answers besides a request's own InputError (400): each kind with its status."""
+
+from ..errors import Gemma4UError
+
+STOPPING = "The server is shutting down; retry the request after it restarts."
+
+
+class Busy(Gemma4UError):
+    """Too many requests are waiting: the client should retry later (HTTP 429)."""
+
+    status, kind = 429, "rate_limit_error"
+
+
+class ShuttingDown(Gemma4UError):
+    """The server is stopping (HTTP 503)."""
+
+    status, kind = 503, "overloaded_error"
+
+
+class Fault(Gemma4UError):
+    """A fault of ours, not of the request (HTTP 500); its traceback is in the server's log."""
+
+    status, kind = 500, "api_error"

@@ -1,0 +1,225 @@
+"""A request's tokens (worker.Token) -> the API's reply: OpenAI's chat.completion and
+text_completion, Anthropic's message, whole or as streaming events.
+
+A reply whose time ran out finishes with finish_reason / stop_reason "timeout", never "length",
+so that a client can tell it from a real length stop.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from . import schemas
+from .replies import Reply
+from .worker import Token
+
+ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "timeout": "timeout"}
+
+
+def _usage(last: Token, cached: bool = True) -> dict:
+    usage = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.generation_tokens,
+             "total_tokens": last.prompt_tokens + last.generation_tokens}
+    if cached:
+        usage["prompt_tokens_details"] = {"cached_tokens": last.prompt_tokens - last.prefilled_tokens}
+    return usage
+
+
+def _finish(last: Token, reply: Reply | None = None) -> str:
+    if reply is not None and reply.tool_calls and last.finish_reason != "timeout":
+        return "tool_calls"
+    return last.finish_reason or "length"
+
+
+class OpenAIChat:
+    """Tokens -> a chat.completion, or chat.completion.chunk events."""
+
+    def __init__(self, tokenizer, model: str, body: schemas.ChatCompletion):
+        self.tokenizer, self.model, self.body = tokenizer, model, body
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.reply = Reply(tokenizer)
+
+    def _logprobs(self, token: Token) -> list[dict]:
+        if not self.body.logprobs or token.token is None:
+            return []
+        entry = self._entry(token.token, token.logprob)
+        entry["top_logprobs"] = [self._entry(t, logprob) for t, logprob in token.top_logprobs]
+        return [entry]
+
+    def _entry(self, token: int, logprob: float) -> dict:
+        text = self.tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def _chunk(self, delta: dict, finish: str | None = None, logprobs: list | None = None) -> dict:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish,
+                  "logprobs": {"content": logprobs} if logprobs else None}
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [choice]}
+
+    async def stream(self, tokens: AsyncIterator[Token]) -> AsyncIterator[dict]:
+        yield self._chunk({"role": "assistant", "content": ""})
+        last, index = None, 0
+        async for last in tokens:
+            delta = self.reply.add(last.token, last.text)
+            out: dict[str, Any] = {}
+            if delta.content:
+                out["content"] = delta.content
+            if delta.reasoning:
+                out["reasoning_content"] = delta.reasoning
+            if delta.tool_calls:
+                out["tool_calls"] = [_openai_call(c, index + i) for i, c in enumerate(delta.tool_calls)]
+                index += len(delta.tool_calls)
+            logprobs = self._logprobs(last)
+            if out or logprobs:
+                yield self._chunk(out, logprobs=logprobs)
+        if last is not None:
+            yield self._chunk({}, _finish(last, self.reply))
+            if self.body.stream_options and self.body.stream_options.include_usage:
+                yield {**self._chunk({}), "choices": [], "usage": _usage(last)}
+
+    async def whole(self, tokens: AsyncIterator[Token]) -> dict:
+        last, logprobs = None, []
+        async for last in tokens:
+            self.reply.add(last.token, last.text)
+            logprobs += self._logprobs(last)
+        message: dict[str, Any] = {"role": "assistant", "content": self.reply.content}
+        if self.reply.reasoning:
+            message["reasoning_content"] = self.reply.reasoning
+        if self.reply.tool_calls:
+            message["tool_calls"] = [_openai_call(c, i) for i, c in enumerate(self.reply.tool_calls)]
+        choice = {"index": 0, "message": message, "finish_reason": _finish(last, self.reply),
+                  "logprobs": {"content": logprobs} if self.body.logprobs else None}
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [choice], "usage": _usage(last)}
+
+
+def _openai_call(call: dict, index: int) -> dict:
+    return {"index": index, "id": call["id"], "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
+
+
+class OpenAICompletion:
+    """Tokens -> a text_completion (the prompt is used verbatim, no chat template); `logprobs: N`
+    gives each token's log-probability and the N most likely, in the legacy completions shape."""
+
+    def __init__(self, tokenizer, model: str, body: schemas.Completion):
+        self.tokenizer, self.model, self.body = tokenizer, model, body
+        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self.offset = 0
+
+    def _logprobs(self, tokens: list[Token]) -> dict | None:
+        if self.body.logprobs is None:
+            return None
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token in tokens:
+            if token.token is None:
+                continue
+            out["tokens"].append(self.tokenizer.decode([token.token]))
+            out["token_logprobs"].append(token.logprob)
+            out["top_logprobs"].append({self.tokenizer.decode([t]): lp for t, lp in token.top_logprobs})
+            out["text_offset"].append(self.offset)
+            self.offset += len(token.text)
+        return out
+
+    def _body(self, text: str, finish: str | None, tokens: list[Token]) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": self._logprobs(tokens)}]}
+
+    async def stream(self, tokens: AsyncIterator[Token]) -> AsyncIterator[dict]:
+        last = None
+        async for last in tokens:
+            if last.text or (self.body.logprobs is not None and last.token is not None):
+                yield self._body(last.text, None, [last])
+        if last is not None:
+            yield self._body("", _finish(last), [])
+            if self.body.stream_options and self.body.stream_options.include_usage:
+                yield {**self._body("", None, []), "choices": [], "usage": _usage(last, cached=False)}
+
+    async def whole(self, tokens: AsyncIterator[Token]) -> dict:
+        every = [token async for token in tokens]
+        text = "".join(token.text for token in every)
+        return {**self._body(text, _finish(every[-1]), every), "usage": _usage(every[-1], cached=False)}
+
+
+class AnthropicMessage:
+    """Tokens -> an Anthropic message, or its streaming events."""
+
+    def __init__(self, tokenizer, model: str, body: schemas.Message):
+        self.model, self.body = model, body
+        self.id = f"msg_{uuid.uuid4().hex[:24]}"
+        self.reply = Reply(tokenizer)
+
+    def _stop(self, last: Token) -> tuple[str, str | None]:
+        if self.reply.tool_calls and last.finish_reason != "timeout":
+            return "tool_use", None
+        stops = self.body.stop_sequences or []
+        if last.finish_reason == "stop" and stops and last.token not in self.reply.tokenizer.eos_token_ids:
+            return "stop_sequence", stops[0] if len(stops) == 1 else None
+        return ANTHROPIC_STOP.get(last.finish_reason or "length", "end_turn"), None
+
+    def _usage(self, last: Token) -> dict:
+        return {"input_tokens": last.prompt_tokens, "output_tokens": last.generation_tokens,
+                "cache_read_input_tokens": last.prompt_tokens - last.prefilled_tokens}
+
+    def _start(self, first: Token) -> dict:
+        return {"type": "message_start", "message": {
+            "id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": first.prompt_tokens, "output_tokens": 0}}}
+
+    async def stream(self, tokens: AsyncIterator[Token]) -> AsyncIterator[dict]:
+        index, open_kind, last = 0, None, None
+        async for token in tokens:
+            if last is None:
+                yield self._start(token)
+            last = token
+            delta = self.reply.add(token.token, token.text)
+            for kind, text in (("thinking", delta.reasoning), ("text", delta.content)):
+                if not text:
+                    continue
+                if open_kind != kind:
+                    if open_kind is not None:
+                        yield {"type": "content_block_stop", "index": index}
+                        index += 1
+                    open_kind = kind
+                    yield {"type": "content_block_start", "index": index,
+                           "content_block": {"type": kind, kind: ""} if kind == "thinking" else
+                           {"type": "text", "text": ""}}
+                key = "thinking_delta" if kind == "thinking" else "text_delta"
+                yield {"type": "content_block_delta", "index": index,
+                       "delta": {"type": key, "thinking" if kind == "thinking" else "text": text}}
+            for call in delta.tool_calls:
+                if open_kind is not None:
+                    yield {"type": "content_block_stop", "index": index}
+                    index += 1
+                open_kind = None
+                yield {"type": "content_block_start", "index": index, "content_block": {
+                    "type": "tool_use", "id": call["id"], "name": call["name"], "input": {}}}
+                yield {"type": "content_block_delta", "index": index,
+                       "delta": {"type": "input_json_delta", "partial_json": json.dumps(call["arguments"])}}
+                yield {"type": "content_block_stop", "index": index}
+                index += 1
+        if open_kind is not None:
+            yield {"type": "content_block_stop", "index": index}
+        if last is not None:
+            reason, sequence = self._stop(last)
+            yield {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                   "usage": {"output_tokens": last.generation_tokens}}
+            yield {"type": "message_stop"}
+
+    async def whole(self, tokens: AsyncIterator[Token]) -> dict:
+        last = None
+        async for last in tokens:
+            self.reply.add(last.token, last.text)
+        content: list[dict] = []
+        if self.reply.reasoning:
+            content.append({"type": "thinking", "thinking": self.reply.reasoning, "signature": ""})
+        if self.reply.content or not self.reply.tool_calls:
+            content.append({"type": "text", "text": self.reply.content})
+        content += [{"type": "tool_use", "id": c["id"], "name": c["name"], "input": c["arguments"]}
+                    for c in self.reply.tool_calls]
+        reason, sequence = self._stop(last)
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
+                "stop_reason": reason, "stop_sequence": sequence, "usage": self._usage(last)}
