@@ -37,6 +37,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from . import checkpoints
 from . import quantize as q
 from .config import ModelConfig
+from .demo import WARNING, ensure_demo
 from .draft import MODEL_TYPE as ASSISTANT_TYPE
 from .draft import DraftConfig, DraftModel
 from .errors import InputError
@@ -181,11 +182,15 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def _check_destination(dst: Path, force: bool) -> None:
+    """Refuse a DST that is not a folder (with or without --force, which replaces model folders only),
+    and an existing folder unless --force; --force still leaves a folder that is not a model's."""
     if not dst.exists():
         return
+    if not dst.is_dir():
+        raise InputError(f"{dst} is a file, not a folder; choose another --mlx-path for the converted model.")
     if not force:
         raise InputError(f"{dst} already exists; pass --force to replace it, or choose another --mlx-path.")
-    if not dst.is_dir() or (any(dst.iterdir()) and not (dst / "config.json").is_file()):
+    if any(dst.iterdir()) and not (dst / "config.json").is_file():
         raise InputError(f"{dst} is not a model folder (no config.json), so --force will not replace it.")
 
 
@@ -343,6 +348,9 @@ def _copy_extras(src: Path, out: Path, processor: bool) -> None:
 
 def _card(out: Path, dst_name: str, src: Path, hf_path, options: Options, recipe: str, quantization: dict | None,
           summary: Summary, assistant: bool) -> None:
+    """The output's model card: its source, the command that made it, its size, where it loads; a
+    conversion of the demo checkpoint says first that its weights are random."""
+    demo = json.loads((src / "config.json").read_text()).get("mlx_gemma4u_demo")
     base = str(hf_path) if not Path(hf_path).expanduser().exists() else None
     license_ = None
     if (src / "README.md").is_file():
@@ -356,8 +364,10 @@ def _card(out: Path, dst_name: str, src: Path, hf_path, options: Options, recipe
         flags += [f"--q-bits {options.q_bits}"] * bool(options.q_bits)
         flags += [f"--q-group-size {options.q_group_size}"] * bool(options.q_group_size)
     flags += ["--dequantize"] * options.dequantize
-    made = " ".join(["mlx-gemma4u convert --hf-path", str(base or "SRC"), "--mlx-path", dst_name, *flags])
-    stats = f"{summary.parameters / 1e9:.2f}B parameters, {summary.bits_per_weight:.2f} bits per weight."
+    source = "--demo" if demo else f"--hf-path {base or 'SRC'}"
+    made = " ".join(["mlx-gemma4u convert", source, "--mlx-path", dst_name, *flags])
+    stats = f"**{demo}**\n\n" if demo else ""
+    stats += f"{summary.parameters / 1e9:.2f}B parameters, {summary.bits_per_weight:.2f} bits per weight."
     if quantization:
         stats += f" Quantization (config.json): {json.dumps({k: v for k, v in quantization.items() if not isinstance(v, dict)})}."
     stats += f"\n\n{ASSISTANT_LOADS_IN if assistant else LOADS_IN}"
@@ -408,7 +418,10 @@ def _progress(quiet: bool) -> Progress:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags mlx-lm's convert has, plus --quant-recipe names of ours and --force."""
-    parser.add_argument("--hf-path", "--model", required=True, help="source: a local folder or a Hugging Face repo id")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf-path", "--model", help="source: a local folder or a Hugging Face repo id")
+    source.add_argument("--demo", action="store_true",
+                        help="source: the built-in demo checkpoint (random weights: nonsense output, no download)")
     parser.add_argument("--mlx-path", default="mlx_model", help="destination folder (default: mlx_model)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="dtype of the float weights (default: the source's)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
@@ -425,9 +438,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.demo:
+        print(WARNING, file=sys.stderr)
     options = Options(dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits, q_group_size=args.q_group_size,
                       q_mode=args.q_mode, quant_recipe=args.quant_recipe, dequantize=args.dequantize)
-    summary = convert(args.hf_path, args.mlx_path, options, upload_repo=args.upload_repo, force=args.force,
+    summary = convert(ensure_demo() if args.demo else args.hf_path, args.mlx_path, options, upload_repo=args.upload_repo, force=args.force,
                       quiet=args.quiet)
     print(summary, file=sys.stderr)
     if summary.url:

@@ -16,6 +16,7 @@ import torch
 
 import reference
 from killing import kill_mid_write
+from mlx_gemma4u import demo, generate
 from mlx_gemma4u.cli import main
 from mlx_gemma4u.convert import Options, convert
 from mlx_gemma4u.errors import InputError
@@ -157,6 +158,47 @@ def test_existing_destination_is_refused_without_force(source, tmp_path, capsys)
     with pytest.raises(InputError, match="--q-mode mxfp4 means 4 bits"):
         convert(source, tmp_path / "new", Options(quantize=True, q_mode="mxfp4", q_bits=8), quiet=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_a_file_at_the_destination_is_named_a_file_and_kept(force, demo_home, tmp_path, monkeypatch, capsys):
+    """--mlx-path notes.txt: the error says it is a file, not a folder (not "pass --force"), and
+    --force leaves the file as it was too."""
+    monkeypatch.setenv("MLX_GEMMA4U_HOME", str(demo_home))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert main(["convert", "--demo", "--mlx-path", str(notes), "--quiet", *force]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"error: {notes} is a file, not a folder; choose another --mlx-path for the converted model."
+    assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_convert_demo_needs_no_source_and_converts_like_the_source(demo_home, tmp_path, monkeypatch, capsys):
+    """`convert --demo`: the float conversion computes and generates exactly what the demo does; the
+    8-bit one loads and generates, its logits off the float32 truth by at most 6x the demo's own
+    bfloat16 rounding (relative RMS, measured: bfloat16 0.065, 8-bit 0.25, 3.8x; this random model
+    amplifies rounding, and its 262,144 near-tied logits make top-1 agreement meaningless)."""
+    monkeypatch.setenv("MLX_GEMMA4U_HOME", str(demo_home))
+    same, q8 = tmp_path / "same", tmp_path / "q8"
+    assert main(["convert", "--demo", "--mlx-path", str(same), "--quiet"]) == 0
+    assert main(["convert", "--demo", "--mlx-path", str(q8), "-q", "--q-bits", "8", "--quiet"]) == 0
+    assert demo.WARNING in capsys.readouterr().err
+    card = (q8 / "README.md").read_text()
+    assert demo.WARNING in card and "mlx-gemma4u convert --demo --mlx-path q8 -q" in card
+    source, processor = load(demo_home / "demo-v1")
+    ids = processor(text="Hello there, how are you today?", return_tensors="mlx")["input_ids"]
+    converted, _ = load(same)
+    assert mx.array_equal(converted(ids), source(ids))
+    assert generate(converted, processor, "Hello", max_tokens=12) == generate(source, processor, "Hello", max_tokens=12)
+    quantized, q_processor = load(q8)
+    assert quantized.language_model.layers[0].mlp.up_proj.bits == 8
+    assert generate(quantized, q_processor, "Hello", max_tokens=4)
+    truth = np.array(load_model(demo_home / "demo-v1", dtype="float32")(ids))
+
+    def error(model) -> float:
+        return float(np.linalg.norm(np.array(model(ids).astype(mx.float32)) - truth) / np.linalg.norm(truth))
+
+    assert error(quantized) < 6 * error(source)
 
 
 @pytest.mark.parametrize("options, message", [
