@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> None:
     console = Console(highlight=False)
     with console.status("Loading the model…"):
         model, processor = load_from_args(args)
-        draft = draft_kwargs(args)
+        draft = draft_kwargs(args, model)
     settings = Settings(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p, args.seed)
     conversation = Conversation(system=args.system, thinking=args.think or args.hide_thinking)
     Chat(console, model, processor, conversation, settings, show_thinking=not args.hide_thinking, draft=draft).run()

@@ -20,6 +20,7 @@ from typing import Any
 
 from .errors import InputError
 from .files import write_text
+from .generate import check_settings
 from .processing.audio import FORMATS as AUDIO_FORMATS
 from .processing.messages import check_messages
 
@@ -69,7 +70,7 @@ def media_item(raw: str, kind: str) -> dict[str, str]:
     if not path.exists():
         raise InputError(f"The {kind} file {raw!r} does not exist; check the path.")
     if not path.is_file():
-        raise InputError(f"{raw!r} is a folder, not an {kind} file.")
+        raise InputError(f"{raw!r} is a folder, not {'a' if kind == 'video' else 'an'} {kind} file.")
     try:
         with path.open("rb") as f:
             f.read(1)
@@ -122,17 +123,20 @@ class Settings:
              "min-p": "min_p", "seed": "seed"}
 
     def set(self, argument: str) -> str:
-        """Apply "NAME VALUE"; returns the option's field name."""
+        """Apply "NAME VALUE", checked as the engine checks it (generate.check_settings), so a value it
+        would refuse at the next message is refused here and the old one stays; returns the field name."""
         name, _, value = argument.partition(" ")
         if name not in self.NAMES or not value.strip():
             raise InputError(f"Use /set NAME VALUE with NAME one of {', '.join(self.NAMES)}.")
         attr = self.NAMES[name]
         kind = int if attr in ("max_tokens", "top_k", "seed") else float
         try:
-            setattr(self, attr, kind(value.strip()))
+            parsed = kind(value.strip())
         except ValueError:
             raise InputError(f"{name} takes {'a whole number' if kind is int else 'a number'}, "
                              f"not {value.strip()!r}.") from None
+        check_settings(**{**self.as_kwargs(), attr: parsed})
+        setattr(self, attr, parsed)
         return attr
 
     def as_kwargs(self) -> dict[str, Any]:

@@ -44,20 +44,25 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_draft_args(parser: argparse.ArgumentParser) -> None:
     """Speculative decoding with an MTP assistant (generate and chat)."""
     parser.add_argument("--draft-model", metavar="PATH",
-                        help="a Gemma 4 assistant (drafter) folder or repo id, e.g. google/gemma-4-12B-it-assistant")
-    parser.add_argument("--num-draft-tokens", type=_checked(int, lambda v: v > 0, "a positive integer"),
-                        help="tokens drafted per round (default: chosen each round from the measured acceptance "
-                             "and costs, down to none where drafting does not pay)")
+                        help="a Gemma 4 assistant (drafter) folder or repo id, e.g. google/gemma-4-12B-it-assistant; "
+                             "'demo': the built-in demo drafter for --demo (random weights: nonsense drafts, which "
+                             "only show the flag at work; the reply stays the same)")
+    parser.add_argument("--num-draft-tokens", metavar="K", type=_checked(int, lambda v: v >= 0, "an integer >= 0"),
+                        help="tokens drafted per round, fixed: 0 drafts none (every step a plain one) (default: "
+                             "chosen each round from the measured acceptance and costs, down to none where "
+                             "drafting does not pay)")
 
 
-def draft_kwargs(args: argparse.Namespace) -> dict:
-    """stream_generate's draft_model / num_draft_tokens from --draft-model / --num-draft-tokens."""
+def draft_kwargs(args: argparse.Namespace, model) -> dict:
+    """stream_generate's draft_model / num_draft_tokens from --draft-model / --num-draft-tokens,
+    the drafter checked against `model` (the target) so a mismatch is one line before any prompt."""
     if not args.draft_model:
         return {}
     from .draft import load_draft_model
 
-    return {"draft_model": load_draft_model(args.draft_model, check_memory=not args.no_memory_check),
-            "num_draft_tokens": args.num_draft_tokens}
+    drafter = load_draft_model(args.draft_model, check_memory=not args.no_memory_check)
+    drafter.check_target(model)
+    return {"draft_model": drafter, "num_draft_tokens": args.num_draft_tokens}
 
 
 DEMO_MAX_TOKENS = 32  # the demo's replies are nonsense: a first run shows a line of it, not a page
@@ -65,6 +70,8 @@ DEMO_MAX_TOKENS = 32  # the demo's replies are nonsense: a first run shows a lin
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """The sampling options generate and chat share (mlx-lm's samplers; 0 switches one off)."""
+    from .generate import SEEDS  # the seeds the engine takes (generate.check_settings)
+
     parser.add_argument("--max-tokens", type=_checked(int, lambda v: v > 0, "a positive integer"),
                         help=f"most tokens per reply (default {max_tokens}; {DEMO_MAX_TOKENS} with --demo)")
     parser.set_defaults(model_max_tokens=max_tokens)
@@ -76,7 +83,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
                         help="sample from the k most likely tokens (0 = off)")
     parser.add_argument("--min-p", type=_checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"), default=0.0,
                         help="minimum probability relative to the top token (0 = off)")
-    parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    seed = _checked(int, lambda v: v in SEEDS, f"a whole number from {SEEDS[0]} to {SEEDS[-1]}")
+    parser.add_argument("--seed", type=seed, help="random seed, for reproducible sampling")
 
 
 def _checked(kind: type, ok, what: str):
@@ -104,11 +112,24 @@ def load_from_args(args: argparse.Namespace):
                 check_memory=not args.no_memory_check)
 
 
+def check_media_files(args: argparse.Namespace) -> None:
+    """Refuse a missing or unreadable --image / --video / --audio file in one sentence before the
+    model loads (minutes for a 12B); URLs are fetched later, by the processor."""
+    from .chat_session import media_item
+    from .processing.sources import is_url
+
+    for kind, sources in (("image", args.image), ("video", args.video), ("audio", args.audio)):
+        for source in sources or []:
+            if not is_url(source):
+                media_item(source, kind)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .generate import stream_generate
 
+    check_media_files(args)
     model, processor = load_from_args(args)
-    draft = draft_kwargs(args)
+    draft = draft_kwargs(args, model)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     last = None

@@ -4,6 +4,12 @@ Every command takes `--demo` so a fresh machine can run the whole pipeline at on
 the key names and config schema of google/gemma-4-12B-it, tiny sizes, the real 262,144-token
 vocabulary and Google's real Gemma 4 tokenizer (bundled, Apache-2.0). Its weights are random with
 a fixed seed: **it produces nonsense**, and says so wherever it is used.
+
+Beside it lives the demo drafter (`--draft-model demo`): an MTP assistant in the layout of
+google/gemma-4-12B-it-assistant, matched to the demo (its hidden size, vocabulary, heads, window
+and RoPE; every layer reads the demo's keys and values), with random weights: its drafts are
+nonsense and almost never accepted, so it only shows speculative decoding at work (the reply is
+the demo's own, token for token).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from mlx.utils import tree_flatten
 
 from .checkpoints import TRANSFORMERS
 from .config import ModelConfig
+from .draft import DraftConfig, DraftModel
 from .files import replacing_folder
 from .model import Model
 from .tokenizer_files import write_tokenizer_files
@@ -82,6 +89,28 @@ CONFIG = {
     "eoa_token_index": 258883,
     "tie_word_embeddings": True,
 }
+DRAFTER_WARNING = ("Demo drafter: random weights, so its drafts are nonsense and almost never accepted. Use it "
+                   "to try --draft-model on --demo; the reply stays the demo's own.")
+DRAFTER_CONFIG = {
+    "architectures": ["Gemma4UnifiedAssistantForCausalLM"],
+    "model_type": "gemma4_unified_assistant",
+    "dtype": "bfloat16",
+    "mlx_gemma4u_demo": DRAFTER_WARNING,
+    "backbone_hidden_size": CONFIG["text_config"]["hidden_size"],
+    "use_ordered_embeddings": False,
+    "tie_word_embeddings": True,
+    # The demo's vocabulary, heads, window and RoPE: the drafter's queries meet the demo's cached keys.
+    "text_config": {
+        **CONFIG["text_config"],
+        "hidden_size": 32,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+        "num_kv_shared_layers": 4,  # all of them: every layer reads the demo's keys and values
+        "final_logit_softcapping": None,
+        "use_bidirectional_attention": None,
+    },
+}
 GENERATION_CONFIG = {"bos_token_id": 2, "eos_token_id": [1, 106, 50], "pad_token_id": 0}
 MODEL_CARD = f"""# mlx-gemma4u demo checkpoint (version {VERSION})
 
@@ -93,19 +122,46 @@ Layout, key names and config schema follow google/gemma-4-12B-it, at tiny sizes 
 """
 
 
+DRAFTER_CARD = f"""# mlx-gemma4u demo drafter (version {VERSION})
+
+**{DRAFTER_WARNING}**
+
+Layout, key names and config schema follow google/gemma-4-12B-it-assistant (the MTP drafter), at
+tiny sizes (hidden 32, 4 layers) matched to the mlx-gemma4u demo checkpoint. Made by
+`mlx_gemma4u.demo.ensure_demo_drafter()`.
+"""
+
+
+def home() -> Path:
+    """Where the demo checkpoint and drafter live: $MLX_GEMMA4U_HOME, else the user cache folder."""
+    root = os.environ.get("MLX_GEMMA4U_HOME")
+    return Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlx-gemma4u"
+
+
 def default_path() -> Path:
-    """Where the demo lives: $MLX_GEMMA4U_HOME, else the user cache folder."""
-    home = os.environ.get("MLX_GEMMA4U_HOME")
-    root = Path(home) if home else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlx-gemma4u"
-    return root / f"demo-v{VERSION}"
+    """The demo checkpoint's folder."""
+    return home() / f"demo-v{VERSION}"
+
+
+def drafter_path() -> Path:
+    """The demo drafter's folder, beside the demo's."""
+    return home() / f"demo-drafter-v{VERSION}"
 
 
 def ensure_demo(path: Path | None = None) -> Path:
     """The demo folder, written first if it is not there yet (atomically: all of it or none)."""
-    path = Path(path) if path else default_path()
+    return _ensure(Path(path) if path else default_path(), write_demo)
+
+
+def ensure_demo_drafter(path: Path | None = None) -> Path:
+    """The demo drafter's folder, written first if it is not there yet (atomically, as the demo's)."""
+    return _ensure(Path(path) if path else drafter_path(), write_demo_drafter)
+
+
+def _ensure(path: Path, write) -> Path:
     if not (path / "config.json").is_file():
         with replacing_folder(path) as staging:
-            write_demo(staging)
+            write(staging)
     return path
 
 
@@ -113,6 +169,15 @@ def write_demo(out: Path) -> None:
     """Write the demo checkpoint files into the (empty) folder `out`."""
     write_checkpoint(out, CONFIG)
     (out / "README.md").write_text(MODEL_CARD)
+
+
+def write_demo_drafter(out: Path) -> None:
+    """Write the demo drafter's files into the (empty) folder `out`: config.json, bfloat16
+    safetensors under the assistant's names (which are our module paths), the model card."""
+    (out / "config.json").write_text(json.dumps(DRAFTER_CONFIG, indent=2))
+    drafter = DraftModel(DraftConfig.from_dict(DRAFTER_CONFIG))
+    mx.save_safetensors(str(out / "model.safetensors"), _random(drafter), metadata={"format": "pt"})
+    (out / "README.md").write_text(DRAFTER_CARD)
 
 
 def write_checkpoint(out: Path, config: dict) -> None:
@@ -125,16 +190,20 @@ def write_checkpoint(out: Path, config: dict) -> None:
 
 
 def random_weights(config: dict) -> dict[str, mx.array]:
-    """N(0, 0.02) bfloat16 matrices (fixed seed) under transformers' on-disk names; norms and layer
+    """The random weights of a Model of `config` under transformers' on-disk names (see _random)."""
+    return {TRANSFORMERS.stored(name): value for name, value in _random(Model(ModelConfig.from_dict(config))).items()}
+
+
+def _random(module) -> dict[str, mx.array]:
+    """N(0, 0.02) bfloat16 matrices (fixed seed) under the module's parameter paths; norms and layer
     scalars are 1, biases 0."""
-    model = Model(ModelConfig.from_dict(config))
     key = mx.random.key(0)
     weights = {}
-    for name, param in tree_flatten(model.parameters()):
+    for name, param in tree_flatten(module.parameters()):
         key, sub = mx.random.split(key)
         if param.ndim == 1:
             value = mx.zeros(param.shape) if name.endswith("bias") else mx.ones(param.shape)
         else:
             value = 0.02 * mx.random.normal(param.shape, key=sub)
-        weights[TRANSFORMERS.stored(name)] = value.astype(mx.bfloat16)
+        weights[name] = value.astype(mx.bfloat16)
     return weights

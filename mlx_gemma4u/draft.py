@@ -31,7 +31,7 @@ from . import cache as caches
 from . import checkpoints
 from .config import FULL, TextConfig, _check, _from_dict, _positive, read_config
 from .decoder import RowSteps, Step, TextModel
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, InputError
 from .linear import Linear
 
 MODEL_TYPE = "gemma4_unified_assistant"
@@ -154,6 +154,24 @@ class DraftModel(nn.Module):
             drafts.append(tokens)
         return mx.stack(drafts, axis=1)
 
+    def check_target(self, target) -> None:
+        """Refuse, in one sentence, a target model this drafter was not made for: it reads the target's
+        hidden state, token ids and cached keys, so another hidden size, vocabulary or key shape would
+        otherwise fail deep inside a matmul (`--draft-model demo` with a real model, say)."""
+        text, theirs = self.config.text, target.config.text
+        for what, mine, its in (("hidden size", self.config.backbone_hidden_size, theirs.hidden_size),
+                                ("vocabulary size", text.vocab_size, theirs.vocab_size)):
+            if mine != its:
+                raise InputError(f"This drafter does not fit the model: it was made for a {what} of {mine}, the "
+                                 f"model's is {its}; pass the assistant made for this model.")
+        owners = {s.layer_type: s for s in theirs.layers if s.kv_mode != "reuse"}  # the last of each type
+        for spec in text.layers:
+            owner = owners.get(spec.layer_type)
+            if owner is None or owner.head_dim != spec.head_dim or text.num_attention_heads % owner.num_kv_heads:
+                raise InputError(f"This drafter does not fit the model: its {spec.layer_type} queries "
+                                 f"({text.num_attention_heads} heads of {spec.head_dim}) cannot attend to the "
+                                 "model's cached keys; pass the assistant made for this model.")
+
     def sanitize(self, weights: dict) -> dict:
         """Checkpoint keys (transformers' names are ours) -> ours; the tied lm_head is dropped.
         Raises CheckpointError naming the first key that belongs nowhere."""
@@ -171,11 +189,11 @@ class DraftModel(nn.Module):
 def load_draft_model(path_or_repo: str | os.PathLike, dtype: str | None = None,
                      check_memory: bool = True) -> DraftModel:
     """A Gemma 4 assistant (e.g. google/gemma-4-12B-it-assistant, or a folder `mlx-gemma4u convert`
-    made of one, quantized or not): local folder or hub id -> DraftModel, every weight checked against
-    config.json (the same checks and errors as `load`)."""
-    from .loading import DTYPES, install_weights, read_weights, resolve
+    made of one, quantized or not): local folder, hub id or "demo" (the demo checkpoint's random
+    drafter) -> DraftModel, every weight checked against config.json (the same checks and errors as `load`)."""
+    from .loading import DTYPES, install_weights, read_weights
 
-    path = resolve(path_or_repo)
+    path = _folder(path_or_repo)
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     config = DraftConfig.from_file(path / "config.json")
@@ -183,3 +201,15 @@ def load_draft_model(path_or_repo: str | os.PathLike, dtype: str | None = None,
     model = DraftModel(config)
     install_weights(model, weights, checkpoints.ASSISTANT, config.quantization, dtype)
     return model
+
+
+def _folder(path_or_repo: str | os.PathLike) -> Path:
+    """"demo" (when no folder of that name exists) -> the demo drafter's folder, written first if
+    needed (demo.ensure_demo_drafter); anything else as loading.resolve finds or fetches it."""
+    from .loading import resolve
+
+    if str(path_or_repo) == "demo" and not Path("demo").is_dir():
+        from .demo import ensure_demo_drafter
+
+        return ensure_demo_drafter()
+    return resolve(path_or_repo)

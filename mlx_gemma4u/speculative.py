@@ -62,7 +62,8 @@ class DraftLength:
     weights once per step, so the weights' size ratio is a fair first guess). The reply starts with
     FIRST_PLAIN plain tokens, to time the plain step. When K = 0 wins, the loop decodes `stretch`
     tokens plainly, then probes with one round of K = 1, if drafting could pay at all (were every
-    draft accepted); the stretch doubles (to MAX_STRETCH) while drafting keeps losing.
+    draft accepted); the stretch doubles (to MAX_STRETCH) while drafting keeps losing. A fixed K of 0
+    never drafts: every stretch is MAX_STRETCH long, so the plain decode loop is rarely restarted.
     """
 
     MAX_K, FIRST_PLAIN, MIN_STRETCH, MAX_STRETCH, DECAY = 8, 4, 16, 128, 0.95
@@ -72,7 +73,7 @@ class DraftLength:
         self.hits = self.trials = 0.0  # decayed counts: drafts accepted / drafts judged
         self.draft_step: float | None = None  # measured seconds per drafter step
         self.passes: dict[int, float] = {}  # positions -> seconds per target pass (1: a plain step)
-        self.stretch = self.FIRST_PLAIN
+        self.stretch = self.MAX_STRETCH if fixed == 0 else self.FIRST_PLAIN
         self.probe = False  # a plain stretch just ended: try drafting once more
 
     @classmethod

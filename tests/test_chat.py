@@ -56,6 +56,20 @@ def test_bad_media_and_bad_settings_are_one_sentence(tmp_path):
         settings.set("warp 9")
 
 
+@pytest.mark.parametrize("line, message", [
+    ("seed -1", "seed must be a whole number from 0 to 2\\*\\*64 - 1, got -1"), (f"seed {2**64}", "seed must be"),
+    ("temp -1", "temperature must be 0"), ("top-p 2", "top_p must be in"), ("max-tokens 0", "max_tokens must be"),
+])
+def test_set_refuses_what_the_engine_would_and_keeps_the_old_value(line, message):
+    """/set checks a value as generate.check_settings does, in one sentence, and keeps the old one."""
+    settings = Settings(max_tokens=7, temperature=0.5, top_p=0.9, seed=3)
+    with pytest.raises(InputError, match=message) as info:
+        settings.set(line)
+    assert "\n" not in str(info.value)
+    assert settings == Settings(max_tokens=7, temperature=0.5, top_p=0.9, seed=3)
+    assert settings.set(f"seed {2**64 - 1}") == "seed" and settings.seed == 2**64 - 1
+
+
 def test_conversation_turns_retry_and_reset(photo):
     chat = Conversation(system="Be terse.")
     chat.pending.append(media_item(str(photo), "image"))

@@ -77,6 +77,9 @@ def test_cli_errors_are_one_line(tmp_path, demo_home):
     ("--temp", "-1", "--temp: must be a number >= 0"), ("--top-p", "2", "--top-p: must be a number in [0, 1]"),
     ("--min-p", "1.5", "--min-p: must be a number in [0, 1]"), ("--top-k", "-1", "--top-k: must be an integer >= 0"),
     ("--max-tokens", "0", "--max-tokens: must be a positive integer"), ("--max-tokens", "x", "positive integer"),
+    ("--seed", "-1", "--seed: must be a whole number from 0 to 18446744073709551615, got '-1'"),
+    ("--seed", str(2**64), "--seed: must be a whole number from 0"), ("--seed", "1.5", "--seed: must be a whole"),
+    ("--num-draft-tokens", "-1", "--num-draft-tokens: must be an integer >= 0"),
 ])
 @pytest.mark.parametrize("command", [["generate", "--demo", "--prompt", "Hi"], ["chat", "--demo"]])
 def test_bad_flags_are_refused_before_anything_loads(command, flag, value, message, monkeypatch, capsys):
@@ -87,6 +90,23 @@ def test_bad_flags_are_refused_before_anything_loads(command, flag, value, messa
     with pytest.raises(SystemExit) as exit_:
         main([*command, flag, value])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, kind", [("--image", "image"), ("--video", "video"), ("--audio", "audio")])
+def test_a_missing_media_file_is_refused_before_the_model_loads(flag, kind, tmp_path, monkeypatch, capsys):
+    """generate checks its local media paths first (one sentence, exit 1): the model loader is never
+    called; a URL is left to the processor, so loading goes ahead."""
+    def no_loading(args):
+        raise AssertionError("the model was loaded before the media paths were checked")
+
+    monkeypatch.setattr("mlx_gemma4u.cli.load_from_args", no_loading)
+    missing = str(tmp_path / "gone.file")
+    assert main(["generate", "--demo", "--prompt", "Hi", flag, missing]) == 1
+    assert capsys.readouterr().err == f"error: The {kind} file {missing!r} does not exist; check the path.\n"
+    assert main(["generate", "--demo", "--prompt", "Hi", flag, str(tmp_path)]) == 1
+    assert "is a folder, not a" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(["generate", "--demo", "--prompt", "Hi", flag, "https://example.com/a.file"])
 
 
 @pytest.mark.parametrize("where", [0, 1, 2, 4, 6])
@@ -126,3 +146,4 @@ def test_generate_takes_media_files(demo_home, fixtures_dir):
     assert prompt_tokens > 260  # 260 image soft tokens plus the audio token and the text
     missing = cli("generate", "--demo", "--prompt", "Hi", "--image", "no/such.png", home=demo_home)
     assert missing.returncode == 1 and "no/such.png" in missing.stderr and "Traceback" not in missing.stderr
+    assert demo.WARNING not in missing.stderr  # refused before the model loads

@@ -24,11 +24,16 @@ from transformers.generation import candidate_generator
 import draft_reference as dr
 import multimodal_inputs as mi
 import reference
+from mlx_gemma4u import demo
 from mlx_gemma4u.batch import batch_generate
+from mlx_gemma4u.cli import main
+from mlx_gemma4u.config import ModelConfig
+from mlx_gemma4u.demo import ensure_demo_drafter
 from mlx_gemma4u.draft import load_draft_model
-from mlx_gemma4u.errors import ConfigError
+from mlx_gemma4u.errors import ConfigError, InputError
 from mlx_gemma4u.generate import PromptCache, TokenSampler, generate_step, prefill, stream_generate
-from mlx_gemma4u.loading import load_model
+from mlx_gemma4u.loading import load, load_model
+from mlx_gemma4u.model import Model
 from mlx_gemma4u.speculative import DraftLength, DraftStats, _speculative_round, speculative_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -441,3 +446,102 @@ def test_batched_speculative_rows_keep_their_own_accepted_lengths(k, models, pro
     if k:
         rounds = list(zip(*(s.rounds for s in stats)))  # the rounds all rows took part in
         assert any(len(set(r)) > 1 for r in rounds), rounds
+
+
+@pytest.fixture(scope="module")
+def demo_pair(demo_home):
+    """((target, processor), drafter): the demo checkpoint and load_draft_model("demo"), the demo
+    drafter written into demo_home once."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLX_GEMMA4U_HOME", str(demo_home))
+        patch.chdir(demo_home)  # no folder named demo here
+        drafter = load_draft_model("demo")
+    return load(demo_home / "demo-v1"), drafter
+
+
+def test_the_demo_drafter_is_written_once_beside_the_demo(demo_pair, demo_home):
+    folder = demo_home / "demo-drafter-v1"
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert ensure_demo_drafter(folder) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "gemma4_unified_assistant"
+    assert "nonsense" in (folder / "README.md").read_text()
+    assert sorted(p.name for p in demo_home.iterdir()) == ["demo-drafter-v1", "demo-v1"]  # no staging left
+
+
+def test_the_demo_drafter_is_an_assistant_checkpoint_transformers_runs_alike(demo_pair, demo_home):
+    """transformers loads the demo drafter as Gemma4UnifiedAssistantForCausalLM with no missing or
+    unexpected weight, and its first draft step on the demo target's state is ours (float32)."""
+    from transformers import Gemma4UnifiedAssistantForCausalLM, Gemma4UnifiedForConditionalGeneration
+
+    ids = [2, 105, 2364, 107, 9259, 106, 107, 105, 4368, 107]
+    with dr.kv_sharing_5_24(), torch.no_grad():
+        target = Gemma4UnifiedForConditionalGeneration.from_pretrained(demo_home / "demo-v1", dtype=torch.float32)
+        assistant, info = Gemma4UnifiedAssistantForCausalLM.from_pretrained(
+            demo_home / "demo-drafter-v1", dtype=torch.float32, output_loading_info=True)
+        out = target.eval()(input_ids=torch.tensor([ids]), output_hidden_states=True, return_shared_kv_states=True)
+        token, hidden = out.logits[0, -1].argmax()[None, None], out.hidden_states[-1][:, -1:]
+        want = assistant.eval()(inputs_embeds=torch.cat([target.get_input_embeddings()(token), hidden], -1),
+                                position_ids=torch.tensor([[len(ids)]]), shared_kv_states=out.shared_kv_states,
+                                attention_mask=torch.ones(1, len(ids) + 1, dtype=torch.long)).logits.numpy()
+    assert not any(info.values()), info
+    model = load_model(demo_home / "demo-v1", dtype="float32")
+    drafter = load_draft_model(demo_home / "demo-drafter-v1", dtype="float32")
+    cache = model.make_cache()
+    logits, ours_hidden = model(mx.array([ids], dtype=mx.int32), cache=cache, return_hidden=True)
+    first = mx.argmax(logits[0, -1:], axis=-1).astype(mx.int32)
+    got, _ = drafter(model.language_model.embed(first[None]), ours_hidden[:, -1:],
+                     drafter.attend_to(model.shared_kv(cache), len(ids)))
+    assert first.item() == token.item()
+    np.testing.assert_allclose(np.array(got), want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=0)
+
+
+@pytest.mark.parametrize("k", [None, 3, 0])
+def test_greedy_with_the_demo_drafter_equals_plain(k, demo_pair):
+    """The demo drafter on the demo (adaptive K, a fixed K, and a fixed K of 0: no drafts, every
+    step a plain one): the reply is plain greedy's, token for token."""
+    (model, processor), drafter = demo_pair
+    plain = [r.token for r in stream_generate(model, processor, "Hello", max_tokens=24)]
+    responses = list(stream_generate(model, processor, "Hello", max_tokens=24, draft_model=drafter,
+                                     num_draft_tokens=k))
+    assert [r.token for r in responses] == plain
+    stats = responses[-1].draft
+    assert (stats.drafted == 0 and stats.plain == len(plain) - 1) if k == 0 else stats.drafted > 0
+
+
+def test_a_fixed_k_of_0_decodes_in_the_longest_plain_stretches():
+    assert DraftLength(fixed=0).next() == 0 and DraftLength(fixed=0).stretch == DraftLength.MAX_STRETCH
+
+
+def test_a_drafter_for_another_model_is_refused_in_one_line(demo_pair, demo_home, monkeypatch, capsys):
+    """`--draft-model demo` with a model it was not made for: one sentence, before any prompt, instead
+    of a shape error deep in a matmul."""
+    _, drafter = demo_pair
+    wider, other_heads = (Model(ModelConfig.from_dict({**demo.CONFIG, "text_config": {**demo.CONFIG["text_config"],
+                                                                                       **change}}))
+                          for change in ({"hidden_size": 128}, {"head_dim": 32}))
+    with pytest.raises(InputError, match="made for a hidden size of 64, the model's is 128"):
+        drafter.check_target(wider)
+    with pytest.raises(InputError, match="sliding_attention queries .4 heads of 16. cannot attend"):
+        drafter.check_target(other_heads)
+    monkeypatch.setenv("MLX_GEMMA4U_HOME", str(demo_home))
+    monkeypatch.setattr("mlx_gemma4u.cli.load_from_args", lambda args: (wider, None))
+    assert main(["generate", "--demo", "--prompt", "Hi", "--draft-model", "demo"]) == 1
+    assert capsys.readouterr().err.startswith("error: This drafter does not fit the model")
+
+
+def test_cli_generate_with_the_demo_drafter(demo_home, capsys):
+    """`--draft-model demo` needs no download and changes nothing in the reply; `--num-draft-tokens 0`
+    loads the drafter and drafts nothing; the help says the demo drafter is random."""
+    from test_demo_cli import cli
+
+    args = ("generate", "--demo", "--prompt", "Hello", "--max-tokens", "12")
+    plain, drafted = cli(*args, home=demo_home), cli(*args, "--draft-model", "demo", home=demo_home)
+    none = cli(*args, "--draft-model", "demo", "--num-draft-tokens", "0", home=demo_home)
+    assert plain.returncode == drafted.returncode == none.returncode == 0, (drafted.stderr, none.stderr)
+    assert plain.stdout == drafted.stdout == none.stdout and "drafted" in drafted.stderr
+    assert "drafted 0, accepted 0 (0%), K 0, 11 undrafted" in none.stderr
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "'demo': the built-in demo drafter for --demo (random weights: nonsense drafts" in help_text
+    assert "0 drafts none (every step a plain one)" in help_text
