@@ -125,8 +125,8 @@ class Chat:
         splitter = ReplySplitter(*self.channel_ids)
         view = ReplyView(splitter, self.show_thinking)
         last = None
-        with _sigint_as_flag() as stop, Live(view, console=self.console, transient=True, refresh_per_second=8,
-                                              vertical_overflow="crop"):
+        with _sigint_as_flag() as stop, _no_autowrap(self.console), Live(view, console=self.console, transient=True,
+                                                                         refresh_per_second=8, vertical_overflow="crop"):
             for last in stream_generate(self.model, self.processor, self.conversation.prompt(),
                                         prompt_cache=self.cache, enable_thinking=self.conversation.thinking,
                                         **self.settings.as_kwargs(), **self.draft):
@@ -236,6 +236,32 @@ class ReplyView:
         for line in lines[-max(1, console.size.height - 2):]:
             yield from line
             yield Segment.line()
+
+
+AUTOWRAP_OFF, AUTOWRAP_ON = "\x1b[?7l", "\x1b[?7h"  # DECAWM: whether a line wider than the terminal wraps
+
+
+@contextmanager
+def _no_autowrap(console: Console) -> Iterator[None]:
+    """While the reply streams, the terminal clips a line at its right edge instead of wrapping it.
+
+    Live repaints by moving the cursor up as many rows as rich rendered lines, each fitted to the
+    width by rich's own cell widths. A terminal that gives some characters more cells (tmux and
+    wcwidth-based terminals: Indic vowel signs 1 cell where rich counts 0, an emoji with a skin
+    tone or a ZWJ family 4 or 6 where rich counts 2) wraps such a line onto a second row, so each
+    repaint stopped short and left rows behind, until the scrollback held the reply many times over.
+    With wrapping off, every rendered line is exactly one row whatever the terminal's widths; the
+    finished reply is printed after this, wrapped as usual.
+    """
+    if not console.is_terminal:
+        yield
+        return
+    console.file.write(AUTOWRAP_OFF)
+    try:
+        yield
+    finally:
+        console.file.write(AUTOWRAP_ON)
+        console.file.flush()
 
 
 class _StopFlag:

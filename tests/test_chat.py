@@ -5,7 +5,10 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pexpect
 import pytest
@@ -243,3 +246,84 @@ def test_chat_in_a_terminal(demo_home, photo, tmp_path):
     assert child.exitstatus == 0
     assert "Traceback" not in visible(log.getvalue())
     assert len(json.loads(saved.read_text())["messages"]) == 4
+
+
+# A reply whose characters rich and tmux measure differently (rich: 2 cells for an emoji with a skin
+# tone, 0 for a Devanagari vowel sign; tmux, like wcwidth: 4 and 1), with CJK between, each word
+# numbered so the scrollback shows whether it holds the reply once.
+WIDE_REPLY = [f"w{i:04d} 👍🏽你好नमस्ते " for i in range(400)]
+
+
+def fake_stream(pieces, pause: float = 0.0):
+    """stream_generate's stand-in: `pieces` as responses `pause` seconds apart, with the figures
+    status_line reads."""
+    from types import SimpleNamespace
+
+    def stream(model, processor, prompt, **kwargs):
+        for i, text in enumerate(pieces, start=1):
+            time.sleep(pause)
+            yield SimpleNamespace(token=1000 + i, text=text, generation_tokens=i, generation_tps=1.0, prompt_tokens=3,
+                                  prefilled_tokens=3, prompt_tps=1.0, peak_memory=0.1, draft=None)
+
+    return stream
+
+
+def test_the_live_reply_is_drawn_without_autowrap(demo_home, monkeypatch):
+    """Each live repaint moves the cursor up by rich's count of lines, so while it streams the terminal
+    must not wrap a line rich fitted (it would, where its character widths differ from rich's): every
+    cursor move of the live view lies between autowrap off and on, and the finished reply is printed
+    after, wrapped as usual."""
+    from rich.console import Console
+
+    from mlx_gemma4u.chat import AUTOWRAP_OFF, AUTOWRAP_ON, Chat
+    from mlx_gemma4u.loading import load
+
+    monkeypatch.setattr("mlx_gemma4u.chat.stream_generate", fake_stream(WIDE_REPLY))
+    model, processor = load(demo_home / "demo-v1")
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=160, height=40, color_system=None)
+    Chat(console, model, processor, Conversation(), Settings(max_tokens=400)).handle("Hi")
+    text = out.getvalue()
+    off, on = text.index(AUTOWRAP_OFF), text.rindex(AUTOWRAP_ON)
+    ups = [m.start() for m in re.finditer(r"\x1b\[1A", text)]
+    assert text.count(AUTOWRAP_OFF) == text.count(AUTOWRAP_ON) == 1 and ups and off < ups[0] and ups[-1] < on
+    assert "w0000" not in text[:off] and text[on:].count("w0399") == 1  # the whole reply, once, after
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_a_wide_character_reply_is_in_the_scrollback_once(demo_home, tmp_path):
+    """The real chat's reply, streamed in tmux at 160 columns: every numbered word of it is in the
+    scrollback exactly once (before the fix, repaints left the reply there hundreds of times)."""
+    script = tmp_path / "chat_once.py"
+    script.write_text(f"""
+import sys
+from rich.console import Console
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import mlx_gemma4u.chat as chat
+from test_chat import WIDE_REPLY, fake_stream
+from mlx_gemma4u.chat_session import Conversation, Settings
+from mlx_gemma4u.loading import load
+
+chat.stream_generate = fake_stream(WIDE_REPLY, pause=0.005)  # 2 s: Live repaints 16 times
+model, processor = load({str(demo_home / "demo-v1")!r})
+chat.Chat(Console(highlight=False), model, processor, Conversation(), Settings(max_tokens=400)).handle("Hi")
+print("END")
+input()
+""")
+    session = f"chat-once-{os.getpid()}"
+    # COLUMNS and LINES, which reach the pane from a pytest run, would make rich draw at 80 x 24
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40",
+                    f"env -u COLUMNS -u LINES {sys.executable} {script}"], check=True)
+    try:
+        scrollback = ""
+        for _ in range(120):
+            time.sleep(0.5)
+            scrollback = subprocess.run(["tmux", "capture-pane", "-p", "-J", "-S", "-", "-t", session],
+                                        capture_output=True, text=True).stdout
+            if "\nEND" in scrollback:
+                break
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    assert "\nEND" in scrollback, scrollback[-2000:]
+    counts = {word: scrollback.count(word) for word in (f"w{i:04d}" for i in range(400))}
+    assert set(counts.values()) == {1}, sorted(counts.items(), key=lambda kv: -kv[1])[:5]
