@@ -246,27 +246,32 @@ class BatchGenerator:
         return False
 
     def _advance(self, going: dict[int, "_Sequence"], events: list[Event]) -> None:
-        """One decode step (or speculative round) for all going rows; if it fails, each row is
+        """One decode step (or speculative round) for all going rows. A row whose own part (its
+        sampling, its acceptance) fails is dropped; if the batched pass itself fails, every row is
         rolled back and stepped alone, so that only the rows that fail alone are dropped."""
         step = self._decode if self.drafter is None else self._draft
         try:
-            step(list(going.values()))
-            return
+            failed = step(going)
         except Exception as error:
-            if len(going) == 1:
-                self._drop(*going, error, events)
-                return
+            failed = {uid: error for uid in going} if len(going) == 1 else self._one_by_one(step, going)
+        for uid, error in failed.items():
+            self._drop(uid, error, events)
+
+    @staticmethod
+    def _one_by_one(step, going: dict[int, "_Sequence"]) -> dict[int, Exception]:
+        failed = {}
         for uid, sequence in going.items():
             _roll_back(sequence.prompt_cache)
             try:
-                step([sequence])
+                failed.update(step({uid: sequence}))
             except Exception as error:
-                _roll_back(sequence.prompt_cache)
-                self._drop(uid, error, events)
+                failed[uid] = error
+        return failed
 
     def _drop(self, uid: int, error: Exception, events: list[Event]) -> bool:
-        """End active sequence `uid` with `error` (an "error" event) -> True."""
-        del self._active[uid]
+        """End active sequence `uid` with `error` (an "error" event), its caches holding just the
+        tokens they say they hold -> True."""
+        _roll_back(self._active.pop(uid).prompt_cache)
         self._fail(uid, error)
         events.append(Event(uid, None, "", "error", None))
         return True
@@ -294,19 +299,30 @@ class BatchGenerator:
             return True
         return sum(s.kv_bytes for s in self._active.values()) + sequence.kv_bytes <= self.max_kv_bytes
 
-    def _decode(self, sequences: list[_Sequence]) -> None:
-        """One step for all rows: feed each row's handed-out token, sample each row's next one."""
+    def _decode(self, going: dict[int, _Sequence]) -> dict[int, Exception]:
+        """One step for all rows: feed each row's handed-out token, sample each row's next one ->
+        the rows whose sampling failed."""
+        sequences = list(going.values())
         tokens = mx.concatenate([s.token for s in sequences])[:, None]
         logits = self.model.rows(tokens, [s.prompt_cache.caches for s in sequences])
-        for i, sequence in enumerate(sequences):
+        failed = {}
+        for i, (uid, sequence) in enumerate(going.items()):
+            try:
+                token, logprobs = sequence.sampler(logits[i:i + 1, -1])
+            except Exception as error:
+                failed[uid] = error
+                continue
             sequence.prompt_cache.tokens.append(sequence.response.tokens[-1])
-            sequence.token, sequence.logprobs = sequence.sampler(logits[i:i + 1, -1])
-        mx.async_eval([s.token for s in sequences])
+            sequence.token, sequence.logprobs = token, logprobs
+        mx.async_eval([s.token for uid, s in going.items() if uid not in failed])
+        return failed
 
-    def _draft(self, sequences: list[_Sequence]) -> None:
+    def _draft(self, going: dict[int, _Sequence]) -> dict[int, Exception]:
         """One speculative round for all rows (speculative.py's, rows batched): each row's last token
         and K drafts verified in one (B, K + 1) pass; each row keeps its own accepted length and is
-        rewound to it. K = 0: a plain step, within a plain stretch of DraftLength's length."""
+        rewound to it. K = 0: a plain step, within a plain stretch of DraftLength's length. -> The
+        rows whose own verification failed."""
+        sequences = list(going.values())
         if self._plain_left == 0:
             k = min(self.draft_length.next(), self.model.config.text.sliding_window)
             if k == 0:
@@ -318,8 +334,13 @@ class BatchGenerator:
         proposed, logits, hiddens, draft_seconds, pass_seconds = draft_and_verify(
             self.model, self.drafter, [s.prompt_cache.caches for s in sequences], last,
             mx.concatenate([s.hidden for s in sequences]), k)
-        for i, sequence in enumerate(sequences):
-            out = verify(sequence.sampler, logits[i:i + 1], proposed[i])
+        failed = {}
+        for i, (uid, sequence) in enumerate(going.items()):
+            try:
+                out = verify(sequence.sampler, logits[i:i + 1], proposed[i])
+            except Exception as error:
+                failed[uid] = error
+                continue
             self._keep_round(sequence, out, proposed[i], hiddens[i:i + 1], k)
             if k:
                 self.draft_length.drafted(k, len(out) - 1, draft_seconds, pass_seconds)
@@ -328,6 +349,7 @@ class BatchGenerator:
             self._plain_seconds += time.perf_counter() - start
             if self._plain_left == 0:
                 self.draft_length.decoded(self.draft_length.stretch, self._plain_seconds)
+        return failed
 
     @staticmethod
     def _keep_round(sequence: _Sequence, out: list, proposed: list[int], hiddens: mx.array, k: int) -> None:
@@ -348,7 +370,8 @@ class BatchGenerator:
         if fault:
             log.error("sequence %d failed", uid, exc_info=error)
         message = f"Internal error ({type(error).__name__})." if fault else str(error)
-        self.responses[uid] = BatchResponse(finish_reason="error", error=message, fault=fault)
+        response = self.responses.setdefault(uid, BatchResponse())  # it keeps the tokens it had
+        response.finish_reason, response.error, response.fault = "error", message, fault
         return uid
 
 

@@ -130,3 +130,77 @@ def test_kv_bits_and_a_saved_prompt_cache_prefix(demo, tmp_path):
     assert batch[0].tokens == alone(model, processor, {"prompt": follow}, max_tokens=20)[0]
     for prompt, response in zip(prompts[1:], batch[1:]):
         assert response.tokens == alone(model, processor, {"prompt": prompt["prompt"]}, max_tokens=20, kv_bits=8)[0]
+
+
+def _poison(generator, uid: int, after: int) -> None:
+    """Make sequence `uid`'s sampler raise from its `after`-th call on (as a fault would)."""
+    sequence = generator._active[uid]
+    sample, calls = sequence.sampler, [0]
+
+    def failing(logits):
+        calls[0] += 1
+        if calls[0] >= after:
+            raise RuntimeError("poisoned")
+        return sample(logits)
+
+    sequence.sampler = failing
+
+
+PROMPTS = ["The sea is", "Tell me a story", "Count to five"]
+
+
+def test_a_sequence_that_fails_mid_decode_ends_alone(demo):
+    model, processor = demo
+    generator = BatchGenerator(model, processor, max_batch=4)
+    uids = [generator.submit(p, max_tokens=12) for p in PROMPTS]
+    generator.step()  # all three admitted and decoding
+    _poison(generator, uids[1], after=3)
+    events = []
+    while not generator.done:
+        events += generator.step()
+    failed = generator.responses[uids[1]]
+    assert failed.finish_reason == "error" and failed.fault and "RuntimeError" in failed.error
+    assert [e.finish for e in events if e.uid == uids[1]][-1] == "error"
+    for uid, prompt in zip(uids, PROMPTS):
+        if uid != uids[1]:
+            assert generator.responses[uid].tokens == alone(model, processor, {"prompt": prompt}, max_tokens=12)[0]
+
+
+def test_a_failing_batched_step_is_retried_row_by_row(demo, monkeypatch):
+    """The batched forward fails after it wrote into the caches: every row is rolled back and
+    stepped alone, and only the row that fails alone is dropped."""
+    model, processor = demo
+    generator = BatchGenerator(model, processor, max_batch=4)
+    uids = [generator.submit(p, max_tokens=12) for p in PROMPTS]
+    generator.step()
+    poisoned = generator._active[uids[2]].prompt_cache.caches
+    rows = type(model).rows
+
+    def failing_rows(self, tokens, caches, **kwargs):
+        out = rows(self, tokens, caches, **kwargs)
+        if any(c is poisoned for c in caches) and generator.responses[uids[2]].generation_tokens >= 4:
+            raise RuntimeError("poisoned")
+        return out
+
+    monkeypatch.setattr(type(model), "rows", failing_rows)
+    while not generator.done:
+        generator.step()
+    assert generator.responses[uids[2]].finish_reason == "error"
+    assert 4 <= generator.responses[uids[2]].generation_tokens < 12
+    for uid, prompt in zip(uids[:2], PROMPTS[:2]):
+        monkeypatch.setattr(type(model), "rows", rows)
+        assert generator.responses[uid].tokens == alone(model, processor, {"prompt": prompt}, max_tokens=12)[0]
+
+
+def test_prepared_inputs_join_like_submitted_prompts(demo):
+    from mlx_gemma4u.generate import prepare_inputs
+
+    model, processor = demo
+    generator = BatchGenerator(model, processor)
+    uid = generator.add(prepare_inputs(processor, "The sea is"), max_tokens=8, seed=2 ** 64 - 1, temperature=0.7)
+    bad = generator.add(prepare_inputs(processor, "The sea is"), max_tokens=8, seed=-1)
+    while not generator.done:
+        generator.step()
+    assert len(generator.responses[uid].tokens) == 8
+    assert generator.responses[bad].finish_reason == "error" and "seed" in generator.responses[bad].error
+    assert not generator.responses[bad].fault

@@ -6,11 +6,8 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,6 +20,7 @@ openai = pytest.importorskip("openai", reason="the openai client (test extra) is
 anthropic = pytest.importorskip("anthropic", reason="the anthropic client (test extra) is not installed")
 
 from mlx_gemma4u import generate, load  # noqa: E402
+from serving import post, running  # noqa: E402
 from mlx_gemma4u.processing.text import load_tokenizer  # noqa: E402
 from mlx_gemma4u.serve.media import MediaLimits, MediaReader  # noqa: E402
 from mlx_gemma4u.serve.messages import openai_messages  # noqa: E402
@@ -32,35 +30,10 @@ KEY = "test-key"
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def _running(demo_home, log: Path, *flags: str):
-    """`mlx-gemma4u serve --demo FLAGS` on a free port -> its URL; stopped on exit. Its output
-    (uvicorn's log, and any traceback) goes to `log`."""
-    port = _free_port()
-    env = {**os.environ, "MLX_GEMMA4U_HOME": str(demo_home)}
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "mlx_gemma4u", "serve", "--demo", "--port", str(port),
-                                    *flags], env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):  # at most a minute
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                if process.poll() is not None:
-                    raise RuntimeError(log.read_text())
-                time.sleep(0.5)
+    with running(demo_home, log, *flags) as (url, _):
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -159,13 +132,7 @@ def test_a_killed_client_leaves_the_others_untouched(server):
 
 
 def _post(url: str, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}{path}", data=body, method="POST", headers={
-        "content-type": "application/json", "authorization": f"Bearer {KEY}", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return post(url, path, body, headers, key=KEY)
 
 
 def _malformed() -> list[tuple[str, bytes]]:
