@@ -171,6 +171,7 @@ class BatchGenerator:
         self._active: dict[int, _Sequence] = {}
         self.drafter = draft_model
         if draft_model is not None:
+            draft_model.check_target(model)
             self.draft_length = DraftLength.for_models(model, draft_model, num_draft_tokens)
             self._plain_left, self._plain_seconds = 0, 0.0  # the plain stretch under way (K = 0)
 
