@@ -160,8 +160,8 @@ def test_hostile_requests_end_alone_while_four_streams_decode(open_server, media
     assert results == alone
     gaps = [b - a for ts in times for a, b in zip(ts, ts[1:])]
     step = float(np.median(gaps))
-    # Measured here: median gap ~0.03 s with four rows, longest ~0.2 s while the hostile requests came.
-    assert max(gaps) < max(10 * step, 1.0), (max(gaps), step)
+    # A few decode steps at most: measured, the longest gap was 1.9 median steps while they came.
+    assert max(gaps) < 6 * step, (max(gaps), step)
 
 
 def test_the_refusals_say_what_was_refused(open_server, media):
@@ -321,7 +321,7 @@ def test_top_logprobs_through_the_openai_client_equal_the_python_api(open_server
         assert len(entries) == len(expected)
         for entry, best in zip(entries, expected):
             assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([t]) for t, _ in best]
-            # Measured: equal to the last bit (the batch's rows are bit-identical to a lone sequence).
+            # Measured: a difference of 0.0 (the batch's rows are bit-identical to a lone sequence).
             assert np.allclose([t.logprob for t in entry.top_logprobs], [lp for _, lp in best], atol=1e-6)
             assert entry.logprob == entry.top_logprobs[0].logprob  # greedy: the token is the best one
     completion = _client(url).completions.create(model="demo", prompt="The sky is", max_tokens=4, logprobs=2)
