@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.processing.audio import Gemma4UAudioFeatureExtractor, as_clip_list
-from mlx_gemma4u.processing.chat_template import default_template, render_chat
+from mlx_gemma4u.processing.chat_template import default_template, render_chat, render_chat_text, template_text
 from mlx_gemma4u.processing.image import Gemma4UImageProcessor, flatten_images
 from mlx_gemma4u.processing.messages import MEDIA_SOURCES, check_messages
 from mlx_gemma4u.processing.tensors import convert_outputs
@@ -24,6 +24,7 @@ from mlx_gemma4u.processing.tokenizer import read_json
 from mlx_gemma4u.processing.text import (
     GEMMA4_STOP_IDS,
     MultimodalTokens,
+    TextEscapes,
     audio_block,
     encode_batch,
     expand_placeholders,
@@ -109,11 +110,32 @@ class Gemma4UProcessor:
         `images_kwargs` / `videos_kwargs` override it per modality. Without `text`, one placeholder
         per image (or per audio clip) is used as the prompt.
         """
-        images = None if images is None else flatten_images(images)
-        videos = None if videos is None else (videos if isinstance(videos, list) else [videos])
-        audio = None if audio is None else as_clip_list(audio)
+        images, videos, audio = _media_lists(images, videos, audio)
         texts = self._prompts(text, images, audio)
+        return self._process(
+            texts, None, images, videos, audio, return_tensors, add_special_tokens, max_soft_tokens=max_soft_tokens,
+            num_frames=num_frames, fps=fps, sampling_rate=sampling_rate, images_kwargs=images_kwargs,
+            videos_kwargs=videos_kwargs, return_metadata=return_metadata,
+        )
 
+    def _process(
+        self,
+        texts: list[str],
+        escapes: TextEscapes | None,
+        images: list | None,
+        videos: list | None,
+        audio: list | None,
+        return_tensors: str | None,
+        add_special_tokens: bool,
+        max_soft_tokens: int | None = None,
+        num_frames: int | None = None,
+        fps: float | None = None,
+        sampling_rate: int | None = None,
+        images_kwargs: dict[str, Any] | None = None,
+        videos_kwargs: dict[str, Any] | None = None,
+        return_metadata: bool = False,
+    ) -> dict[str, Any]:
+        """`__call__` on prompts and media lists; `escapes` marks chat prompts (see TextEscapes)."""
         data: dict[str, Any] = {}
         image_blocks, video_blocks, audio_blocks = [], [], []
         if images:
@@ -131,7 +153,7 @@ class Gemma4UProcessor:
             audio_blocks = [audio_block(self.tokens, int(n)) for n in data["input_features_mask"].sum(axis=1)]
 
         expanded = expand_placeholders(texts, self.tokens, image_blocks, video_blocks, audio_blocks)
-        input_ids, attention_mask = encode_batch(self.tokenizer, expanded, add_special_tokens)
+        input_ids, attention_mask = encode_batch(self.tokenizer, expanded, add_special_tokens, escapes)
         text_data = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -168,6 +190,12 @@ class Gemma4UProcessor:
         With tokenize=True, media named in the messages ({"type": "image", "url"/"path"/"image": ...},
         "audio", "video") are loaded and processed; returns input_ids, or the whole output dict
         with return_dict=True. `processor_kwargs` (max_soft_tokens, num_frames, ...) go to `__call__`.
+
+        Tokenized, the messages' text stays text: a special-token string typed in it (`<|turn>`,
+        `<|image|>`, ...) becomes the tokens of that text, never a control token or a placeholder,
+        so only the template makes turns and only media items make media blocks. The string that
+        tokenize=False returns is the template's as transformers renders it; a raw string prompt
+        is read verbatim, so tokenizing it yourself gives typed special-token strings their tokens.
         """
         if self.chat_template is None:
             raise InputError("This model folder has no chat template; format the prompt yourself and call the processor.")
@@ -178,19 +206,23 @@ class Gemma4UProcessor:
         if enable_thinking is not None:
             template_kwargs["enable_thinking"] = enable_thinking
         special_tokens = self.tokenizer.special_tokens_map
+        if not tokenize:
+            prompts = [
+                render_chat(self.chat_template, conversation, special_tokens, add_generation_prompt, **template_kwargs)
+                for conversation in conversations
+            ]
+            return prompts if batched else prompts[0]
+        escapes = TextEscapes.build(self.tokenizer, template_text([conversations, template_kwargs]))
         prompts = [
-            render_chat(self.chat_template, conversation, special_tokens, add_generation_prompt, **template_kwargs)
+            render_chat_text(self.chat_template, conversation, special_tokens, escapes, add_generation_prompt, **template_kwargs)
             for conversation in conversations
         ]
-        if not tokenize:
-            return prompts if batched else prompts[0]
         media = {kind: [item for c in conversations for item in media_items(c, kind)] for kind in MEDIA_SOURCES}
         bos = self.tokenizer.bos_token
-        out = self(
-            text=prompts,
-            images=media["image"] or None,
-            videos=media["video"] or None,
-            audio=media["audio"] or None,
+        out = self._process(
+            prompts,
+            escapes,
+            *_media_lists(media["image"] or None, media["video"] or None, media["audio"] or None),
             return_tensors=return_tensors,
             add_special_tokens=not (bos and prompts[0].startswith(bos)),
             **(processor_kwargs or {}),
@@ -209,6 +241,14 @@ def media_items(conversation: list[dict[str, Any]], kind: str) -> list[Any]:
             if block.get("type") == kind:
                 items.extend(block[key] for key in MEDIA_SOURCES[kind] if key in block)
     return items
+
+
+def _media_lists(images: Any, videos: Any, audio: Any) -> tuple[list | None, list | None, list | None]:
+    """Images, videos and audio clips each as a flat list (None where not given)."""
+    images = None if images is None else flatten_images(images)
+    videos = None if videos is None else (videos if isinstance(videos, list) else [videos])
+    audio = None if audio is None else as_clip_list(audio)
+    return images, videos, audio
 
 
 def _processor_settings(model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:

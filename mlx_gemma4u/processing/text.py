@@ -6,6 +6,9 @@ expanded, in order, to the block of soft tokens the model fills with that item's
   audio: <|audio>  + <|audio|> x n  + <audio|>
   video: per frame "MM:SS <|image>" + <|video|> x n + "<image|>", frames joined by one space
 `mm_token_type_ids` marks image soft tokens 1, video 2, audio 3 and everything else 0.
+
+Chat text is text: `TextEscapes` keeps special-token strings typed in chat messages out of the
+control tokens (and out of the placeholders), so only the chat template makes those.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ _CONFIG_IDS = {
     "eoa_token_index": 258883,
 }
 MM_TYPE_TEXT, MM_TYPE_IMAGE, MM_TYPE_VIDEO, MM_TYPE_AUDIO = 0, 1, 2, 3
+# Supplementary Private Use Area-B: no template emits these code points, so a block of them can
+# stand in for special-token strings while a template renders.
+_PRIVATE_USE_FIRST, _PRIVATE_USE_LAST = 0x100000, 0x10FFFD
+_PRIVATE_USE = re.compile("[\U00100000-\U0010FFFD]")
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,63 @@ class MultimodalTokens:
     eoi: str
     boa: str
     eoa: str
+
+
+@dataclass(frozen=True)
+class TextEscapes:
+    """Special-token strings typed in chat text, kept as text through the template and the tokenizer.
+
+    Before rendering, `escape` replaces each special-token string in the messages' text by its
+    sentinel, one private-use character per token from a block the messages do not use. The
+    special tokens in the rendered prompt are then only the template's own: `parts` splits the
+    prompt at them and puts the typed strings back into the text between, which
+    `Tokenizer.encode_parts` encodes as plain text.
+    """
+
+    token: re.Pattern[str]  # one special-token string
+    runs: re.Pattern[str]  # a run of them, as re.split's one group
+    sentinels: dict[str, str]  # special-token string -> its sentinel
+    typed: dict[int, str]  # sentinel code point -> special-token string, for str.translate
+
+    @classmethod
+    def build(cls, tokenizer: Tokenizer, text_in_use: str) -> TextEscapes:
+        """Escapes for the tokenizer's special tokens, with sentinels that `text_in_use` (all the
+        strings the template will see) holds nowhere, so putting them back is exact."""
+        strings = list(tokenizer.added_special_tokens)
+        first = _free_block(len(strings), {ord(c) for c in _PRIVATE_USE.findall(text_in_use)})
+        sentinels = {string: chr(first + i) for i, string in enumerate(strings)}
+        token = tokenizer.special_token_pattern
+        runs = re.compile(f"((?:{token.pattern})+)")
+        return cls(token, runs, sentinels, {ord(c): string for string, c in sentinels.items()})
+
+    def escape(self, text: str) -> str:
+        """`text` with each special-token string replaced by its sentinel."""
+        return self.token.sub(lambda match: self.sentinels[match.group(0)], text)
+
+    def found(self, prompt: str) -> list[str]:
+        """The special tokens of a rendered prompt, in order (sentinels are not among them)."""
+        return self.token.findall(prompt)
+
+    def parts(self, prompt: str) -> list[str]:
+        """The rendered prompt as `Tokenizer.encode_parts` takes it: text, a run of special
+        tokens, text, ...; each text with the typed special-token strings back in place."""
+        parts = self.runs.split(prompt)
+        parts[0::2] = [part.translate(self.typed) for part in parts[0::2]]
+        return parts
+
+
+def _free_block(size: int, used: set[int]) -> int:
+    """The first code point of `size` consecutive private-use ones of which none is in `used`."""
+    first = _PRIVATE_USE_FIRST
+    for point in sorted(used):
+        if point >= first + size:
+            break
+        if point >= first:
+            first = point + 1
+    if first + size - 1 > _PRIVATE_USE_LAST:
+        raise InputError("The messages use too many private-use characters (U+100000 to U+10FFFD) "
+                         "to keep their text apart from special tokens.")
+    return first
 
 
 def load_tokenizer(model_dir: Path, eos_token_ids: Sequence[int] = GEMMA4_STOP_IDS) -> Tokenizer:
@@ -101,7 +165,9 @@ def expand_placeholders(
 ) -> list[str]:
     """Replace the placeholders of all prompts, in reading order, by the given blocks per modality.
 
-    The number of placeholders of each kind must equal the number of blocks given for it.
+    The number of placeholders of each kind must equal the number of blocks given for it. In a
+    chat prompt a placeholder typed in message text is a sentinel by now (TextEscapes), so only
+    the template's own ones, those of the messages' media items, count.
     """
     blocks = {tokens.image: list(images), tokens.video: list(videos), tokens.audio: list(audios)}
     for placeholder, items in blocks.items():
@@ -117,10 +183,14 @@ def expand_placeholders(
 
 
 def encode_batch(
-    tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool = True
+    tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool = True, escapes: TextEscapes | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and attention mask, both (batch, longest) int64, padded on the tokenizer's side."""
-    encoded = [tokenizer.encode(text, add_special_tokens=add_special_tokens) for text in texts]
+    """Token ids and attention mask, both (batch, longest) int64, padded on the tokenizer's side.
+
+    Without `escapes` a text is encoded verbatim, its special-token strings being those tokens;
+    with them (a chat prompt) the sentinels' strings go back in as plain text.
+    """
+    encoded = [_encode(tokenizer, text, add_special_tokens, escapes) for text in texts]
     longest = max(len(ids) for ids in encoded)
     input_ids = np.full((len(encoded), longest), tokenizer.pad_token_id or 0, dtype=np.int64)
     attention_mask = np.zeros((len(encoded), longest), dtype=np.int64)
@@ -129,6 +199,12 @@ def encode_batch(
         input_ids[row, span] = ids
         attention_mask[row, span] = 1
     return input_ids, attention_mask
+
+
+def _encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool, escapes: TextEscapes | None) -> list[int]:
+    if escapes is None:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return tokenizer.encode_parts(escapes.parts(text), add_special_tokens=add_special_tokens)
 
 
 def mm_token_type_ids(input_ids: np.ndarray, tokens: MultimodalTokens) -> np.ndarray:

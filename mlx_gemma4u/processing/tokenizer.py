@@ -9,10 +9,12 @@ tokenizer_config.json names, and the chat template is chat_template.jinja (or th
 from __future__ import annotations
 
 import json
+import re
+import threading
 from pathlib import Path
 from typing import Sequence
 
-from tokenizers import AddedToken
+from tokenizers import AddedToken, Encoding
 from tokenizers import Tokenizer as FastTokenizer
 
 from mlx_gemma4u.errors import ConfigError
@@ -29,6 +31,9 @@ class Tokenizer:
         self.chat_template = chat_template
         self.eos_token_ids = list(eos_token_ids)
         self.padding_side = config.get("padding_side", "left")
+        self._special: tuple[dict[str, int], re.Pattern[str]] | None = None  # read on first use
+        self._as_text: FastTokenizer | None = None  # a copy that reads special-token strings as text
+        self._as_text_lock = threading.Lock()
 
     @classmethod
     def from_folder(cls, folder: Path, eos_token_ids: Sequence[int]) -> "Tokenizer":
@@ -45,6 +50,34 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._fast.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_parts(self, parts: Sequence[str], add_special_tokens: bool = True) -> list[int]:
+        """Ids of a text already split at its special tokens: parts alternate plain text and a run
+        of special tokens (text, tokens, text, ...), as `re.split` with one group returns them.
+
+        Special-token strings inside a text part stay text. The pieces are joined and
+        post-processed as `encode` joins the segments it splits at special tokens itself, so a
+        text whose text parts hold no special-token string gets exactly `encode`'s ids.
+        """
+        pieces = [self._encode_piece(part, is_text=i % 2 == 0) for i, part in enumerate(parts) if part]
+        merged = Encoding.merge(pieces, growing_offsets=True)
+        return self._fast.post_process(merged, add_special_tokens=add_special_tokens).ids
+
+    def _encode_piece(self, part: str, is_text: bool) -> Encoding:
+        special = is_text and self.special_token_pattern.search(part) is not None
+        fast = self._text_reader() if special else self._fast
+        return fast.encode(part, add_special_tokens=False)
+
+    def _text_reader(self) -> FastTokenizer:
+        """A copy of the tokenizer with `encode_special_tokens` on: only text that holds a
+        special-token string needs it, so it is built (about a second, ~100 MB) the first time
+        such text comes; a copy, because flipping the flag on the shared one would race."""
+        with self._as_text_lock:
+            if self._as_text is None:
+                reader = FastTokenizer.from_str(self._fast.to_str())
+                reader.encode_special_tokens = True
+                self._as_text = reader
+            return self._as_text
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._fast.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -58,6 +91,27 @@ class Tokenizer:
 
     def add_special_tokens(self, tokens: Sequence[str]) -> None:
         self._fast.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        with self._as_text_lock:
+            self._special, self._as_text = None, None
+
+    @property
+    def added_special_tokens(self) -> dict[str, int]:
+        """Every added token flagged special, string -> id: the strings `encode` turns into control
+        tokens wherever they occur in a text (added tokens not flagged special stay matched too,
+        in `encode_parts` as well, as transformers does)."""
+        return self._special_tokens()[0]
+
+    @property
+    def special_token_pattern(self) -> re.Pattern[str]:
+        """One special-token string, matched as `encode` matches them."""
+        return self._special_tokens()[1]
+
+    def _special_tokens(self) -> tuple[dict[str, int], re.Pattern[str]]:
+        if self._special is None:
+            added = self._fast.get_added_tokens_decoder()
+            tokens = {token.content: i for i, token in added.items() if token.special}
+            self._special = tokens, one_of(list(tokens))
+        return self._special
 
     @property
     def special_tokens_map(self) -> dict[str, str]:
@@ -134,6 +188,12 @@ class StreamingDetokenizer:
         """The text completed since the last call."""
         segment, self._segment = self._segment, ""
         return segment
+
+
+def one_of(strings: Sequence[str]) -> re.Pattern[str]:
+    """Any one of `strings`, the longest where several start at the same place (as the
+    tokenizers library matches added tokens: leftmost, then longest); none matches nothing."""
+    return re.compile("|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)) or "(?!)")
 
 
 def _chat_template(folder: Path, config: dict) -> str | None:
