@@ -277,18 +277,31 @@ def test_an_oversized_body_is_refused_without_keeping_memory(open_server):
 
 
 def test_sigterm_during_a_hung_fetch_stops_the_server_within_seconds(demo_home, tmp_path, media):
+    """In flight: a fetch that hangs and a long stream; both end with an error, the process in seconds."""
     with running(demo_home, tmp_path / "log", "--allow-private-urls", "--fetch-timeout", "60") as (url, process):
-        outcome = []
-        asker = threading.Thread(target=lambda: outcome.append(
-            post(url, "/v1/chat/completions", _image_chat(f"{media.url}/drip"))))
-        asker.start()
-        assert media.dripping.wait(30)
+        fetching, streaming, started = [], [], threading.Event()
+
+        def stream():
+            try:
+                for _ in _client(url, "unused").chat.completions.create(
+                        model="demo", max_tokens=2000, stream=True, messages=[{"role": "user", "content": "Go on."}]):
+                    started.set()
+            except openai.APIError as error:
+                streaming.append(str(error))
+
+        threads = [threading.Thread(target=lambda: fetching.append(
+            post(url, "/v1/chat/completions", _image_chat(f"{media.url}/drip")))), threading.Thread(target=stream)]
+        for t in threads:
+            t.start()
+        assert media.dripping.wait(30) and started.wait(30)
         start = time.monotonic()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)
         assert time.monotonic() - start < 10
-        asker.join(timeout=10)
-    assert outcome and outcome[0][0] == 503, outcome
+        for t in threads:
+            t.join(timeout=10)
+    assert fetching and fetching[0][0] == 503, fetching
+    assert streaming and "shutting down" in streaming[0], streaming
 
 
 @pytest.fixture(scope="module")
