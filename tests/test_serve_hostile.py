@@ -389,3 +389,19 @@ def test_forged_control_tokens_in_content_stay_text(closed_server, local):
 def test_no_request_left_a_traceback_in_the_log(open_server):
     _, process, log = open_server
     assert process.poll() is None and "Traceback" not in log.read_text()
+
+
+def test_every_redirect_hop_is_checked_again(media, monkeypatch):
+    """The first address passes (taken as public here), the hop it redirects to does not: the
+    fetch stops there, before connecting to it."""
+    from mlx_gemma4u.errors import InputError
+    from mlx_gemma4u.serve import fetch as fetching
+
+    port = media.url.rsplit(":", 1)[1]
+    media.redirects["/elsewhere.png"] = f"http://127.0.0.2:{port}/small.png"
+    monkeypatch.setattr(fetching, "is_public", lambda address: address == "127.0.0.1")
+    policy = fetching.FetchPolicy()
+    assert fetching.fetch(f"{media.url}/moved.png", "image", policy) == SMALL  # a hop to a passing address
+    with pytest.raises(InputError, match="private"):
+        fetching.fetch(f"{media.url}/elsewhere.png", "image", policy)
+    assert "/small.png" not in media.requests[-1:]  # the refused hop was never requested

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import mlx.core as mx
 import numpy as np
 
 from ..errors import Gemma4UError, InputError
@@ -142,8 +143,6 @@ class Worker:
     def _admit(self, generator, running: dict, wait: bool) -> None:
         """Hand the engine waiting requests while it has room (blocking for one when nothing runs);
         the rest stay in the bounded queue."""
-        import mlx.core as mx
-
         while len(running) < self.max_concurrency:
             try:
                 job = self._queue.get(block=wait)
@@ -154,9 +153,15 @@ class Worker:
                 if job is not None:
                     job.emit(DONE)
                 continue
-            cache = self._cache_for(job.inputs["input_ids"][0].tolist(), job.settings.get("kv_bits"))
-            inputs = {k: mx.array(v) for k, v in job.inputs.items()}
-            uid = generator.add(inputs, prompt_cache=cache, **job.settings)
+            try:
+                cache = self._cache_for(job.inputs["input_ids"][0].tolist(), job.settings.get("kv_bits"))
+                uid = generator.add({k: mx.array(v) for k, v in job.inputs.items()}, prompt_cache=cache,
+                                    **job.settings)
+            except Exception as e:  # this request's fault alone
+                log.exception("admitting a request failed")
+                job.emit(Fault(f"Internal error ({type(e).__name__})."))
+                job.emit(DONE)
+                continue
             running[uid] = (job, cache)
             if generator.responses[uid].finish_reason == "error":
                 self._fail(running, uid, generator.responses[uid])
@@ -227,8 +232,6 @@ class Worker:
 
 def _logprobs(logprobs, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
     """The token's log-probability and the k most likely (id, log-probability), best first."""
-    import mlx.core as mx
-
     top = []
     if k:
         ids = mx.argpartition(-logprobs, k - 1)[:k]
