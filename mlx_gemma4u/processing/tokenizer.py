@@ -69,8 +69,8 @@ class Tokenizer:
 
     def _text_reader(self) -> FastTokenizer:
         """A copy of the tokenizer with `encode_special_tokens` on: only text that holds a
-        special-token string needs it, so it is built (about a second, ~100 MB) the first time
-        such text comes; a copy, because flipping the flag on the shared one would race."""
+        special-token string needs it, so it is built (a second copy of the vocabulary) the first
+        time such text comes; a copy, because flipping the flag on the shared one would race."""
         with self._as_text_lock:
             if self._as_text is None:
                 reader = FastTokenizer.from_str(self._fast.to_str())
