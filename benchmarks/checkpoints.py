@@ -15,8 +15,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from mlx_gemma4u.demo import CONFIG as DEMO_CONFIG
-from mlx_gemma4u.demo import ensure_demo, write_checkpoint
+from mlx_gemma4u.weights.demo import CONFIG as DEMO_CONFIG
+from mlx_gemma4u.weights.demo import ensure_demo, write_checkpoint
 from mlx_gemma4u.files import replacing_folder
 
 S, F = "sliding_attention", "full_attention"

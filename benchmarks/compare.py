@@ -91,7 +91,7 @@ def build_inputs(checkpoint: Path, max_length: int, out: Path) -> Path:
     """The prompts every implementation gets, as the processor's arrays in one .npz."""
     from PIL import Image
 
-    from mlx_gemma4u.loading import load_processor
+    from mlx_gemma4u.weights.loading import load_processor
 
     processor = load_processor(checkpoint)
     rng = np.random.default_rng(0)

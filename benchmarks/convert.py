@@ -24,10 +24,10 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_gemma4u.config import ModelConfig
-from mlx_gemma4u.convert import write_safetensors
-from mlx_gemma4u.checkpoints import TRANSFORMERS
-from mlx_gemma4u.model import Model
+from mlx_gemma4u.models.config import ModelConfig
+from mlx_gemma4u.convert.converter import write_safetensors
+from mlx_gemma4u.models.layouts import TRANSFORMERS
+from mlx_gemma4u.models.model import Model
 
 from .checkpoints import F, S, variant
 
@@ -56,7 +56,7 @@ def write_checkpoint(out: Path, layers: int) -> None:
 
 def run(source: Path, dest: Path, flags: list[str]) -> tuple[float, float]:
     """One conversion in a child process -> (seconds, peak resident GB)."""
-    cmd = [sys.executable, "-m", "mlx_gemma4u.cli", "convert", "--hf-path", str(source), "--mlx-path", str(dest),
+    cmd = [sys.executable, "-m", "mlx_gemma4u.cli.main", "convert", "--hf-path", str(source), "--mlx-path", str(dest),
            "--force", "--quiet", *flags]
     start = time.perf_counter()
     child = subprocess.Popen(cmd)

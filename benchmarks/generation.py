@@ -15,11 +15,11 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_gemma4u.config import ModelConfig
-from mlx_gemma4u.demo import CONFIG as DEMO_CONFIG
-from mlx_gemma4u.demo import ensure_demo
-from mlx_gemma4u.generate import PromptCache, generate_step
-from mlx_gemma4u.loading import load_model
+from mlx_gemma4u.models.config import ModelConfig
+from mlx_gemma4u.weights.demo import CONFIG as DEMO_CONFIG
+from mlx_gemma4u.weights.demo import ensure_demo
+from mlx_gemma4u.generation.generate import PromptCache, generate_step
+from mlx_gemma4u.weights.loading import load_model
 from mlx_lm.sample_utils import make_sampler
 
 LARGER = {**DEMO_CONFIG, "text_config": {**DEMO_CONFIG["text_config"], "hidden_size": 1024, "intermediate_size": 4096,
@@ -30,7 +30,7 @@ LARGER = {**DEMO_CONFIG, "text_config": {**DEMO_CONFIG["text_config"], "hidden_s
 
 
 def random_model(raw: dict):
-    from mlx_gemma4u.model import Model
+    from mlx_gemma4u.models.model import Model
 
     model = Model(ModelConfig.from_dict(raw))
     model.update(tree_map(lambda p: 0.02 * mx.random.normal(p.shape).astype(mx.bfloat16), model.parameters()))

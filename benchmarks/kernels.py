@@ -25,7 +25,7 @@ from typing import Callable
 import mlx.core as mx
 
 from mlx_gemma4u.kernels import dispatch
-from mlx_gemma4u.rope import RoPE
+from mlx_gemma4u.models.rope import RoPE
 
 D, HEADS, MLP, VOCAB, PATCHES = 3840, 16, 15360, 262144, 280
 FULL_ROPE = {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0}

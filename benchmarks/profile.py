@@ -41,7 +41,7 @@ def parts(model, tokens: int) -> dict:
     """Part name -> a function that evaluates that part once, from fresh caches."""
     import mlx.core as mx
 
-    from mlx_gemma4u.config import FULL
+    from mlx_gemma4u.models.config import FULL
 
     text = model.config.text
     layers = {kind: next(i for i, s in enumerate(text.layers) if s.layer_type == kind and s.kv_mode != "reuse")
@@ -76,8 +76,8 @@ def _attention(model, layer, index, x, lo, hi):
 
 
 def profile(size: str, dtype: str, tokens: int, repeats: int) -> dict:
-    from mlx_gemma4u.cpu_streams import cpu_cores
-    from mlx_gemma4u.loading import load_model
+    from mlx_gemma4u.backends.cpu_streams import cpu_cores
+    from mlx_gemma4u.weights.loading import load_model
 
     model = load_model(ensure_checkpoint(size, CACHE), dtype=dtype)
     cores = cpu_cores()

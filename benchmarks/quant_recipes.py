@@ -26,12 +26,12 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_gemma4u.config import ModelConfig
-from mlx_gemma4u.convert import Options, convert
-from mlx_gemma4u.checkpoints import TRANSFORMERS
-from mlx_gemma4u.loading import load, load_model
-from mlx_gemma4u.model import Model
-from mlx_gemma4u.tokenizer_files import write_tokenizer_files
+from mlx_gemma4u.models.config import ModelConfig
+from mlx_gemma4u.convert.converter import Options, convert
+from mlx_gemma4u.models.layouts import TRANSFORMERS
+from mlx_gemma4u.weights.loading import load, load_model
+from mlx_gemma4u.models.model import Model
+from mlx_gemma4u.weights.tokenizer_files import write_tokenizer_files
 
 from .checkpoints import F, S, variant
 

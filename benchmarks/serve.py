@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
     args = parser.parse_args(argv)
     if args.checkpoint is None:
-        from mlx_gemma4u.demo import ensure_demo
+        from mlx_gemma4u.weights.demo import ensure_demo
 
         args.checkpoint = str(ensure_demo())
     report = {"machine": machine(), "checkpoint": Path(args.checkpoint).name, "max_tokens": args.max_tokens,

@@ -28,11 +28,11 @@ from mlx_lm.sample_utils import make_sampler
 
 from benchmarks.checkpoints import ensure_checkpoint
 from benchmarks.compare import CACHE
-from mlx_gemma4u.cache import PromptCache
-from mlx_gemma4u.draft import DraftConfig, DraftModel
-from mlx_gemma4u.generate import generate_step, prefill
-from mlx_gemma4u.loading import load_model
-from mlx_gemma4u.speculative import DraftStats, speculative_step
+from mlx_gemma4u.models.cache import PromptCache
+from mlx_gemma4u.models.drafter import DraftConfig, DraftModel
+from mlx_gemma4u.generation.generate import generate_step, prefill
+from mlx_gemma4u.weights.loading import load_model
+from mlx_gemma4u.generation.speculative import DraftStats, speculative_step
 
 RATES = (0.0, 0.5, 0.8, 1.0)
 FIXED_K = 3

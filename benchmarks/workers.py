@@ -60,7 +60,7 @@ class Ours:
     """mlx_gemma4u: load_model (cast or quantized), generate_step, the model's forward pass."""
 
     def __init__(self, path: Path, dtype: str, vision_mask: str = "gemma4"):
-        from mlx_gemma4u.loading import load_model
+        from mlx_gemma4u.weights.loading import load_model
 
         self.model = load_model(path, vision_mask=vision_mask, dtype=None if dtype == "4bit" else dtype)
         if dtype == "4bit":
@@ -69,7 +69,7 @@ class Ours:
     def stream(self, case: dict, n: int) -> Iterator[int]:
         from mlx_lm.sample_utils import make_sampler
 
-        from mlx_gemma4u.generate import PromptCache, generate_step
+        from mlx_gemma4u.generation.generate import PromptCache, generate_step
 
         steps = generate_step(self.model, _mx_inputs(case), PromptCache(self.model), make_sampler(0.0), max_tokens=n)
         return (token for token, _ in steps)

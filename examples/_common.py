@@ -4,7 +4,7 @@ import argparse
 import sys
 
 import mlx_gemma4u
-from mlx_gemma4u.demo import WARNING, ensure_demo
+from mlx_gemma4u.weights.demo import WARNING, ensure_demo
 
 
 def load_model(description: str, media: str | None = None):

@@ -71,7 +71,7 @@ def processor(hf_tokenizer_dir):
 @pytest.fixture(scope="session")
 def demo_home(tmp_path_factory) -> Path:
     """An MLX_GEMMA4U_HOME holding the built-in demo checkpoint, written once per session."""
-    from mlx_gemma4u.demo import ensure_demo
+    from mlx_gemma4u.weights.demo import ensure_demo
 
     home = tmp_path_factory.mktemp("home")
     ensure_demo(home / "demo-v1")

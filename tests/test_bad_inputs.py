@@ -236,11 +236,11 @@ def test_bad_load_options(hf_checkpoints):
 @pytest.fixture(scope="module")
 def cache_models(demo, demo_home, tmp_path_factory):
     """The demo and the variants of it a cache saved from the demo must not load into."""
-    from mlx_gemma4u.convert import Options, convert
-    from mlx_gemma4u.demo import CONFIG
-    from mlx_gemma4u.loading import load_model
-    from mlx_gemma4u.model import Model
-    from mlx_gemma4u.config import ModelConfig
+    from mlx_gemma4u.convert.converter import Options, convert
+    from mlx_gemma4u.weights.demo import CONFIG
+    from mlx_gemma4u.weights.loading import load_model
+    from mlx_gemma4u.models.model import Model
+    from mlx_gemma4u.models.config import ModelConfig
 
     folder = demo_home / "demo-v1"
     q4 = convert(folder, tmp_path_factory.mktemp("q4") / "demo-4bit", Options(quantize=True), quiet=True).path

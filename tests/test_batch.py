@@ -3,8 +3,8 @@
 import pytest
 
 from mlx_gemma4u import batch_generate, load, stream_generate
-from mlx_gemma4u.batch import BatchGenerator, kv_bytes
-from mlx_gemma4u.generate import PromptCache
+from mlx_gemma4u.generation.batch import BatchGenerator, kv_bytes
+from mlx_gemma4u.generation.generate import PromptCache
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_a_failing_batched_step_is_retried_row_by_row(demo, monkeypatch):
 
 
 def test_prepared_inputs_join_like_submitted_prompts(demo):
-    from mlx_gemma4u.generate import prepare_inputs
+    from mlx_gemma4u.generation.generate import prepare_inputs
 
     model, processor = demo
     generator = BatchGenerator(model, processor)

@@ -72,7 +72,7 @@ def test_tables_render(report, capsys):
 
 
 def test_cli_bench_hands_every_argument_to_the_benchmark(monkeypatch, capsys):
-    from mlx_gemma4u.cli import main
+    from mlx_gemma4u.cli.main import main
 
     with pytest.raises(SystemExit) as exited:
         main(["bench", "--help"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from mlx_gemma4u.chat_session import (Conversation, ReplySplitter, Settings, media_item, parse_command,
+from mlx_gemma4u.cli.chat_session import (Conversation, ReplySplitter, Settings, media_item, parse_command,
                                       pull_media_paths, split_paths)
 from mlx_gemma4u.errors import InputError
 
@@ -130,8 +130,8 @@ def test_thought_channel_is_split_from_the_answer():
 
 def test_a_stopped_reply_leaves_the_prompt_cache_usable(demo_home):
     """Ctrl-C breaks out of stream_generate mid-reply; the next turn must still match a cold run."""
-    from mlx_gemma4u.generate import PromptCache, stream_generate
-    from mlx_gemma4u.loading import load
+    from mlx_gemma4u.generation.generate import PromptCache, stream_generate
+    from mlx_gemma4u.weights.loading import load
 
     model, processor = load(demo_home / "demo-v1")
     cache = PromptCache(model)
@@ -157,10 +157,10 @@ def test_the_turn_after_an_image_does_not_embed_it_again(demo_home, photo, monke
     embedder no more, and its reply equals a cold run's."""
     from rich.console import Console
 
-    from mlx_gemma4u.chat import Chat
-    from mlx_gemma4u.generate import PromptCache, stream_generate
-    from mlx_gemma4u.loading import load
-    from mlx_gemma4u.vision import VisionEmbedder
+    from mlx_gemma4u.cli.chat import Chat
+    from mlx_gemma4u.generation.generate import PromptCache, stream_generate
+    from mlx_gemma4u.weights.loading import load
+    from mlx_gemma4u.models.vision import VisionEmbedder
 
     calls = []
     embed = VisionEmbedder.__call__
@@ -275,10 +275,10 @@ def test_the_live_reply_is_drawn_without_autowrap(demo_home, monkeypatch):
     after, wrapped as usual."""
     from rich.console import Console
 
-    from mlx_gemma4u.chat import AUTOWRAP_OFF, AUTOWRAP_ON, Chat
-    from mlx_gemma4u.loading import load
+    from mlx_gemma4u.cli.chat import AUTOWRAP_OFF, AUTOWRAP_ON, Chat
+    from mlx_gemma4u.weights.loading import load
 
-    monkeypatch.setattr("mlx_gemma4u.chat.stream_generate", fake_stream(WIDE_REPLY))
+    monkeypatch.setattr("mlx_gemma4u.cli.chat.stream_generate", fake_stream(WIDE_REPLY))
     model, processor = load(demo_home / "demo-v1")
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=160, height=40, color_system=None)
@@ -299,10 +299,10 @@ def test_a_wide_character_reply_is_in_the_scrollback_once(demo_home, tmp_path):
 import sys
 from rich.console import Console
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-import mlx_gemma4u.chat as chat
+import mlx_gemma4u.cli.chat as chat
 from test_chat import WIDE_REPLY, fake_stream
-from mlx_gemma4u.chat_session import Conversation, Settings
-from mlx_gemma4u.loading import load
+from mlx_gemma4u.cli.chat_session import Conversation, Settings
+from mlx_gemma4u.weights.loading import load
 
 chat.stream_generate = fake_stream(WIDE_REPLY, pause=0.005)  # 2 s: Live repaints 16 times
 model, processor = load({str(demo_home / "demo-v1")!r})

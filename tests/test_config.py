@@ -6,7 +6,7 @@ import pytest
 from transformers import Gemma4UnifiedTextConfig
 
 import reference
-from mlx_gemma4u.config import FULL, SLIDING, ModelConfig, TextConfig
+from mlx_gemma4u.models.config import FULL, SLIDING, ModelConfig, TextConfig
 from mlx_gemma4u.errors import ConfigError
 
 

@@ -16,12 +16,13 @@ import torch
 
 import reference
 from killing import kill_mid_write
-from mlx_gemma4u import demo, generate
-from mlx_gemma4u.cli import main
-from mlx_gemma4u.convert import Options, convert
+from mlx_gemma4u.weights import demo
+from mlx_gemma4u.generation import generate
+from mlx_gemma4u.cli.main import main
+from mlx_gemma4u.convert.converter import Options, convert
 from mlx_gemma4u.errors import InputError
-from mlx_gemma4u.loading import load, load_model
-from mlx_gemma4u.upload import UploadError
+from mlx_gemma4u.weights.loading import load, load_model
+from mlx_gemma4u.convert.upload import UploadError
 
 PROMPTS = np.random.default_rng(0).integers(3, reference.V - 16, size=(4, 24))
 CONVERSIONS = {
@@ -208,7 +209,7 @@ def test_convert_demo_needs_no_source_and_converts_like_the_source(demo_home, tm
     (Options(dtype="int8"), "--dtype must be one of"),
 ])
 def test_contradicting_flags_are_refused_before_the_source_is_fetched(options, message, tmp_path, monkeypatch):
-    monkeypatch.setattr("mlx_gemma4u.convert.resolve", lambda path: pytest.fail(f"{path} was fetched"))
+    monkeypatch.setattr("mlx_gemma4u.convert.converter.resolve", lambda path: pytest.fail(f"{path} was fetched"))
     with pytest.raises(InputError, match=message):
         convert("google/gemma-4-12B-it", tmp_path / "new", options, quiet=True)
 
@@ -217,7 +218,7 @@ def test_contradicting_flags_are_refused_before_the_source_is_fetched(options, m
 STALL = """
 import sys, time
 from pathlib import Path
-from mlx_gemma4u import convert as c
+from mlx_gemma4u.convert import converter as c
 real, written = c.write_safetensors, []
 def stalling(path, tensors, done=lambda name, a: None):
     if written:

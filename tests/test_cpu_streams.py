@@ -14,9 +14,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_gemma4u import linear
+from mlx_gemma4u.backends import linear
 from mlx_gemma4u.errors import InputError
-from mlx_gemma4u import decoder
+from mlx_gemma4u.models import decoder
 
 sdpa = decoder.scaled_dot_product_attention
 

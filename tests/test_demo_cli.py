@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import Gemma4UnifiedForConditionalGeneration
 
-from mlx_gemma4u import demo
-from mlx_gemma4u.cli import main, parse_args
-from mlx_gemma4u.loading import load_model
+from mlx_gemma4u.weights import demo
+from mlx_gemma4u.cli.main import main, parse_args
+from mlx_gemma4u.weights.loading import load_model
 
 
 def cli(*args, home):
@@ -86,7 +86,7 @@ def test_bad_flags_are_refused_before_anything_loads(command, flag, value, messa
     def no_loading(args):
         raise AssertionError("the model was loaded before the flags were checked")
 
-    monkeypatch.setattr("mlx_gemma4u.cli.load_from_args", no_loading)
+    monkeypatch.setattr("mlx_gemma4u.cli.main.load_from_args", no_loading)
     with pytest.raises(SystemExit) as exit_:
         main([*command, flag, value])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
@@ -99,7 +99,7 @@ def test_a_missing_media_file_is_refused_before_the_model_loads(flag, kind, tmp_
     def no_loading(args):
         raise AssertionError("the model was loaded before the media paths were checked")
 
-    monkeypatch.setattr("mlx_gemma4u.cli.load_from_args", no_loading)
+    monkeypatch.setattr("mlx_gemma4u.cli.main.load_from_args", no_loading)
     missing = str(tmp_path / "gone.file")
     assert main(["generate", "--demo", "--prompt", "Hi", flag, missing]) == 1
     assert capsys.readouterr().err == f"error: The {kind} file {missing!r} does not exist; check the path.\n"

@@ -17,11 +17,11 @@ import pytest
 
 import draft_reference as dr
 import reference
-from mlx_gemma4u.cli import main
-from mlx_gemma4u.convert import Options, convert
-from mlx_gemma4u.draft import load_draft_model
+from mlx_gemma4u.cli.main import main
+from mlx_gemma4u.convert.converter import Options, convert
+from mlx_gemma4u.models.drafter import load_draft_model
 from mlx_gemma4u.errors import InputError
-from mlx_gemma4u.loading import load_model
+from mlx_gemma4u.weights.loading import load_model
 
 TARGET = reference.TEXT_CONFIGS["plain"]
 HEADS = {"tied": dict(seed=5), "ordered": dict(seed=6, ordered=True)}

@@ -64,25 +64,25 @@ pathlib.Path.write_text = stalled_write_text
 WRITERS = {
     "prompt cache": (
         STALL_TENSORS + "from mlx_gemma4u.generate import PromptCache\n"
-        "from mlx_gemma4u.loading import load_model\n"
+        "from mlx_gemma4u.weights.loading import load_model\n"
         "model = load_model(pathlib.Path(sys.argv[2]))\n"
         "PromptCache(model).save(sys.argv[1])\n",
         "cache.safetensors",
     ),
     "demo checkpoint": (
-        STALL_TENSORS + "from mlx_gemma4u.demo import ensure_demo\n"
+        STALL_TENSORS + "from mlx_gemma4u.weights.demo import ensure_demo\n"
         "ensure_demo(pathlib.Path(sys.argv[1]))\n",
         "demo/",
     ),
     "saved chat": (
-        STALL_TEXT + "from mlx_gemma4u.chat_session import Conversation\n"
+        STALL_TEXT + "from mlx_gemma4u.cli.chat_session import Conversation\n"
         "chat = Conversation(system='be brief', thinking=False)\n"
         "chat.add_user('hello')\n"
         "chat.save(sys.argv[1])\n",
         "chat.json",
     ),
     "tokenizer files": (
-        STALL_TEXT + "from mlx_gemma4u.tokenizer_files import write_tokenizer_files\n"
+        STALL_TEXT + "from mlx_gemma4u.weights.tokenizer_files import write_tokenizer_files\n"
         "write_tokenizer_files(pathlib.Path(sys.argv[1]).parent)\n",
         "tokenizer.json",
     ),

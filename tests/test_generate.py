@@ -6,9 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gemma4u import generate, load, stream_generate
+from mlx_gemma4u import load, stream_generate
+from mlx_gemma4u.generation import generate
 from mlx_gemma4u.errors import InputError
-from mlx_gemma4u.generate import PromptCache, prefill_chunks, prepare_inputs
+from mlx_gemma4u.generation.generate import PromptCache, prefill_chunks, prepare_inputs
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +79,15 @@ def test_prompt_cache_saves_under_any_name(name, demo, tmp_path):
 
 
 def test_a_failed_prompt_cache_save_leaves_nothing(demo, tmp_path, monkeypatch):
-    import mlx_gemma4u.cache
+    import mlx_gemma4u.models.cache
 
-    real = mlx_gemma4u.cache.save_prompt_cache
+    real = mlx_gemma4u.models.cache.save_prompt_cache
 
     def write_then_fail(*args, **kwargs):
         real(*args, **kwargs)
         raise OSError("disk full")
 
-    monkeypatch.setattr(mlx_gemma4u.cache, "save_prompt_cache", write_then_fail)
+    monkeypatch.setattr(mlx_gemma4u.models.cache, "save_prompt_cache", write_then_fail)
     with pytest.raises(OSError, match="disk full"):
         PromptCache(demo[0]).save(tmp_path / "conv")
     assert list(tmp_path.iterdir()) == []
@@ -187,8 +188,8 @@ def test_a_turn_that_rewrites_the_last_reply_rewinds_a_wrapped_cache(hf_checkpoi
     cache, already wrapped on its window of 8, takes back the rest instead of starting over."""
     from mlx_lm.sample_utils import make_sampler
 
-    from mlx_gemma4u.generate import generate_step
-    from mlx_gemma4u.loading import load_model
+    from mlx_gemma4u.generation.generate import generate_step
+    from mlx_gemma4u.weights.loading import load_model
 
     model = load_model(hf_checkpoints["full"][1])
     greedy = make_sampler(0.0)

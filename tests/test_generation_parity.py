@@ -15,8 +15,8 @@ from transformers import GenerationConfig
 
 import multimodal_inputs as mi
 import reference
-from mlx_gemma4u.generate import PromptCache, generate_step
-from mlx_gemma4u.loading import load_model
+from mlx_gemma4u.generation.generate import PromptCache, generate_step
+from mlx_gemma4u.weights.loading import load_model
 
 STEPS = 40
 PAIRS = {"hf-forward": "dynamic", "gemma4": "static"}

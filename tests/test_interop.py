@@ -16,10 +16,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gemma4u import checkpoints, load
-from mlx_gemma4u.convert import Options, convert
+from mlx_gemma4u import load
+from mlx_gemma4u.models import layouts as checkpoints
+from mlx_gemma4u.convert.converter import Options, convert
 from mlx_gemma4u.errors import CheckpointError, InputError
-from mlx_gemma4u.loading import load_model
+from mlx_gemma4u.weights.loading import load_model
 
 mlx_vlm_utils = pytest.importorskip("mlx_vlm.utils", reason="mlx-vlm (the test extra) is not installed")
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_gemma4u.config import ModelConfig
-from mlx_gemma4u.demo import CONFIG
+from mlx_gemma4u.models.config import ModelConfig
+from mlx_gemma4u.weights.demo import CONFIG
 from mlx_gemma4u.kernels import dispatch
-from mlx_gemma4u.model import Model
-from mlx_gemma4u.rope import RoPE
+from mlx_gemma4u.models.model import Model
+from mlx_gemma4u.models.rope import RoPE
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 # The references against float64 numpy: |Δ| <= bound * (1 + |expected|).

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mlx_gemma4u.errors import CheckpointError, ConfigError, DownloadError
-from mlx_gemma4u.loading import load_model, resolve
+from mlx_gemma4u.weights.loading import load_model, resolve
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_pickles_are_never_loaded(checkpoint):
 
 def test_repo_id_offline_is_one_clear_sentence(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    code = "from mlx_gemma4u.loading import resolve; resolve('nobody/no-such-model')"
+    code = "from mlx_gemma4u.weights.loading import resolve; resolve('nobody/no-such-model')"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "PATH": ""})
     assert "DownloadError" in run.stderr and "nobody/no-such-model" in run.stderr
     with pytest.raises(CheckpointError, match="not a model folder"):
@@ -117,7 +117,7 @@ def test_repo_id_offline_is_one_clear_sentence(tmp_path):
 
 
 def test_memory_guard_refuses_weights_larger_than_the_machine(checkpoint, monkeypatch):
-    from mlx_gemma4u import loading
+    from mlx_gemma4u.weights import loading
     from mlx_gemma4u.errors import MemoryLimitError
 
     size = (checkpoint / "model.safetensors").stat().st_size

@@ -28,9 +28,9 @@ from mlx.utils import tree_flatten
 
 import multimodal_inputs as mi
 import reference
-from mlx_gemma4u.config import SLIDING
+from mlx_gemma4u.models.config import SLIDING
 from mlx_gemma4u.errors import CheckpointError, InputError
-from mlx_gemma4u.loading import load_model, read_weights
+from mlx_gemma4u.weights.loading import load_model, read_weights
 
 SEMANTICS = ("gemma4", "hf-forward")
 CASES = ("one_image", "two_images", "video", "audio", "image_and_audio", "batch_padded")

@@ -80,7 +80,7 @@ def test_bad_audio_gives_one_clear_error(tmp_path):
 def test_mp3_is_read(fixtures_dir, tmp_path):
     """mp3 (libsndfile 1.1+, bundled with soundfile's wheels) decodes to the same clip, give or take
     the encoder's padding, and is named wherever the accepted formats are listed."""
-    from mlx_gemma4u.cli import build_parser
+    from mlx_gemma4u.cli.main import build_parser
     from mlx_gemma4u.processing.audio import FORMATS, to_waveform
 
     wav = to_waveform(str(fixtures_dir / "audio" / "speech_16k_mono.wav"))

@@ -24,17 +24,17 @@ from transformers.generation import candidate_generator
 import draft_reference as dr
 import multimodal_inputs as mi
 import reference
-from mlx_gemma4u import demo
-from mlx_gemma4u.batch import batch_generate
-from mlx_gemma4u.cli import main
-from mlx_gemma4u.config import ModelConfig
-from mlx_gemma4u.demo import ensure_demo_drafter
-from mlx_gemma4u.draft import load_draft_model
+from mlx_gemma4u.weights import demo
+from mlx_gemma4u.generation.batch import batch_generate
+from mlx_gemma4u.cli.main import main
+from mlx_gemma4u.models.config import ModelConfig
+from mlx_gemma4u.weights.demo import ensure_demo_drafter
+from mlx_gemma4u.models.drafter import load_draft_model
 from mlx_gemma4u.errors import ConfigError, InputError
-from mlx_gemma4u.generate import PromptCache, TokenSampler, generate_step, prefill, stream_generate
-from mlx_gemma4u.loading import load, load_model
-from mlx_gemma4u.model import Model
-from mlx_gemma4u.speculative import DraftLength, DraftStats, _speculative_round, speculative_step
+from mlx_gemma4u.generation.generate import PromptCache, TokenSampler, generate_step, prefill, stream_generate
+from mlx_gemma4u.weights.loading import load, load_model
+from mlx_gemma4u.models.model import Model
+from mlx_gemma4u.generation.speculative import DraftLength, DraftStats, _speculative_round, speculative_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.speculative import ReplayDrafter, assistant_config, random_drafter  # noqa: E402
@@ -524,7 +524,7 @@ def test_a_drafter_for_another_model_is_refused_in_one_line(demo_pair, demo_home
     with pytest.raises(InputError, match="sliding_attention queries .4 heads of 16. cannot attend"):
         drafter.check_target(other_heads)
     monkeypatch.setenv("MLX_GEMMA4U_HOME", str(demo_home))
-    monkeypatch.setattr("mlx_gemma4u.cli.load_from_args", lambda args: (wider, None))
+    monkeypatch.setattr("mlx_gemma4u.cli.main.load_from_args", lambda args: (wider, None))
     assert main(["generate", "--demo", "--prompt", "Hi", "--draft-model", "demo"]) == 1
     assert capsys.readouterr().err.startswith("error: This drafter does not fit the model")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import reference
-from mlx_gemma4u.loading import load_model
+from mlx_gemma4u.weights.loading import load_model
 
 CHECKPOINTS = [n for n in reference.TEXT_CONFIGS] + [f"{n}-published" for n in reference.TEXT_CONFIGS]
 WINDOW = reference.BASE_TEXT["sliding_window"]
@@ -122,7 +122,7 @@ def test_left_padded_batch_equals_transformers_generate_positions(hf_checkpoints
 def test_rewinding_a_wrapped_cache_equals_a_cold_run(loaded):
     """Prompt, 12 decoded tokens (the sliding buffers wrap), take back 6, continue with other
     tokens: the logits equal one pass over the resulting sequence."""
-    from mlx_gemma4u.cache import can_rewind, rewind
+    from mlx_gemma4u.models.cache import can_rewind, rewind
 
     model = loaded["full"]
     ids = [int(i) for i in prompt(1, 3 * WINDOW, seed=9)[0]]

@@ -17,7 +17,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from mlx_gemma4u.errors import CheckpointError
-from mlx_gemma4u.tokenizer_files import write_tokenizer_files
+from mlx_gemma4u.weights.tokenizer_files import write_tokenizer_files
 import bare_package
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def build(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ours")
     code = bare_package.PRELUDE + (
         "import json; from pathlib import Path\n"
-        "from mlx_gemma4u.tokenizer_files import write_tokenizer_files\n"
+        "from mlx_gemma4u.weights.tokenizer_files import write_tokenizer_files\n"
         f"write_tokenizer_files(Path({str(out)!r}))\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch'))))\n"
     )

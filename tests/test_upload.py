@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mlx_gemma4u.upload import COMMIT_MESSAGE, UploadError, upload
+from mlx_gemma4u.convert.upload import COMMIT_MESSAGE, UploadError, upload
 
 
 class Hub2:

@@ -6,10 +6,10 @@ available and it has passed a self-check against the reference in this process (
 `MLX_GEMMA4U_KERNELS=reference` forces the references everywhere.
 """
 
-from .gelu_mul import gelu_mul
-from .norm_rope import norm_rope
-from .position_norm import position_norm
-from .residual_norm import residual_norm
-from .softcap import softcap
+from mlx_gemma4u.kernels.gelu_mul import gelu_mul
+from mlx_gemma4u.kernels.norm_rope import norm_rope
+from mlx_gemma4u.kernels.position_norm import position_norm
+from mlx_gemma4u.kernels.residual_norm import residual_norm
+from mlx_gemma4u.kernels.softcap import softcap
 
 __all__ = ["gelu_mul", "norm_rope", "position_norm", "residual_norm", "softcap"]

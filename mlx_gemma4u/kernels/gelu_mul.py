@@ -17,7 +17,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from .dispatch import FLOATS, Kernel, metal_kernel, normal
+from mlx_gemma4u.kernels.dispatch import FLOATS, Kernel, metal_kernel, normal
 
 SOURCE = """
     uint i = thread_position_in_grid.x;

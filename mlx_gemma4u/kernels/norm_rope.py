@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..rope import RoPE
-from .dispatch import FLOATS, Kernel, metal_kernel, normal
+from mlx_gemma4u.models.rope import RoPE
+from mlx_gemma4u.kernels.dispatch import FLOATS, Kernel, metal_kernel, normal
 
 SOURCE = """
     uint row = thread_position_in_grid.x / 32;

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .dispatch import FLOATS, ROW_SUM, Kernel, metal_kernel, normal, row_threads
+from mlx_gemma4u.kernels.dispatch import FLOATS, ROW_SUM, Kernel, metal_kernel, normal, row_threads
 
 SOURCE = """
     uint row = threadgroup_position_in_grid.x;

@@ -31,17 +31,17 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import StreamingResponse
 
-from ..errors import Gemma4UError
-from ..generate import check_settings, prepare_arrays
-from . import schemas
-from .errors import Fault
-from .fetch import FetchPolicy
-from .guards import LOOPBACK_NAMES, AccessLog, ApiKey, BodyLimit, HostCheck, error_response
-from .media import MediaLimits, MediaReader
-from .messages import anthropic_messages, openai_messages
-from .pool import PreparePool
-from .responses import AnthropicMessage, OpenAIChat, OpenAICompletion
-from .worker import DONE, Job, Worker
+from mlx_gemma4u.errors import Gemma4UError
+from mlx_gemma4u.generation.generate import check_settings, prepare_arrays
+from mlx_gemma4u.serve import schemas
+from mlx_gemma4u.serve.errors import Fault
+from mlx_gemma4u.serve.fetch import FetchPolicy
+from mlx_gemma4u.serve.guards import LOOPBACK_NAMES, AccessLog, ApiKey, BodyLimit, HostCheck, error_response
+from mlx_gemma4u.serve.media import MediaLimits, MediaReader
+from mlx_gemma4u.serve.messages import anthropic_messages, openai_messages
+from mlx_gemma4u.serve.pool import PreparePool
+from mlx_gemma4u.serve.responses import AnthropicMessage, OpenAIChat, OpenAICompletion
+from mlx_gemma4u.serve.worker import DONE, Job, Worker
 
 log = logging.getLogger(__name__)
 PREPARE_THREADS = 4  # requests prepared at once; fetches wait on the network, decoding on the CPU
@@ -250,7 +250,7 @@ def _sse(chunks: AsyncIterator[dict], anthropic: bool = False) -> StreamingRespo
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The serve subcommand's flags."""
-    from ..cli import add_model_args
+    from mlx_gemma4u.cli.main import add_model_args
 
     add_model_args(parser)
     parser.add_argument("--host", default="127.0.0.1",
@@ -303,7 +303,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     media = MediaLimits(image_pixels=args.max_image_pixels, audio_seconds=args.max_audio_seconds,
                         video_seconds=args.max_video_seconds, video_frames=args.max_video_frames,
                         allow_local_files=args.allow_local_files, fetch=policy)
-    from ..cli import DEMO_MAX_TOKENS
+    from mlx_gemma4u.cli.main import DEMO_MAX_TOKENS
 
     return Settings(model_name="demo" if args.demo else str(args.model), timeout=args.timeout,
                     max_tokens=args.max_tokens or (DEMO_MAX_TOKENS if args.demo else 1024), media=media,
@@ -349,12 +349,12 @@ class _Server(uvicorn.Server):
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..cli import load_from_args
+    from mlx_gemma4u.cli.main import load_from_args
 
     settings = _settings(args)
     drafter = None
     if args.draft_model:
-        from ..draft import load_draft_model
+        from mlx_gemma4u.models.drafter import load_draft_model
 
         drafter = lambda: load_draft_model(args.draft_model, check_memory=not args.no_memory_check)  # noqa: E731
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

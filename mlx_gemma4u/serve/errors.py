@@ -1,6 +1,6 @@
 """What the server answers besides a request's own InputError (400): each kind with its status."""
 
-from ..errors import Gemma4UError
+from mlx_gemma4u.errors import Gemma4UError
 
 STOPPING = "The server is shutting down; retry the request after it restarts."
 

@@ -20,7 +20,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-from ..errors import InputError
+from mlx_gemma4u.errors import InputError
 
 REDIRECTS = (301, 302, 303, 307, 308)
 

@@ -17,8 +17,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
-from .fetch import FetchPolicy, fetch
+from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.serve.fetch import FetchPolicy, fetch
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class MediaReader:
         (demuxing reads no pixels)."""
         import av
 
-        from ..processing.video import scan_packets
+        from mlx_gemma4u.processing.video import scan_packets
 
         try:
             with av.open(str(path)) as container:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..errors import InputError
-from .media import MediaReader
+from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.serve.media import MediaReader
 
 
 def openai_messages(messages: list[dict], media: MediaReader) -> list[dict]:

@@ -13,7 +13,7 @@ import queue
 import threading
 from typing import Any, Callable
 
-from .errors import STOPPING, Busy, ShuttingDown
+from mlx_gemma4u.serve.errors import STOPPING, Busy, ShuttingDown
 
 
 class PreparePool:

@@ -12,9 +12,9 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from . import schemas
-from .replies import Reply
-from .worker import Token
+from mlx_gemma4u.serve import schemas
+from mlx_gemma4u.serve.replies import Reply
+from mlx_gemma4u.serve.worker import Token
 
 ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "timeout": "timeout"}
 

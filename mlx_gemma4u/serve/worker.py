@@ -27,8 +27,8 @@ from typing import Any, Callable
 import mlx.core as mx
 import numpy as np
 
-from ..errors import Gemma4UError, InputError
-from .errors import STOPPING, Busy, Fault, ShuttingDown
+from mlx_gemma4u.errors import Gemma4UError, InputError
+from mlx_gemma4u.serve.errors import STOPPING, Busy, Fault, ShuttingDown
 
 DONE = object()  # the event that ends a request's stream
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class Worker:
             pass
 
     def _run(self, load: Callable[[], tuple]) -> None:
-        from ..batch import BatchGenerator
+        from mlx_gemma4u.generation.batch import BatchGenerator
 
         try:
             self.model, self.processor = load()
@@ -216,7 +216,7 @@ class Worker:
     def _cache_for(self, ids: list[int], kv_bits: int | None):
         """The cached conversation that shares the longest prefix with this prompt (the prompt
         cache then reuses exactly the tokens they share), else a new cache."""
-        from ..cache import PromptCache
+        from mlx_gemma4u.models.cache import PromptCache
 
         shared = [(len(os.path.commonprefix([ids, cache.tokens])), i) for i, cache in enumerate(self._caches)]
         best = max(shared, default=(0, None))

@@ -10,20 +10,20 @@ import argparse
 import sys
 from importlib import import_module
 
-from .errors import Gemma4UError
+from mlx_gemma4u.errors import Gemma4UError
 
 # name -> (module with add_arguments(parser) and run(args), help, description). Only the module of
 # the subcommand on the command line is imported, so `--help` and a bad flag cost milliseconds.
 SUBCOMMANDS = {
-    "generate": ("mlx_gemma4u.cli", "answer one prompt, streaming the reply to stdout",
+    "generate": ("mlx_gemma4u.cli.main", "answer one prompt, streaming the reply to stdout",
                  "Answer one prompt (with any images, videos and audio clips) through the chat template, "
                  "streaming the reply to stdout and the statistics to stderr."),
-    "chat": ("mlx_gemma4u.chat", "chat in the terminal, with images, audio and video",
+    "chat": ("mlx_gemma4u.cli.chat", "chat in the terminal, with images, audio and video",
              "Chat with the model in the terminal. Type /help inside for commands."),
     "serve": ("mlx_gemma4u.serve.app", "an OpenAI- and Anthropic-compatible HTTP server",
               "Serve the model over HTTP: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, "
               "Anthropic's /v1/messages, with images, audio, video, thinking and tools."),
-    "convert": ("mlx_gemma4u.convert", "convert a Hugging Face checkpoint to MLX, quantize, upload",
+    "convert": ("mlx_gemma4u.convert.converter", "convert a Hugging Face checkpoint to MLX, quantize, upload",
                 "Convert a Gemma 4 Unified checkpoint (Hugging Face or MLX) to an MLX folder in the "
                 "mlx-community layout (cast, quantize, requantize or dequantize), optionally uploading it."),
 }
@@ -58,7 +58,7 @@ def draft_kwargs(args: argparse.Namespace, model) -> dict:
     the drafter checked against `model` (the target) so a mismatch is one line before any prompt."""
     if not args.draft_model:
         return {}
-    from .draft import load_draft_model
+    from mlx_gemma4u.models.drafter import load_draft_model
 
     drafter = load_draft_model(args.draft_model, check_memory=not args.no_memory_check)
     drafter.check_target(model)
@@ -70,7 +70,7 @@ DEMO_MAX_TOKENS = 32  # the demo's replies are nonsense: a first run shows a lin
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """The sampling options generate and chat share (mlx-lm's samplers; 0 switches one off)."""
-    from .generate import SEEDS  # the seeds the engine takes (generate.check_settings)
+    from mlx_gemma4u.generation.generate import SEEDS  # the seeds the engine takes (generate.check_settings)
 
     parser.add_argument("--max-tokens", type=_checked(int, lambda v: v > 0, "a positive integer"),
                         help=f"most tokens per reply (default {max_tokens}; {DEMO_MAX_TOKENS} with --demo)")
@@ -103,8 +103,8 @@ def _checked(kind: type, ok, what: str):
 
 
 def load_from_args(args: argparse.Namespace):
-    from .demo import WARNING, ensure_demo
-    from .loading import load
+    from mlx_gemma4u.weights.demo import WARNING, ensure_demo
+    from mlx_gemma4u.weights.loading import load
 
     if args.demo:
         print(WARNING, file=sys.stderr)
@@ -115,8 +115,8 @@ def load_from_args(args: argparse.Namespace):
 def check_media_files(args: argparse.Namespace) -> None:
     """Refuse a missing or unreadable --image / --video / --audio file in one sentence before the
     model loads (minutes for a 12B); URLs are fetched later, by the processor."""
-    from .chat_session import media_item
-    from .processing.sources import is_url
+    from mlx_gemma4u.cli.chat_session import media_item
+    from mlx_gemma4u.processing.sources import is_url
 
     for kind, sources in (("image", args.image), ("video", args.video), ("audio", args.audio)):
         for source in sources or []:
@@ -125,7 +125,7 @@ def check_media_files(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .generate import stream_generate
+    from mlx_gemma4u.generation.generate import stream_generate
 
     check_media_files(args)
     model, processor = load_from_args(args)
@@ -167,7 +167,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def add_arguments(gen: argparse.ArgumentParser) -> None:
     """The generate subcommand's flags."""
-    from .processing.audio import FORMATS as AUDIO_FORMATS
+    from mlx_gemma4u.processing.audio import FORMATS as AUDIO_FORMATS
 
     add_model_args(gen)
     gen.add_argument("--prompt", required=True, help="the user message")

@@ -14,17 +14,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import cache as caches
-from . import checkpoints
-from .audio import AudioEmbedder
-from .config import FULL, ModelConfig
-from .decoder import RowSteps, Step, TextModel
-from .errors import CheckpointError, InputError
-from .kernels import softcap
-from .linear import Linear
-from .masks import SEMANTICS, build_mask, vision_blocks
-from .multimodal import placeholder_positions, scatter_soft_tokens
-from .vision import VisionEmbedder
+from mlx_gemma4u.models import cache as caches
+from mlx_gemma4u.models import layouts as checkpoints
+from mlx_gemma4u.models.audio import AudioEmbedder
+from mlx_gemma4u.models.config import FULL, ModelConfig
+from mlx_gemma4u.models.decoder import RowSteps, Step, TextModel
+from mlx_gemma4u.errors import CheckpointError, InputError
+from mlx_gemma4u.kernels import softcap
+from mlx_gemma4u.backends.linear import Linear
+from mlx_gemma4u.models.masks import SEMANTICS, build_mask, vision_blocks
+from mlx_gemma4u.models.multimodal import placeholder_positions, scatter_soft_tokens
+from mlx_gemma4u.models.vision import VisionEmbedder
 
 
 class Model(nn.Module):

@@ -22,8 +22,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokeniz
 from tokenizers.models import BPE
 from tokenizers.processors import TemplateProcessing
 
-from .errors import CheckpointError
-from .files import write_text
+from mlx_gemma4u.errors import CheckpointError
+from mlx_gemma4u.files import write_text
 
 BUNDLED_SPM_MODEL = Path(__file__).resolve().parent / "assets" / "tokenizer_gemma4.model"
 VOCAB_SIZE = 262_144

@@ -26,9 +26,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import greedy_sampler, make_logits_processors, make_sampler
 
-from .cache import MEDIA, PromptCache
-from .errors import InputError
-from .masks import vision_blocks
+from mlx_gemma4u.models.cache import MEDIA, PromptCache
+from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.models.masks import vision_blocks
 
 MEDIA_KEYS = tuple(name for names in MEDIA.values() for name in names)
 
@@ -305,7 +305,7 @@ def stream_generate(
     if draft_model is None:
         steps = generate_step(model, inputs, prompt_cache, sampler, processors, max_tokens, prefill_step_size)
     else:
-        from .speculative import DraftStats, speculative_step  # it builds on this module
+        from mlx_gemma4u.generation.speculative import DraftStats, speculative_step  # it builds on this module
 
         stats = DraftStats()
         steps = speculative_step(model, draft_model, inputs, prompt_cache, sampler, processors, max_tokens,

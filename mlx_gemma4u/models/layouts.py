@@ -21,8 +21,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable
 
-from .config import ModelConfig
-from .errors import CheckpointError
+from mlx_gemma4u.models.config import ModelConfig
+from mlx_gemma4u.errors import CheckpointError
 
 
 @dataclass(frozen=True)

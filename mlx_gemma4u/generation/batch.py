@@ -39,11 +39,11 @@ from typing import NamedTuple
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .cache import PromptCache, rewind, rewind_room
-from .config import SLIDING
-from .errors import Gemma4UError, InputError
-from .generate import ReplyText, TokenSampler, check_context, check_settings, prefill, prepare_inputs
-from .speculative import DraftLength, DraftStats, draft_and_verify, settle, verify
+from mlx_gemma4u.models.cache import PromptCache, rewind, rewind_room
+from mlx_gemma4u.models.config import SLIDING
+from mlx_gemma4u.errors import Gemma4UError, InputError
+from mlx_gemma4u.generation.generate import ReplyText, TokenSampler, check_context, check_settings, prefill, prepare_inputs
+from mlx_gemma4u.generation.speculative import DraftLength, DraftStats, draft_and_verify, settle, verify
 
 SAMPLING = {"max_tokens": 256, "temperature": 0.0, "top_p": 0.0, "top_k": 0, "min_p": 0.0, "seed": None,
             "repetition_penalty": None, "presence_penalty": None, "frequency_penalty": None, "stop": None,

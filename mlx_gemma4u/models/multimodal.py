@@ -14,8 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .errors import InputError
-from .linear import Linear
+from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.backends.linear import Linear
 
 PIECE = 512  # the widest run of products a float32 media Linear adds in one go
 

@@ -21,8 +21,8 @@ from typing import Callable, Iterator
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cache import PromptCache
-from .generate import TokenSampler, decode, prefill
+from mlx_gemma4u.models.cache import PromptCache
+from mlx_gemma4u.generation.generate import TokenSampler, decode, prefill
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cpu_streams import in_pieces
+from mlx_gemma4u.backends.cpu_streams import in_pieces
 
 
 class _Cut:

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import InputError
+from mlx_gemma4u.errors import InputError
 
 MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
 RECIPES = ("default", "uniform", "mixed-6-4", "mixed-8-4", "qat")

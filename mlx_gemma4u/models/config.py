@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from mlx_gemma4u.errors import ConfigError
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 DEFAULT_ROPE = {

@@ -21,12 +21,12 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .checkpoints import TRANSFORMERS
-from .config import ModelConfig
-from .draft import DraftConfig, DraftModel
-from .files import replacing_folder
-from .model import Model
-from .tokenizer_files import write_tokenizer_files
+from mlx_gemma4u.models.layouts import TRANSFORMERS
+from mlx_gemma4u.models.config import ModelConfig
+from mlx_gemma4u.models.drafter import DraftConfig, DraftModel
+from mlx_gemma4u.files import replacing_folder
+from mlx_gemma4u.models.model import Model
+from mlx_gemma4u.weights.tokenizer_files import write_tokenizer_files
 
 VERSION = 1
 WARNING = "Demo checkpoint: random weights, so its output is nonsense. Use it to try the tools, not the model."
@@ -118,7 +118,7 @@ MODEL_CARD = f"""# mlx-gemma4u demo checkpoint (version {VERSION})
 
 Layout, key names and config schema follow google/gemma-4-12B-it, at tiny sizes (hidden 64,
 6 layers) with the real 262,144-token vocabulary. The tokenizer is Google's real Gemma 4 tokenizer
-(Apache-2.0). Made by `mlx_gemma4u.demo.ensure_demo()`.
+(Apache-2.0). Made by `mlx_gemma4u.weights.demo.ensure_demo()`.
 """
 
 
@@ -128,7 +128,7 @@ DRAFTER_CARD = f"""# mlx-gemma4u demo drafter (version {VERSION})
 
 Layout, key names and config schema follow google/gemma-4-12B-it-assistant (the MTP drafter), at
 tiny sizes (hidden 32, 4 layers) matched to the mlx-gemma4u demo checkpoint. Made by
-`mlx_gemma4u.demo.ensure_demo_drafter()`.
+`mlx_gemma4u.weights.demo.ensure_demo_drafter()`.
 """
 
 

@@ -14,7 +14,7 @@ is what transformers' plain `model(**inputs)` computes. Padded keys are always h
 
 import mlx.core as mx
 
-from .config import SLIDING
+from mlx_gemma4u.models.config import SLIDING
 
 SEMANTICS = ("gemma4", "hf-forward")
 

@@ -23,11 +23,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 
-from .config import LayerSpec, TextConfig
-from .cpu_streams import in_pieces
-from .kernels import gelu_mul, norm_rope, residual_norm
-from .linear import Embedding, Linear
-from .rope import RoPE
+from mlx_gemma4u.models.config import LayerSpec, TextConfig
+from mlx_gemma4u.backends.cpu_streams import in_pieces
+from mlx_gemma4u.kernels import gelu_mul, norm_rope, residual_norm
+from mlx_gemma4u.backends.linear import Embedding, Linear
+from mlx_gemma4u.models.rope import RoPE
 
 
 class Step:

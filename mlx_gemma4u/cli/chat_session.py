@@ -18,11 +18,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
-from .files import write_text
-from .generate import check_settings
-from .processing.audio import FORMATS as AUDIO_FORMATS
-from .processing.messages import check_messages
+from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.files import write_text
+from mlx_gemma4u.generation.generate import check_settings
+from mlx_gemma4u.processing.audio import FORMATS as AUDIO_FORMATS
+from mlx_gemma4u.processing.messages import check_messages
 
 FORMAT = "mlx-gemma4u-chat"
 MEDIA_SUFFIXES = {

@@ -34,17 +34,17 @@ from mlx.utils import tree_flatten
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import checkpoints
-from . import quantize as q
-from .config import ModelConfig
-from .demo import WARNING, ensure_demo
-from .draft import MODEL_TYPE as ASSISTANT_TYPE
-from .draft import DraftConfig, DraftModel
-from .errors import InputError
-from .files import replacing_folder
-from .loading import DTYPES, _check_complete, check_safetensors, quantize_like, resolve, weight_files
-from .model import Model
-from .upload import upload, upload_token, write_model_card
+from mlx_gemma4u.models import layouts as checkpoints
+from mlx_gemma4u.convert import quantize as q
+from mlx_gemma4u.models.config import ModelConfig
+from mlx_gemma4u.weights.demo import WARNING, ensure_demo
+from mlx_gemma4u.models.drafter import MODEL_TYPE as ASSISTANT_TYPE
+from mlx_gemma4u.models.drafter import DraftConfig, DraftModel
+from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.files import replacing_folder
+from mlx_gemma4u.weights.loading import DTYPES, _check_complete, check_safetensors, quantize_like, resolve, weight_files
+from mlx_gemma4u.models.model import Model
+from mlx_gemma4u.convert.upload import upload, upload_token, write_model_card
 
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                "added_tokens.json", "chat_template.jinja", "chat_template.json", "processor_config.json",

@@ -21,7 +21,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .errors import InputError
+from mlx_gemma4u.errors import InputError
 
 PIECE_WORK = 1 << 20  # multiply-adds; below about this a piece's hand-over costs more than it saves
 _local = threading.local()  # MLX streams belong to the thread that made them

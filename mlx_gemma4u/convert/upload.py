@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import Gemma4UError
+from mlx_gemma4u.errors import Gemma4UError
 
 COMMIT_MESSAGE = "Upload MLX model made with mlx-gemma4u"
 

@@ -18,11 +18,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .config import VisionConfig
-from .errors import InputError
-from .kernels import position_norm
-from .linear import Linear
-from .multimodal import MultimodalEmbedder, compute_dtype, kept_rows, project, two_step_mean
+from mlx_gemma4u.models.config import VisionConfig
+from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.kernels import position_norm
+from mlx_gemma4u.backends.linear import Linear
+from mlx_gemma4u.models.multimodal import MultimodalEmbedder, compute_dtype, kept_rows, project, two_step_mean
 
 LAYER_NORM_EPS = 1e-5
 # Patches embedded at a time. Patches never see each other, so this changes no value; it keeps the

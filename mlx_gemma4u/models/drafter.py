@@ -27,12 +27,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import cache as caches
-from . import checkpoints
-from .config import FULL, TextConfig, _check, _from_dict, _positive, read_config
-from .decoder import RowSteps, Step, TextModel
-from .errors import CheckpointError, ConfigError, InputError
-from .linear import Linear
+from mlx_gemma4u.models import cache as caches
+from mlx_gemma4u.models import layouts as checkpoints
+from mlx_gemma4u.models.config import FULL, TextConfig, _check, _from_dict, _positive, read_config
+from mlx_gemma4u.models.decoder import RowSteps, Step, TextModel
+from mlx_gemma4u.errors import CheckpointError, ConfigError, InputError
+from mlx_gemma4u.backends.linear import Linear
 
 MODEL_TYPE = "gemma4_unified_assistant"
 
@@ -191,7 +191,7 @@ def load_draft_model(path_or_repo: str | os.PathLike, dtype: str | None = None,
     """A Gemma 4 assistant (e.g. google/gemma-4-12B-it-assistant, or a folder `mlx-gemma4u convert`
     made of one, quantized or not): local folder, hub id or "demo" (the demo checkpoint's random
     drafter) -> DraftModel, every weight checked against config.json (the same checks and errors as `load`)."""
-    from .loading import DTYPES, install_weights, read_weights
+    from mlx_gemma4u.weights.loading import DTYPES, install_weights, read_weights
 
     path = _folder(path_or_repo)
     if dtype is not None and dtype not in DTYPES:
@@ -206,10 +206,10 @@ def load_draft_model(path_or_repo: str | os.PathLike, dtype: str | None = None,
 def _folder(path_or_repo: str | os.PathLike) -> Path:
     """"demo" (when no folder of that name exists) -> the demo drafter's folder, written first if
     needed (demo.ensure_demo_drafter); anything else as loading.resolve finds or fetches it."""
-    from .loading import resolve
+    from mlx_gemma4u.weights.loading import resolve
 
     if str(path_or_repo) == "demo" and not Path("demo").is_dir():
-        from .demo import ensure_demo_drafter
+        from mlx_gemma4u.weights.demo import ensure_demo_drafter
 
         return ensure_demo_drafter()
     return resolve(path_or_repo)

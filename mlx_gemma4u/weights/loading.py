@@ -18,10 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import checkpoints
-from .config import ModelConfig
-from .errors import CheckpointError, DownloadError, MemoryLimitError
-from .model import Model
+from mlx_gemma4u.models import layouts as checkpoints
+from mlx_gemma4u.models.config import ModelConfig
+from mlx_gemma4u.errors import CheckpointError, DownloadError, MemoryLimitError
+from mlx_gemma4u.models.model import Model
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -37,7 +37,7 @@ def resolve(path_or_repo: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     if str(path_or_repo) == "demo":
-        from .demo import ensure_demo
+        from mlx_gemma4u.weights.demo import ensure_demo
 
         return ensure_demo()
     repo = str(path_or_repo)
@@ -74,7 +74,7 @@ def load_processor(path: Path, **processor_kwargs):
 
     Generation stops at <eos>, <turn|> and <|tool_response>, plus any id generation_config.json adds.
     """
-    from .processing import Gemma4UProcessor
+    from mlx_gemma4u.processing import Gemma4UProcessor
 
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise CheckpointError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json).")
@@ -82,7 +82,7 @@ def load_processor(path: Path, **processor_kwargs):
 
 
 def _stop_ids(path: Path) -> list[int]:
-    from .processing.text import GEMMA4_STOP_IDS
+    from mlx_gemma4u.processing.text import GEMMA4_STOP_IDS
 
     ids = set(GEMMA4_STOP_IDS)
     gen = path / "generation_config.json"

@@ -28,9 +28,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, RotatingKVCache, load_prompt_cache, save_prompt_cache
 
-from .config import SLIDING, TextConfig
-from .errors import CheckpointError, InputError
-from .files import replacing
+from mlx_gemma4u.models.config import SLIDING, TextConfig
+from mlx_gemma4u.errors import CheckpointError, InputError
+from mlx_gemma4u.files import replacing
 
 FORMAT = "mlx-gemma4u prompt cache 1"
 # What a cache's keys and values depend on besides its tokens, in the order a mismatch is reported.
@@ -222,7 +222,7 @@ def model_fingerprint(model) -> dict[str, str]:
 
 def _check_belongs(path: Path, wanted: dict[str, str]) -> None:
     """Refuse, in one sentence, a missing or foreign file or one saved from another model."""
-    from .loading import check_safetensors  # loading imports the model, which imports this module
+    from mlx_gemma4u.weights.loading import check_safetensors  # loading imports the model, which imports this module
 
     if path.is_dir():
         raise InputError(f"{path} is a folder, not a prompt cache file.")

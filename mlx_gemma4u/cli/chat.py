@@ -23,17 +23,17 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from .chat_session import (HELP, Conversation, ReplySplitter, Settings, media_item, parse_command,
+from mlx_gemma4u.cli.chat_session import (HELP, Conversation, ReplySplitter, Settings, media_item, parse_command,
                            pull_media_paths, split_paths, status_line)
-from .errors import Gemma4UError, InputError
-from .generate import PromptCache, stream_generate
+from mlx_gemma4u.errors import Gemma4UError, InputError
+from mlx_gemma4u.generation.generate import PromptCache, stream_generate
 
 THOUGHT_STYLE = "dim italic"
 
 
 def add_arguments(chat: argparse.ArgumentParser) -> None:
     """The chat subcommand's flags."""
-    from .cli import add_draft_args, add_model_args, add_sampling_args
+    from mlx_gemma4u.cli.main import add_draft_args, add_model_args, add_sampling_args
 
     add_model_args(chat)
     add_draft_args(chat)
@@ -44,7 +44,7 @@ def add_arguments(chat: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from .cli import draft_kwargs, load_from_args
+    from mlx_gemma4u.cli.main import draft_kwargs, load_from_args
 
     console = Console(highlight=False)
     with console.status("Loading the model…"):

@@ -9,9 +9,9 @@ of time, and the per-frame RMS norm makes the result independent of loudness.
 import mlx.core as mx
 import numpy as np
 
-from .config import AudioConfig
-from .errors import InputError
-from .multimodal import MultimodalEmbedder, kept_rows
+from mlx_gemma4u.models.config import AudioConfig
+from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.models.multimodal import MultimodalEmbedder, kept_rows
 
 
 class AudioEmbedder(MultimodalEmbedder):
