@@ -42,7 +42,8 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_gemma4u.models.cache import PromptCache, rewind, rewind_room
 from mlx_gemma4u.models.config import SLIDING
 from mlx_gemma4u.errors import Gemma4UError, InputError
-from mlx_gemma4u.generation.generate import ReplyText, TokenSampler, check_context, check_settings, prefill, prepare_inputs
+from mlx_gemma4u.generation.reply import ReplyText
+from mlx_gemma4u.generation.generate import TokenSampler, check_context, check_settings, prefill, prepare_inputs
 from mlx_gemma4u.generation.speculative import DraftLength, DraftStats, draft_and_verify, settle, verify
 
 SAMPLING = {"max_tokens": 256, "temperature": 0.0, "top_p": 0.0, "top_k": 0, "min_p": 0.0, "seed": None,
