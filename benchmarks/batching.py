@@ -38,7 +38,7 @@ def prompts(n: int) -> list[str]:
 
 def ours(path: Path, dtype: str, batches: list[int], tokens: int) -> list[dict]:
     from mlx_gemma4u import load, stream_generate
-    from mlx_gemma4u.generation.batch import BatchGenerator
+    from mlx_gemma4u.generation.engine import BatchGenerator
 
     model, processor = load(path, dtype=dtype)
     rows = []

@@ -18,9 +18,10 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.weights.demo import CONFIG as DEMO_CONFIG
 from mlx_gemma4u.weights.demo import ensure_demo
-from mlx_gemma4u.generation.generate import PromptCache, generate_step
+from mlx_gemma4u.generation.prompt_cache import PromptCache
+from mlx_gemma4u.generation.api import stream_inputs
+from mlx_gemma4u.generation.params import SamplingParams
 from mlx_gemma4u.weights.loading import load_model
-from mlx_lm.sample_utils import make_sampler
 
 LARGER = {**DEMO_CONFIG, "text_config": {**DEMO_CONFIG["text_config"], "hidden_size": 1024, "intermediate_size": 4096,
                                          "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
@@ -42,7 +43,7 @@ def run_once(model, prompt_tokens: int, decode_tokens: int) -> dict:
     ids = mx.random.randint(1000, 200000, (1, prompt_tokens)).astype(mx.int32)
     mx.reset_peak_memory()
     start = time.perf_counter()
-    steps = generate_step(model, {"input_ids": ids}, PromptCache(model), make_sampler(0.0), max_tokens=decode_tokens)
+    steps = stream_inputs(model, None, {"input_ids": ids}, SamplingParams(max_tokens=decode_tokens), PromptCache(model))
     next(steps)
     first = time.perf_counter()
     n = 1 + sum(1 for _ in steps)

@@ -24,15 +24,16 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_map
-from mlx_lm.sample_utils import make_sampler
 
 from benchmarks.checkpoints import ensure_checkpoint
 from benchmarks.compare import CACHE
-from mlx_gemma4u.models.cache import PromptCache
+from mlx_gemma4u.generation.prompt_cache import PromptCache
 from mlx_gemma4u.models.drafter import DraftConfig, DraftModel
-from mlx_gemma4u.generation.generate import generate_step, prefill
+from mlx_gemma4u.generation.api import stream_inputs
+from mlx_gemma4u.generation.params import SamplingParams
+from mlx_gemma4u.generation.steps import prefill
 from mlx_gemma4u.weights.loading import load_model
-from mlx_gemma4u.generation.speculative import DraftStats, speculative_step
+from mlx_gemma4u.generation.speculative import DraftStats
 
 RATES = (0.0, 0.5, 0.8, 1.0)
 FIXED_K = 3
@@ -88,17 +89,13 @@ def random_drafter(target, dtype, **sizes) -> DraftModel:
 
 def decode(model, ids: mx.array, tokens: int, drafter=None, draft_length=None) -> tuple[list[int], float, DraftStats]:
     """Greedy reply of `tokens` tokens -> (tokens, decode tokens/s after the first, drafting stats)."""
-    stats, sampler = DraftStats(), make_sampler(0.0)
-    if drafter is None:
-        steps = ((t, lp, False) for t, lp in generate_step(model, {"input_ids": ids}, PromptCache(model), sampler,
-                                                            max_tokens=tokens))
-    else:
-        steps = speculative_step(model, drafter, {"input_ids": ids}, PromptCache(model), sampler, max_tokens=tokens,
-                                 draft_length=draft_length, stats=stats)
-    out = [next(steps)[0]]
-    start = time.perf_counter()
-    out += [t for t, _, _ in steps]
-    return out, (len(out) - 1) / (time.perf_counter() - start), stats
+    responses = stream_inputs(model, None, {"input_ids": ids}, SamplingParams(max_tokens=tokens), PromptCache(model),
+                              draft_model=drafter, num_draft_tokens=draft_length)
+    last = next(responses)
+    out, start = [last.token], time.perf_counter()
+    for last in responses:
+        out.append(last.token)
+    return out, (len(out) - 1) / (time.perf_counter() - start), last.draft or DraftStats()
 
 
 def verify_curve(model, ids: mx.array, repeats: int) -> dict[int, float]:

@@ -57,7 +57,7 @@ def cases(inputs: dict) -> dict[str, dict[str, np.ndarray]]:
 
 
 class Ours:
-    """mlx_gemma4u: load_model (cast or quantized), generate_step, the model's forward pass."""
+    """mlx_gemma4u: load_model (cast or quantized), stream_inputs, the model's forward pass."""
 
     def __init__(self, path: Path, dtype: str, vision_mask: str = "gemma4"):
         from mlx_gemma4u.weights.loading import load_model
@@ -67,12 +67,12 @@ class Ours:
             quantize(self.model)
 
     def stream(self, case: dict, n: int) -> Iterator[int]:
-        from mlx_lm.sample_utils import make_sampler
+        from mlx_gemma4u.generation.api import stream_inputs
+        from mlx_gemma4u.generation.params import SamplingParams
+        from mlx_gemma4u.generation.prompt_cache import PromptCache
 
-        from mlx_gemma4u.generation.generate import PromptCache, generate_step
-
-        steps = generate_step(self.model, _mx_inputs(case), PromptCache(self.model), make_sampler(0.0), max_tokens=n)
-        return (token for token, _ in steps)
+        steps = stream_inputs(self.model, None, _mx_inputs(case), SamplingParams(max_tokens=n), PromptCache(self.model))
+        return (r.token for r in steps)
 
     def logits(self, case: dict) -> np.ndarray:
         inputs = _mx_inputs(case)

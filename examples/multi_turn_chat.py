@@ -16,7 +16,7 @@ would, so there the reply usually stays cached and a turn prefills only its new 
 
 import mlx_gemma4u
 from _common import load_model
-from mlx_gemma4u.generation.generate import PromptCache
+from mlx_gemma4u.generation.prompt_cache import PromptCache
 
 model, processor, _ = load_model(__doc__)
 cache = PromptCache(model)

@@ -12,13 +12,14 @@ from mlx_gemma4u import lazy_mlx_lm  # noqa: F401  (first: mlx-lm's modules with
 # cost milliseconds, not the MLX, numpy and tokenizer imports that generation needs
 _EXPORTS = {
     "load": "weights.loading",
-    "load_draft_model": "models.drafter",
-    "generate": "generation.generate",
-    "stream_generate": "generation.generate",
-    "batch_generate": "generation.batch",
-    "GenerationResponse": "generation.generate",
-    "BatchResponse": "generation.batch",
-    "PromptCache": "models.cache",
+    "load_draft_model": "weights.loading",
+    "generate": "generation.api",
+    "stream_generate": "generation.api",
+    "batch_generate": "generation.api",
+    "GenerationResponse": "generation.api",
+    "BatchResponse": "generation.api",
+    "PromptCache": "generation.prompt_cache",
+    "SamplingParams": "generation.params",
 }
 __all__ = list(_EXPORTS)
 

@@ -2,9 +2,11 @@
 
 import pytest
 
+from mlx_gemma4u.errors import InputError
+
 from mlx_gemma4u import batch_generate, load, stream_generate
-from mlx_gemma4u.generation.batch import BatchGenerator, kv_bytes
-from mlx_gemma4u.generation.generate import PromptCache
+from mlx_gemma4u.generation.engine import BatchGenerator, kv_bytes
+from mlx_gemma4u.generation.prompt_cache import PromptCache
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +162,7 @@ def test_a_sequence_that_fails_mid_decode_ends_alone(demo):
         events += generator.step()
     failed = generator.responses[uids[1]]
     assert failed.finish_reason == "error" and failed.fault and "RuntimeError" in failed.error
-    assert [e.finish for e in events if e.uid == uids[1]][-1] == "error"
+    assert [e.finish_reason for e in events if e.uid == uids[1]][-1] == "error"
     for uid, prompt in zip(uids, PROMPTS):
         if uid != uids[1]:
             assert generator.responses[uid].tokens == alone(model, processor, {"prompt": prompt}, max_tokens=12)[0]
@@ -174,33 +176,44 @@ def test_a_failing_batched_step_is_retried_row_by_row(demo, monkeypatch):
     uids = [generator.submit(p, max_tokens=12) for p in PROMPTS]
     generator.step()
     poisoned = generator._active[uids[2]].prompt_cache.caches
-    rows = type(model).rows
+    rows, alone_pass = type(model).rows, type(model).__call__
 
-    def failing_rows(self, tokens, caches, **kwargs):
-        out = rows(self, tokens, caches, **kwargs)
-        if any(c is poisoned for c in caches) and generator.responses[uids[2]].generation_tokens >= 4:
-            raise RuntimeError("poisoned")
-        return out
+    def failing(run):  # the batched pass, or a row's pass alone, over the poisoned row's caches
+        def call(self, tokens, *args, **kwargs):
+            out = run(self, tokens, *args, **kwargs)
+            caches = args[0] if args else kwargs.get("cache")
+            hit = caches is poisoned or any(c is poisoned for c in caches or [])
+            if hit and generator.responses[uids[2]].generation_tokens >= 4:
+                raise RuntimeError("poisoned")
+            return out
+        return call
 
-    monkeypatch.setattr(type(model), "rows", failing_rows)
+    monkeypatch.setattr(type(model), "rows", failing(rows))
+    monkeypatch.setattr(type(model), "__call__", failing(alone_pass))
     while not generator.done:
         generator.step()
+    monkeypatch.setattr(type(model), "rows", rows)
+    monkeypatch.setattr(type(model), "__call__", alone_pass)
     assert generator.responses[uids[2]].finish_reason == "error"
     assert 4 <= generator.responses[uids[2]].generation_tokens < 12
     for uid, prompt in zip(uids[:2], PROMPTS[:2]):
-        monkeypatch.setattr(type(model), "rows", rows)
         assert generator.responses[uid].tokens == alone(model, processor, {"prompt": prompt}, max_tokens=12)[0]
 
 
 def test_prepared_inputs_join_like_submitted_prompts(demo):
-    from mlx_gemma4u.generation.generate import prepare_inputs
+    """add() takes prepare_inputs' arrays and a SamplingParams; a prompt past the context is refused
+    at once, in one sentence, and the engine goes on with the others."""
+    from mlx_gemma4u.generation.inputs import prepare_inputs
+    from mlx_gemma4u.generation.params import SamplingParams
 
     model, processor = demo
     generator = BatchGenerator(model, processor)
-    uid = generator.add(prepare_inputs(processor, "The sea is"), max_tokens=8, seed=2 ** 64 - 1, temperature=0.7)
-    bad = generator.add(prepare_inputs(processor, "The sea is"), max_tokens=8, seed=-1)
+    params = SamplingParams(max_tokens=8, seed=2 ** 64 - 1, temperature=0.7)
+    uid = generator.add(prepare_inputs(processor, "The sea is"), params)
+    with pytest.raises(InputError, match="exceeds the model's context"):
+        generator.add(prepare_inputs(processor, "The sea is"), params.replace(max_tokens=10 ** 9))
     while not generator.done:
         generator.step()
     assert len(generator.responses[uid].tokens) == 8
-    assert generator.responses[bad].finish_reason == "error" and "seed" in generator.responses[bad].error
-    assert not generator.responses[bad].fault
+    assert generator.responses[uid].tokens == alone(model, processor, {"prompt": "The sea is"}, max_tokens=8,
+                                                    seed=2 ** 64 - 1, temperature=0.7)[0]

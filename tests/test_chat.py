@@ -13,7 +13,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from mlx_gemma4u.cli.chat_session import (Conversation, ReplySplitter, Settings, media_item, parse_command,
+from mlx_gemma4u.generation.params import SamplingParams
+from mlx_gemma4u.cli.chat_session import (Conversation, ReplySplitter, media_item, parse_command, set_param,
                                       pull_media_paths, split_paths)
 from mlx_gemma4u.errors import InputError
 
@@ -51,12 +52,12 @@ def test_bad_media_and_bad_settings_are_one_sentence(tmp_path):
         media_item(str(tmp_path), "audio")
     with pytest.raises(InputError, match="quote is not closed"):
         split_paths("'open.png")
-    settings = Settings()
-    assert settings.set("max-tokens 12") == "max_tokens" and settings.max_tokens == 12
+    params, name = set_param(SamplingParams(), "max-tokens 12")
+    assert name == "max_tokens" and params.max_tokens == 12
     with pytest.raises(InputError, match="whole number"):
-        settings.set("top-k lots")
+        set_param(params, "top-k lots")
     with pytest.raises(InputError, match="NAME one of"):
-        settings.set("warp 9")
+        set_param(params, "warp 9")
 
 
 @pytest.mark.parametrize("line, message", [
@@ -64,13 +65,13 @@ def test_bad_media_and_bad_settings_are_one_sentence(tmp_path):
     ("temp -1", "temperature must be 0"), ("top-p 2", "top_p must be in"), ("max-tokens 0", "max_tokens must be"),
 ])
 def test_set_refuses_what_the_engine_would_and_keeps_the_old_value(line, message):
-    """/set checks a value as generate.check_settings does, in one sentence, and keeps the old one."""
-    settings = Settings(max_tokens=7, temperature=0.5, top_p=0.9, seed=3)
+    """/set checks a value as SamplingParams does everywhere, in one sentence; the old one stays."""
+    params = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, seed=3)
     with pytest.raises(InputError, match=message) as info:
-        settings.set(line)
+        set_param(params, line)
     assert "\n" not in str(info.value)
-    assert settings == Settings(max_tokens=7, temperature=0.5, top_p=0.9, seed=3)
-    assert settings.set(f"seed {2**64 - 1}") == "seed" and settings.seed == 2**64 - 1
+    assert params == SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, seed=3)
+    assert set_param(params, f"seed {2**64 - 1}")[0].seed == 2**64 - 1
 
 
 def test_conversation_turns_retry_and_reset(photo):
@@ -130,7 +131,8 @@ def test_thought_channel_is_split_from_the_answer():
 
 def test_a_stopped_reply_leaves_the_prompt_cache_usable(demo_home):
     """Ctrl-C breaks out of stream_generate mid-reply; the next turn must still match a cold run."""
-    from mlx_gemma4u.generation.generate import PromptCache, stream_generate
+    from mlx_gemma4u.generation.prompt_cache import PromptCache
+    from mlx_gemma4u.generation.api import stream_generate
     from mlx_gemma4u.weights.loading import load
 
     model, processor = load(demo_home / "demo-v1")
@@ -158,7 +160,8 @@ def test_the_turn_after_an_image_does_not_embed_it_again(demo_home, photo, monke
     from rich.console import Console
 
     from mlx_gemma4u.cli.chat import Chat
-    from mlx_gemma4u.generation.generate import PromptCache, stream_generate
+    from mlx_gemma4u.generation.prompt_cache import PromptCache
+    from mlx_gemma4u.generation.api import stream_generate
     from mlx_gemma4u.weights.loading import load
     from mlx_gemma4u.models.vision import VisionEmbedder
 
@@ -166,7 +169,7 @@ def test_the_turn_after_an_image_does_not_embed_it_again(demo_home, photo, monke
     embed = VisionEmbedder.__call__
     monkeypatch.setattr(VisionEmbedder, "__call__", lambda self, *a: calls.append(1) or embed(self, *a))
     model, processor = load(demo_home / "demo-v1")
-    chat = Chat(Console(file=io.StringIO()), model, processor, Conversation(), Settings(max_tokens=4))
+    chat = Chat(Console(file=io.StringIO()), model, processor, Conversation(), SamplingParams(max_tokens=4))
     chat.handle(f"/image '{photo}'")
     chat.handle("What is in it?")
     assert len(calls) == 1
@@ -282,7 +285,7 @@ def test_the_live_reply_is_drawn_without_autowrap(demo_home, monkeypatch):
     model, processor = load(demo_home / "demo-v1")
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=160, height=40, color_system=None)
-    Chat(console, model, processor, Conversation(), Settings(max_tokens=400)).handle("Hi")
+    Chat(console, model, processor, Conversation(), SamplingParams(max_tokens=400)).handle("Hi")
     text = out.getvalue()
     off, on = text.index(AUTOWRAP_OFF), text.rindex(AUTOWRAP_ON)
     ups = [m.start() for m in re.finditer(r"\x1b\[1A", text)]
@@ -301,12 +304,13 @@ from rich.console import Console
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import mlx_gemma4u.cli.chat as chat
 from test_chat import WIDE_REPLY, fake_stream
-from mlx_gemma4u.cli.chat_session import Conversation, Settings
+from mlx_gemma4u.cli.chat_session import Conversation
+from mlx_gemma4u.generation.params import SamplingParams
 from mlx_gemma4u.weights.loading import load
 
 chat.stream_generate = fake_stream(WIDE_REPLY, pause=0.005)  # 2 s: Live repaints 16 times
 model, processor = load({str(demo_home / "demo-v1")!r})
-chat.Chat(Console(highlight=False), model, processor, Conversation(), Settings(max_tokens=400)).handle("Hi")
+chat.Chat(Console(highlight=False), model, processor, Conversation(), SamplingParams(max_tokens=400)).handle("Hi")
 print("END")
 input()
 """)

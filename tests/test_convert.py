@@ -17,7 +17,7 @@ import torch
 import reference
 from killing import kill_mid_write
 from mlx_gemma4u.weights import demo
-from mlx_gemma4u.generation import generate
+from mlx_gemma4u import generate
 from mlx_gemma4u.cli.main import main
 from mlx_gemma4u.convert.converter import Options, convert
 from mlx_gemma4u.errors import InputError

@@ -19,7 +19,7 @@ import draft_reference as dr
 import reference
 from mlx_gemma4u.cli.main import main
 from mlx_gemma4u.convert.converter import Options, convert
-from mlx_gemma4u.models.drafter import load_draft_model
+from mlx_gemma4u.weights.loading import load_draft_model
 from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.weights.loading import load_model
 

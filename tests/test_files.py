@@ -63,7 +63,7 @@ pathlib.Path.write_text = stalled_write_text
 # name: (child script, the file or folder it replaces)
 WRITERS = {
     "prompt cache": (
-        STALL_TENSORS + "from mlx_gemma4u.generate import PromptCache\n"
+        STALL_TENSORS + "from mlx_gemma4u.generation.prompt_cache import PromptCache\n"
         "from mlx_gemma4u.weights.loading import load_model\n"
         "model = load_model(pathlib.Path(sys.argv[2]))\n"
         "PromptCache(model).save(sys.argv[1])\n",

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from mlx_gemma4u import load, stream_generate
-from mlx_gemma4u.generation import generate
+from mlx_gemma4u import generate
 from mlx_gemma4u.errors import InputError
-from mlx_gemma4u.generation.generate import PromptCache, prefill_chunks, prepare_inputs
+from mlx_gemma4u.generation.prompt_cache import PromptCache
+from mlx_gemma4u.generation.steps import prefill_chunks
+from mlx_gemma4u.generation.inputs import prepare_inputs
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +81,15 @@ def test_prompt_cache_saves_under_any_name(name, demo, tmp_path):
 
 
 def test_a_failed_prompt_cache_save_leaves_nothing(demo, tmp_path, monkeypatch):
-    import mlx_gemma4u.models.cache
+    import mlx_gemma4u.generation.prompt_cache
 
-    real = mlx_gemma4u.models.cache.save_prompt_cache
+    real = mlx_gemma4u.generation.prompt_cache.save_prompt_cache
 
     def write_then_fail(*args, **kwargs):
         real(*args, **kwargs)
         raise OSError("disk full")
 
-    monkeypatch.setattr(mlx_gemma4u.models.cache, "save_prompt_cache", write_then_fail)
+    monkeypatch.setattr(mlx_gemma4u.generation.prompt_cache, "save_prompt_cache", write_then_fail)
     with pytest.raises(OSError, match="disk full"):
         PromptCache(demo[0]).save(tmp_path / "conv")
     assert list(tmp_path.iterdir()) == []
@@ -186,17 +188,15 @@ def test_bad_prompts(demo):
 def test_a_turn_that_rewrites_the_last_reply_rewinds_a_wrapped_cache(hf_checkpoints):
     """The next turn keeps only part of the reply (as a chat template that trims it would): the
     cache, already wrapped on its window of 8, takes back the rest instead of starting over."""
-    from mlx_lm.sample_utils import make_sampler
-
-    from mlx_gemma4u.generation.generate import generate_step
+    from mlx_gemma4u.generation.api import stream_inputs
+    from mlx_gemma4u.generation.params import SamplingParams
     from mlx_gemma4u.weights.loading import load_model
 
     model = load_model(hf_checkpoints["full"][1])
-    greedy = make_sampler(0.0)
 
     def run(ids, cache):
-        return [t for t, _ in generate_step(model, {"input_ids": mx.array([ids], dtype=mx.int32)}, cache, greedy,
-                                            max_tokens=10)]
+        inputs = {"input_ids": mx.array([ids], dtype=mx.int32)}
+        return [r.token for r in stream_inputs(model, None, inputs, SamplingParams(max_tokens=10), cache)]
 
     turn1 = list(range(30, 60))
     cache = PromptCache(model)

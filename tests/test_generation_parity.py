@@ -10,12 +10,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from mlx_lm.sample_utils import make_sampler
 from transformers import GenerationConfig
 
 import multimodal_inputs as mi
 import reference
-from mlx_gemma4u.generation.generate import PromptCache, generate_step
+from mlx_gemma4u.generation.prompt_cache import PromptCache
+from mlx_gemma4u.generation.api import stream_inputs
+from mlx_gemma4u.generation.params import SamplingParams
 from mlx_gemma4u.weights.loading import load_model
 
 STEPS = 40
@@ -50,8 +51,8 @@ def our_tokens(model, case: dict) -> list[int]:
     inputs = {"input_ids": mx.array(case["input_ids"], dtype=mx.int32),
               "mm_token_type_ids": mx.array(case["mm_token_type_ids"]),
               **{k: mx.array(v) for k, v in case["media"].items()}}
-    steps = generate_step(model, inputs, PromptCache(model), make_sampler(0.0), max_tokens=STEPS, prefill_step_size=16)
-    return [token for token, _ in steps]
+    steps = stream_inputs(model, None, inputs, SamplingParams(max_tokens=STEPS), PromptCache(model), prefill_step_size=16)
+    return [r.token for r in steps]
 
 
 @pytest.mark.parametrize("semantics", list(PAIRS))

@@ -20,7 +20,7 @@ openai = pytest.importorskip("openai", reason="the openai client (test extra) is
 anthropic = pytest.importorskip("anthropic", reason="the anthropic client (test extra) is not installed")
 
 from mlx_gemma4u import load, stream_generate
-from mlx_gemma4u.generation import generate  # noqa: E402
+from mlx_gemma4u import generate  # noqa: E402
 from serving import post, running  # noqa: E402
 from mlx_gemma4u.processing.text import load_tokenizer  # noqa: E402
 from mlx_gemma4u.serve.media import MediaLimits, MediaReader  # noqa: E402

@@ -25,16 +25,19 @@ import draft_reference as dr
 import multimodal_inputs as mi
 import reference
 from mlx_gemma4u.weights import demo
-from mlx_gemma4u.generation.batch import batch_generate
+from mlx_gemma4u.generation.api import batch_generate
 from mlx_gemma4u.cli.main import main
 from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.weights.demo import ensure_demo_drafter
-from mlx_gemma4u.models.drafter import load_draft_model
+from mlx_gemma4u.weights.loading import load_draft_model
 from mlx_gemma4u.errors import ConfigError, InputError
-from mlx_gemma4u.generation.generate import PromptCache, TokenSampler, generate_step, prefill, stream_generate
+from mlx_gemma4u.generation.prompt_cache import PromptCache
+from mlx_gemma4u.generation.steps import TokenSampler, prefill
+from mlx_gemma4u.generation.api import stream_generate, stream_inputs
+from mlx_gemma4u.generation.params import SamplingParams
 from mlx_gemma4u.weights.loading import load, load_model
 from mlx_gemma4u.models.model import Model
-from mlx_gemma4u.generation.speculative import DraftLength, DraftStats, _speculative_round, speculative_step
+from mlx_gemma4u.generation.speculative import DraftLength, DraftStats, draft_and_verify, settle, verify
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.speculative import ReplayDrafter, assistant_config, random_drafter  # noqa: E402
@@ -94,13 +97,14 @@ def mlx_case(case: dict) -> dict:
             **{k: mx.array(v) for k, v in case["media"].items()}}
 
 
-def run(model, inputs, cache, drafter=None, k=K, max_tokens=STEPS, sampler=None, stats=None) -> list[int]:
-    sampler = sampler or make_sampler(0.0)
-    if drafter is None:
-        return [t for t, _ in generate_step(model, inputs, cache, sampler, max_tokens=max_tokens, prefill_step_size=16)]
-    steps = speculative_step(model, drafter, inputs, cache, sampler, max_tokens=max_tokens, prefill_step_size=16,
-                             draft_length=k, stats=stats)
-    return [t for t, _, _ in steps]
+def run(model, inputs, cache, drafter=None, k=K, max_tokens=STEPS, stats=None, **sampling) -> list[int]:
+    """The reply's token ids (a one-row run of the engine, no tokenizer: only max_tokens stops it);
+    with a drafter, its drafting goes into `stats`."""
+    params = SamplingParams(max_tokens=max_tokens, **sampling)
+    responses = list(stream_inputs(model, None, inputs, params, cache, 16, drafter, k if drafter else None))
+    if stats is not None:
+        vars(stats).update(vars(responses[-1].draft))
+    return [r.token for r in responses]
 
 
 @pytest.mark.parametrize("head", ["tied", "ordered"])
@@ -174,10 +178,10 @@ def test_stopping_mid_round_keeps_cache_consistent(models):
     PromptCache.tokens, and the next turn on them decodes as a cold start does."""
     model, drafters = models
     cache = PromptCache(model)
-    steps = speculative_step(model, drafters["passthrough"], text_prompt(), cache, make_sampler(0.0),
-                             max_tokens=STEPS, draft_length=DraftLength(K))
-    for n, (_, _, from_draft) in enumerate(steps):
-        if from_draft and n > 20:
+    steps = stream_inputs(model, None, text_prompt(), SamplingParams(max_tokens=STEPS), cache,
+                          draft_model=drafters["passthrough"], num_draft_tokens=K)
+    for n, response in enumerate(steps):
+        if response.from_draft and n > 20:
             break
     steps.close()
     assert all(c.offset == len(cache.tokens) for c in cache.caches)
@@ -225,13 +229,11 @@ def test_sampled_speculative_equals_plain_sampled_for_the_same_seed(seed, k, mod
     history, in the same order, so with the same seed the sampled text is the plain loop's token for
     token, with a fixed K and with adaptive K (plain stretches included)."""
     model, drafters = models
-    sampler = make_sampler(0.1)  # cool enough that the greedy drafter is often accepted
-    mx.random.seed(seed)
-    plain = run(model, text_prompt(), PromptCache(model), sampler=sampler, max_tokens=32)
-    mx.random.seed(seed)
+    sampling = {"temperature": 0.1, "seed": seed}  # cool enough that the greedy drafter is often accepted
+    plain = run(model, text_prompt(), PromptCache(model), max_tokens=32, **sampling)
     stats = DraftStats()
-    drafted = run(model, text_prompt(), PromptCache(model), drafters["passthrough"], k=k, sampler=sampler,
-                  max_tokens=32, stats=stats)
+    drafted = run(model, text_prompt(), PromptCache(model), drafters["passthrough"], k=k, max_tokens=32, stats=stats,
+                  **sampling)
     assert drafted == plain and (stats.accepted > 0 if k else stats.plain > 0), stats.rounds
     assert plain != run(model, text_prompt(), PromptCache(model), max_tokens=32)  # it did sample: not the greedy text
 
@@ -332,10 +334,8 @@ def test_adaptive_greedy_speculative_equals_plain(acceptance, models):
     plain = run(model, text_prompt(), PromptCache(model))
     record = text_prompt()["input_ids"][0].tolist() + plain
     stats = DraftStats()
-    steps = speculative_step(model, ReplayDrafter(drafters["passthrough"], record, acceptance), text_prompt(),
-                             PromptCache(model), make_sampler(0.0), max_tokens=STEPS,
-                             draft_length=Clocked(lambda n: 1.0, 0.05), stats=stats)
-    assert [t for t, _, _ in steps] == plain
+    drafter = ReplayDrafter(drafters["passthrough"], record, acceptance)
+    assert run(model, text_prompt(), PromptCache(model), drafter, k=Clocked(lambda n: 1.0, 0.05), stats=stats) == plain
     if acceptance == 1.0:
         assert stats.accepted == stats.drafted and DraftLength.MAX_K in stats.ks
     if acceptance == 0.0:
@@ -390,7 +390,10 @@ def test_speculative_sampling_preserves_the_target_distribution(models):
     for seed in range(draws):
         prompt_cache.keep(n)
         sample = TokenSampler(make_sampler(temperature), None, inputs["input_ids"][0], seed=seed)
-        out, _ = _speculative_round(model, drafter, sample, prompt_cache, token, hidden, 1, DraftLength(1))
+        proposed, verify_logits, _, _, _ = draft_and_verify(model, drafter, [prompt_cache.caches],
+                                                            mx.array([token], dtype=mx.int32), hidden, 1)
+        out = verify(sample, verify_logits, proposed[0])
+        settle(prompt_cache, token, proposed[0], len(out) - 1)
         firsts[out[0][0]] += 1
         if len(out) == 2:
             seconds[out[1][0]] += 1

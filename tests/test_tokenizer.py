@@ -87,7 +87,7 @@ def test_generation_never_imports_torch(demo_home):
 
 
 def test_mlx_lm_still_imports_as_usual_after_us():
-    code = ("import mlx_gemma4u.generate, mlx_lm, json\n"
+    code = ("import mlx_gemma4u.generation.api, mlx_lm, json\n"
             "from mlx_lm import load\nimport mlx_lm.models.cache as cache\n"
             "print(json.dumps({'load': callable(load), 'cache': mlx_lm.models.cache is cache, "
             "'version': bool(mlx_lm.__version__)}))")

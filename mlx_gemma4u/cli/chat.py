@@ -23,17 +23,19 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from mlx_gemma4u.cli.chat_session import (HELP, Conversation, ReplySplitter, Settings, media_item, parse_command,
-                           pull_media_paths, split_paths, status_line)
+from mlx_gemma4u.cli.chat_session import (HELP, Conversation, ReplySplitter, media_item, parse_command,
+                           pull_media_paths, SET_NAMES, set_param, split_paths, status_line)
 from mlx_gemma4u.errors import Gemma4UError, InputError
-from mlx_gemma4u.generation.generate import PromptCache, stream_generate
+from mlx_gemma4u.generation.api import stream_generate
+from mlx_gemma4u.generation.params import SamplingParams
+from mlx_gemma4u.generation.prompt_cache import PromptCache
 
 THOUGHT_STYLE = "dim italic"
 
 
 def add_arguments(chat: argparse.ArgumentParser) -> None:
     """The chat subcommand's flags."""
-    from mlx_gemma4u.cli.main import add_draft_args, add_model_args, add_sampling_args
+    from mlx_gemma4u.cli.flags import add_draft_args, add_model_args, add_sampling_args
 
     add_model_args(chat)
     add_draft_args(chat)
@@ -44,26 +46,26 @@ def add_arguments(chat: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from mlx_gemma4u.cli.main import draft_kwargs, load_from_args
+    from mlx_gemma4u.cli.flags import draft_kwargs, load_from_args, sampling_params
 
+    params = sampling_params(args)
     console = Console(highlight=False)
     with console.status("Loading the model…"):
         model, processor = load_from_args(args)
         draft = draft_kwargs(args, model)
-    settings = Settings(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p, args.seed)
     conversation = Conversation(system=args.system, thinking=args.think or args.hide_thinking)
-    Chat(console, model, processor, conversation, settings, show_thinking=not args.hide_thinking, draft=draft).run()
+    Chat(console, model, processor, conversation, params, show_thinking=not args.hide_thinking, draft=draft).run()
 
 
 class Chat:
     """The read-command-or-message loop on a console; every state change goes through Conversation."""
 
-    def __init__(self, console: Console, model, processor, conversation: Conversation, settings: Settings,
+    def __init__(self, console: Console, model, processor, conversation: Conversation, params: SamplingParams,
                  show_thinking: bool = True, draft: dict | None = None):
         self.console, self.model, self.processor = console, model, processor
         self.draft = draft or {}  # stream_generate's draft_model / num_draft_tokens, if drafting
-        self.conversation, self.settings, self.show_thinking = conversation, settings, show_thinking
-        self.cache = PromptCache(model)
+        self.conversation, self.params, self.show_thinking = conversation, params, show_thinking
+        self.cache = PromptCache(model, params.kv_bits)
         self.last = None  # the last reply's final GenerationResponse
         self.can_think = "enable_thinking" in (processor.chat_template or "")
         ids = processor.tokenizer.convert_tokens_to_ids(["<|channel>", "<channel|>"])
@@ -128,8 +130,9 @@ class Chat:
         with _sigint_as_flag() as stop, _no_autowrap(self.console), Live(view, console=self.console, transient=True,
                                                                          refresh_per_second=8, vertical_overflow="crop"):
             for last in stream_generate(self.model, self.processor, self.conversation.prompt(),
-                                        prompt_cache=self.cache, enable_thinking=self.conversation.thinking,
-                                        **self.settings.as_kwargs(), **self.draft):
+                                        prompt_cache=self.cache,
+                                        params=self.params.replace(enable_thinking=self.conversation.thinking),
+                                        **self.draft):
                 splitter.add(last.token, last.text)
                 if stop.requested:
                     break
@@ -167,7 +170,7 @@ class Chat:
 
     def cmd_reset(self, _: str) -> None:
         self.conversation.reset()
-        self.cache = PromptCache(self.model)
+        self.cache = PromptCache(self.model, self.params.kv_bits)
         self.say("New conversation.", "green")
 
     def cmd_system(self, argument: str) -> None:
@@ -183,8 +186,8 @@ class Chat:
         self.say(f"Thinking {argument}.", "green")
 
     def cmd_set(self, argument: str) -> None:
-        attr = self.settings.set(argument)
-        self.say(f"{attr} = {getattr(self.settings, attr)}", "green")
+        self.params, attr = set_param(self.params, argument)
+        self.say(f"{attr} = {getattr(self.params, attr)}", "green")
 
     def cmd_retry(self, _: str) -> None:
         self.conversation.take_back_reply()
@@ -203,7 +206,7 @@ class Chat:
     def cmd_stats(self, _: str) -> None:
         messages = self.conversation.messages
         self.say(f"{len(messages)} messages · context {len(self.cache.tokens):,} of {self.context_size():,} tokens · "
-                 f"thinking {'on' if self.conversation.thinking else 'off'} · settings {self.settings.as_kwargs()}")
+                 f"thinking {'on' if self.conversation.thinking else 'off'} · settings {_shown(self.params)}")
         if self.last is not None:
             self.say("last reply: " + status_line(self.last, len(self.cache.tokens), self.context_size()))
 
@@ -296,3 +299,8 @@ def _enable_history() -> None:
         import readline  # noqa: F401
     except ImportError:  # Windows has none; input() still works
         pass
+
+
+def _shown(params: SamplingParams) -> str:
+    """/settings' one line: the fields /set changes."""
+    return ", ".join(f"{name}={getattr(params, name)}" for name in SET_NAMES.values())

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.files import write_text
-from mlx_gemma4u.generation.generate import check_settings
+from mlx_gemma4u.generation.params import SamplingParams
 from mlx_gemma4u.processing.audio import FORMATS as AUDIO_FORMATS
 from mlx_gemma4u.processing.messages import check_messages
 
@@ -108,39 +108,24 @@ def pull_media_paths(text: str) -> tuple[str, list[dict[str, str]]]:
     return " ".join(" ".join(rest).split()), items
 
 
-@dataclass
-class Settings:
-    """Sampling options passed to stream_generate; /set changes them by their command-line names."""
+SET_NAMES = {"max-tokens": "max_tokens", "temp": "temperature", "top-p": "top_p", "top-k": "top_k",
+             "min-p": "min_p", "seed": "seed"}  # /set's names (the command line's) -> SamplingParams'
 
-    max_tokens: int = 1024
-    temperature: float = 0.0
-    top_p: float = 0.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
 
-    NAMES = {"max-tokens": "max_tokens", "temp": "temperature", "top-p": "top_p", "top-k": "top_k",
-             "min-p": "min_p", "seed": "seed"}
-
-    def set(self, argument: str) -> str:
-        """Apply "NAME VALUE", checked as the engine checks it (generate.check_settings), so a value it
-        would refuse at the next message is refused here and the old one stays; returns the field name."""
-        name, _, value = argument.partition(" ")
-        if name not in self.NAMES or not value.strip():
-            raise InputError(f"Use /set NAME VALUE with NAME one of {', '.join(self.NAMES)}.")
-        attr = self.NAMES[name]
-        kind = int if attr in ("max_tokens", "top_k", "seed") else float
-        try:
-            parsed = kind(value.strip())
-        except ValueError:
-            raise InputError(f"{name} takes {'a whole number' if kind is int else 'a number'}, "
-                             f"not {value.strip()!r}.") from None
-        check_settings(**{**self.as_kwargs(), attr: parsed})
-        setattr(self, attr, parsed)
-        return attr
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+def set_param(params: SamplingParams, argument: str) -> tuple[SamplingParams, str]:
+    """/set "NAME VALUE" -> (params with that field changed, its name). Checked as every
+    SamplingParams is, so a value the engine would refuse is refused here and the old one stays."""
+    name, _, value = argument.partition(" ")
+    if name not in SET_NAMES or not value.strip():
+        raise InputError(f"Use /set NAME VALUE with NAME one of {', '.join(SET_NAMES)}.")
+    attr = SET_NAMES[name]
+    kind = int if attr in ("max_tokens", "top_k", "seed") else float
+    try:
+        parsed = kind(value.strip())
+    except ValueError:
+        raise InputError(f"{name} takes {'a whole number' if kind is int else 'a number'}, "
+                         f"not {value.strip()!r}.") from None
+    return params.replace(**{attr: parsed}), attr
 
 
 @dataclass

@@ -17,13 +17,11 @@ centroid scorer stay in float (quantize._ASSISTANT_FLOAT), and `token_ordering` 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
 import struct
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +35,11 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from mlx_gemma4u.models import layouts as checkpoints
 from mlx_gemma4u.convert import quantize as q
 from mlx_gemma4u.models.config import ModelConfig
-from mlx_gemma4u.weights.demo import WARNING, ensure_demo
 from mlx_gemma4u.models.drafter import MODEL_TYPE as ASSISTANT_TYPE
 from mlx_gemma4u.models.drafter import DraftConfig, DraftModel
 from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.files import replacing_folder
-from mlx_gemma4u.weights.loading import DTYPES, _check_complete, check_safetensors, quantize_like, resolve, weight_files
+from mlx_gemma4u.weights.loading import DTYPES, check_complete, check_safetensors, quantize_like, resolve, weight_files
 from mlx_gemma4u.models.model import Model
 from mlx_gemma4u.convert.upload import upload, upload_token, write_model_card
 
@@ -126,7 +123,7 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, options: Op
         outputs = checkpoints.in_layout(outputs, layout)
         quantization = quantization and checkpoints.quantization_in(quantization, layout)
         quantize_like(model, quantization or {}, outputs, layout)
-        _check_complete(model, model.sanitize(outputs))  # exactly what load_model / load_draft_model will check
+        check_complete(model, model.sanitize(outputs))  # exactly what load_model / load_draft_model will check
         parameters, total = parameter_count(model), sum(v.nbytes for v in outputs.values())
         _clean_stale_staging(dst)
         with replacing_folder(dst) as staging:
@@ -414,36 +411,3 @@ def _progress(quiet: bool) -> Progress:
     """rich progress bars on stderr, one per phase (none when quiet)."""
     return Progress(TextColumn("{task.description:>10}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                     console=Console(stderr=True), disable=quiet)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags mlx-lm's convert has, plus --quant-recipe names of ours and --force."""
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf-path", "--model", help="source: a local folder or a Hugging Face repo id")
-    source.add_argument("--demo", action="store_true",
-                        help="source: the built-in demo checkpoint (random weights: nonsense output, no download)")
-    parser.add_argument("--mlx-path", default="mlx_model", help="destination folder (default: mlx_model)")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="dtype of the float weights (default: the source's)")
-    parser.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
-    parser.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="bits per weight (default 4)")
-    parser.add_argument("--q-group-size", type=int, choices=[32, 64, 128], help="group size (default 64)")
-    parser.add_argument("--q-mode", choices=list(q.MODE_DEFAULTS), default="affine", help="quantization mode")
-    parser.add_argument("--quant-recipe", choices=list(q.RECIPES),
-                        help="which layers get how many bits (default: qat for a QAT source, else default; "
-                             "see the README)")
-    parser.add_argument("--dequantize", action="store_true", help="turn a quantized source back into floats")
-    parser.add_argument("--upload-repo", metavar="USER/NAME", help="upload the result to this Hugging Face repo")
-    parser.add_argument("--force", action="store_true", help="replace an existing --mlx-path model folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> None:
-    if args.demo:
-        print(WARNING, file=sys.stderr)
-    options = Options(dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits, q_group_size=args.q_group_size,
-                      q_mode=args.q_mode, quant_recipe=args.quant_recipe, dequantize=args.dequantize)
-    summary = convert(ensure_demo() if args.demo else args.hf_path, args.mlx_path, options, upload_repo=args.upload_repo, force=args.force,
-                      quiet=args.quiet)
-    print(summary, file=sys.stderr)
-    if summary.url:
-        print(f"uploaded to {summary.url}", file=sys.stderr)

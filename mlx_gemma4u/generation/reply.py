@@ -5,20 +5,24 @@ from __future__ import annotations
 
 class ReplyText:
     """A sequence's new tokens -> the text to show: special tokens hidden, multi-byte characters whole,
-    cut before the first stop string; says when the reply is finished and why."""
+    cut before the first stop string; says when the reply is finished and why. Without a tokenizer
+    (token ids only, as parity runs want) there is no text and only max_tokens ends a reply."""
 
     def __init__(self, tokenizer, stop: list[str] | None):
-        self.stops = set(tokenizer.eos_token_ids)
-        self.hidden = set(tokenizer.all_special_ids) | self.stops
+        self.stops = set(tokenizer.eos_token_ids) if tokenizer is not None else set()
+        self.hidden = set(tokenizer.all_special_ids) | self.stops if tokenizer is not None else set()
         self.text = _StopText(stop or [])
-        self.detokenizer = tokenizer.detokenizer
-        self.detokenizer.reset()
+        self.detokenizer = tokenizer.detokenizer if tokenizer is not None else None
+        if self.detokenizer is not None:
+            self.detokenizer.reset()
 
     def add(self, token: int, last: bool) -> tuple[str, str | None]:
         """One new token (`last`: max_tokens reached) -> (text to show now, "stop" / "length" / None)."""
+        finish = "stop" if token in self.stops else "length" if last else None
+        if self.detokenizer is None:
+            return "", finish
         if token not in self.hidden:
             self.detokenizer.add_token(token)
-        finish = "stop" if token in self.stops else "length" if last else None
         if finish:
             self.detokenizer.finalize()
         segment, hit = self.text.add(self.detokenizer.last_segment, final=finish is not None)

@@ -8,21 +8,19 @@
 On a Mac a decode step reads every weight once, so a pass over K + 1 positions costs about what a
 pass over one does, and each accepted draft is a token for free. Where the pass grows with K (this
 CPU) or the drafter is rarely right, drafting loses: DraftLength measures both as it goes and picks
-K each round, down to K = 0, where the loop decodes plainly (generate.decode, pipelined) and only
-now and then probes whether drafting pays again.
+K each round, down to K = 0, where the engine decodes plainly and only now and then probes whether
+drafting pays again. The engine (engine.py) runs the rounds, for one row or many.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
-
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_gemma4u.models.cache import PromptCache
-from mlx_gemma4u.generation.generate import TokenSampler, decode, prefill
+from mlx_gemma4u.generation.prompt_cache import PromptCache
+from mlx_gemma4u.generation.steps import TokenSampler
 
 
 @dataclass
@@ -77,9 +75,11 @@ class DraftLength:
         self.probe = False  # a plain stretch just ended: try drafting once more
 
     @classmethod
-    def for_models(cls, model, drafter, fixed: int | None = None) -> "DraftLength":
-        """K for `drafter` on `model`: `fixed`, or adaptive with a drafter step first guessed at the
-        drafter's share of the weights a decode step reads."""
+    def for_models(cls, model, drafter, fixed: "int | DraftLength | None" = None) -> "DraftLength":
+        """K for `drafter` on `model`: `fixed` (or that DraftLength itself), or adaptive with a
+        drafter step first guessed at the drafter's share of the weights a decode step reads."""
+        if isinstance(fixed, DraftLength):
+            return fixed
         return cls(fixed, _weight_bytes(drafter) / _weight_bytes(model.language_model))
 
     def next(self) -> int:
@@ -134,65 +134,6 @@ def _blend(old: float | None, new: float, weight: float = 0.3) -> float:
     return new if old is None else (1 - weight) * old + weight * new
 
 
-def speculative_step(
-    model,
-    drafter,
-    inputs: dict,
-    prompt_cache: PromptCache,
-    sampler: Callable,
-    logits_processors: list | None = None,
-    max_tokens: int = 256,
-    prefill_step_size: int = 512,
-    draft_length: DraftLength | int | None = None,
-    stats: DraftStats | None = None,
-) -> Iterator[tuple[int, mx.array, bool]]:
-    """generate.generate_step with a drafter: yield (token, logprobs, from_draft).
-
-    Each round drafts k tokens after the last one, runs the target once over the last token and the
-    k drafts (k + 1 positions), then draws the target's own token at each position in turn with the
-    plain loop's TokenSampler: a draft is accepted while it equals that token; the first that differs
-    (or the one after all k) is the target's. Every emitted token is one sampler call on the target's
-    logits for the same history, so the output follows the target's distribution: greedy, exactly
-    the plain loop's tokens; sampled, speculative sampling's rule for a deterministic drafter
-    (accept with probability p(draft), else draw from p without the draft). The caches are then
-    rewound to the accepted length, so they hold what PromptCache.tokens says, even if the caller
-    stops in the middle of a round. draft_length: how K is chosen, or a fixed K (None: adaptive,
-    DraftLength.for_models).
-    """
-    stats = stats if stats is not None else DraftStats()
-    if not isinstance(draft_length, DraftLength):
-        draft_length = DraftLength.for_models(model, drafter, draft_length)
-    sample = TokenSampler(sampler, logits_processors, inputs["input_ids"][0])
-    logits, hidden = prefill(model, inputs, prompt_cache, prefill_step_size, return_hidden=True)
-    token, logprobs = sample(logits)
-    value = token.item()
-    yield value, logprobs, False
-    emitted = 1
-    while emitted < max_tokens:
-        left = max_tokens - emitted
-        k = min(draft_length.next(), left - 1, model.config.text.sliding_window)
-        if k == 0:
-            n = min(draft_length.stretch, left)
-            start = time.perf_counter()
-            for value, logprobs, hidden in _plain_stretch(model, sample, prompt_cache, value, n):
-                stats.add_plain(1)
-                yield value, logprobs, False
-            draft_length.decoded(n, time.perf_counter() - start)
-            emitted += n
-            continue
-        out, hidden = _speculative_round(model, drafter, sample, prompt_cache, value, hidden, k, draft_length)
-        n = len(out) - 1  # accepted drafts, in the caches now
-        stats.add(k, n)
-        for i, (value, logprobs) in enumerate(out):
-            try:
-                yield value, logprobs, i < n
-            except GeneratorExit:  # keep only the drafts handed out
-                if i < n - 1:
-                    prompt_cache.keep(len(prompt_cache.tokens) - (n - 1 - i))
-                raise
-        emitted += len(out)
-
-
 def draft_and_verify(model, drafter, caches: list[list], last: mx.array, hidden: mx.array,
                      k: int) -> tuple[list[list[int]], mx.array, mx.array, float, float]:
     """B sequences' last tokens (B,), not in their caches yet ((B, 1, Dt) hidden: the states that
@@ -234,34 +175,3 @@ def settle(prompt_cache: PromptCache, token: int, proposed: list[int], n: int) -
 
 def _weight_bytes(module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
-
-
-def _plain_stretch(model, sample: TokenSampler, prompt_cache: PromptCache, token: int,
-                   n: int) -> Iterator[tuple[int, mx.array, mx.array]]:
-    """The n tokens after `token` (emitted, not in the caches yet), decoded plainly, each with the
-    (1, 1, D) hidden state that predicted it."""
-    logits, hidden = model(mx.array([[token]], dtype=mx.int32), cache=prompt_cache.caches, logits_to_keep=1,
-                           return_hidden=True)
-    prompt_cache.tokens.append(token)
-    first, logprobs = sample(logits[:, -1])
-    steps = decode(model, sample, prompt_cache, first, logprobs, n, hidden)
-    try:
-        yield from steps
-    finally:
-        steps.close()
-
-
-def _speculative_round(model, drafter, sample: TokenSampler, prompt_cache: PromptCache, token: int,
-                       hidden: mx.array, k: int,
-                       draft_length: DraftLength) -> tuple[list[tuple[int, mx.array]], mx.array]:
-    """Draft k tokens after `token` (not in the caches yet; `hidden` (1, 1, D) predicted it), verify
-    -> ([(id, logprobs)] accepted drafts then the target's token, the (1, 1, D) hidden state that
-    predicted that last one). The caches end holding `token` and the accepted drafts; draft_length
-    hears what the round cost and how much of it was accepted."""
-    proposed, logits, hiddens, draft_seconds, pass_seconds = draft_and_verify(
-        model, drafter, [prompt_cache.caches], mx.array([token], dtype=mx.int32), hidden, k)
-    out = verify(sample, logits, proposed[0])
-    n = len(out) - 1
-    draft_length.drafted(k, n, draft_seconds, pass_seconds)
-    settle(prompt_cache, token, proposed[0], n)
-    return out, hiddens[:, n:n + 1]

@@ -19,7 +19,6 @@ the lowest selected logit minus one.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +27,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_gemma4u.models import cache as caches
-from mlx_gemma4u.models import layouts as checkpoints
 from mlx_gemma4u.models.config import FULL, TextConfig, _check, _from_dict, _positive, read_config
 from mlx_gemma4u.models.decoder import RowSteps, Step, TextModel
 from mlx_gemma4u.errors import CheckpointError, ConfigError, InputError
-from mlx_gemma4u.backends.linear import Linear
 
 MODEL_TYPE = "gemma4_unified_assistant"
 
@@ -87,7 +84,7 @@ class CentroidHead(nn.Module):
     def __init__(self, config: DraftConfig):
         super().__init__()
         self.top_k = config.centroid_intermediate_top_k
-        self.centroids = Linear(config.text.hidden_size, config.num_centroids, bias=False)
+        self.centroids = nn.Linear(config.text.hidden_size, config.num_centroids, bias=False)
         self.token_ordering = mx.zeros((config.text.vocab_size,), dtype=mx.int32)
 
     def __call__(self, h: mx.array, table: nn.Module) -> mx.array:
@@ -110,8 +107,8 @@ class DraftModel(nn.Module):
         self.config = config
         D, Dt = config.text.hidden_size, config.backbone_hidden_size
         self.model = TextModel(config.text)
-        self.pre_projection = Linear(2 * Dt, D, bias=False)
-        self.post_projection = Linear(D, Dt, bias=False)
+        self.pre_projection = nn.Linear(2 * Dt, D, bias=False)
+        self.post_projection = nn.Linear(D, Dt, bias=False)
         if config.use_ordered_embeddings:
             self.masked_embedding = CentroidHead(config)
 
@@ -184,32 +181,3 @@ class DraftModel(nn.Module):
             raise CheckpointError(f"The drafter checkpoint has a weight {unknown[0]!r} that this drafter does not "
                                   f"have ({len(unknown)} unknown in all); is config.json the one that came with it?")
         return out
-
-
-def load_draft_model(path_or_repo: str | os.PathLike, dtype: str | None = None,
-                     check_memory: bool = True) -> DraftModel:
-    """A Gemma 4 assistant (e.g. google/gemma-4-12B-it-assistant, or a folder `mlx-gemma4u convert`
-    made of one, quantized or not): local folder, hub id or "demo" (the demo checkpoint's random
-    drafter) -> DraftModel, every weight checked against config.json (the same checks and errors as `load`)."""
-    from mlx_gemma4u.weights.loading import DTYPES, install_weights, read_weights
-
-    path = _folder(path_or_repo)
-    if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-    config = DraftConfig.from_file(path / "config.json")
-    weights = read_weights(path, dtype, check_memory)
-    model = DraftModel(config)
-    install_weights(model, weights, checkpoints.ASSISTANT, config.quantization, dtype)
-    return model
-
-
-def _folder(path_or_repo: str | os.PathLike) -> Path:
-    """"demo" (when no folder of that name exists) -> the demo drafter's folder, written first if
-    needed (demo.ensure_demo_drafter); anything else as loading.resolve finds or fetches it."""
-    from mlx_gemma4u.weights.loading import resolve
-
-    if str(path_or_repo) == "demo" and not Path("demo").is_dir():
-        from mlx_gemma4u.weights.demo import ensure_demo_drafter
-
-        return ensure_demo_drafter()
-    return resolve(path_or_repo)

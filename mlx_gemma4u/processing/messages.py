@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.media import BY_NAME
 
 ROLES = ("system", "developer", "user", "assistant", "model", "tool")
-MEDIA_SOURCES = {"image": ("image", "url", "path"), "audio": ("audio", "url", "path"),
-                 "video": ("video", "url", "path")}
+MEDIA_SOURCES = {kind: (kind, "url", "path") for kind in BY_NAME}  # where an item's file or URL may be given
 
 
 def check_messages(messages: Any) -> None:

@@ -1,8 +1,8 @@
 """The HTTP app (FastAPI on uvicorn): OpenAI's /v1/chat/completions, /v1/completions and
 /v1/models, Anthropic's /v1/messages, and /health.
 
-A request's way: guards.py (Host, CORS, key, body size) -> its schema (pydantic) -> its settings
-checked (generate.check_settings) -> prepared on the pool (pool.py: media fetched and decoded under
+A request's way: guards.py (Host, CORS, key, body size) -> its schema (pydantic) -> its
+SamplingParams (checked as they are built) -> prepared on the pool (pool.py: media fetched and decoded under
 the limits of media.py and fetch.py, prompt tokenized) -> queued for the engine's thread
 (worker.py) -> its tokens streamed back in the API's shape (responses.py). Every error is a JSON
 body in the API's own shape with a 4xx code (5xx only for a fault of ours), never a traceback, and
@@ -14,9 +14,7 @@ Message text is text: a control token spelled in a message stays those character
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import ipaddress
 import json
 import logging
 import sys
@@ -32,11 +30,12 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import StreamingResponse
 
 from mlx_gemma4u.errors import Gemma4UError
-from mlx_gemma4u.generation.generate import check_settings, prepare_arrays
+from mlx_gemma4u.generation.inputs import prepare_arrays
+from mlx_gemma4u.generation.params import SamplingParams
 from mlx_gemma4u.serve import schemas
 from mlx_gemma4u.serve.errors import Fault
 from mlx_gemma4u.serve.fetch import FetchPolicy
-from mlx_gemma4u.serve.guards import LOOPBACK_NAMES, AccessLog, ApiKey, BodyLimit, HostCheck, error_response
+from mlx_gemma4u.serve.guards import AccessLog, ApiKey, BodyLimit, HostCheck, error_response
 from mlx_gemma4u.serve.media import MediaLimits, MediaReader
 from mlx_gemma4u.serve.messages import anthropic_messages, openai_messages
 from mlx_gemma4u.serve.pool import PreparePool
@@ -51,7 +50,7 @@ PREPARE_THREADS = 4  # requests prepared at once; fetches wait on the network, d
 class Settings:
     model_name: str
     timeout: float
-    max_tokens: int  # a chat reply's length when the request names none
+    defaults: SamplingParams  # max_tokens: a chat reply's length when the request names none; kv_bits
     media: MediaLimits
     api_key: str | None = None
     allowed_origins: tuple[str, ...] = ()
@@ -71,11 +70,10 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
     _handle_errors(app)
     tokenizer = worker.processor.tokenizer
 
-    async def start(prepare: Callable[[MediaReader], dict], options: dict, top_logprobs: int | None,
+    async def start(prepare: Callable[[MediaReader], dict], params: SamplingParams, top_logprobs: int | None,
                     request: Request) -> AsyncIterator:
-        check_settings(**options)
         inputs = await pool.run(lambda: _prepared(prepare, settings.media))
-        job = Job(inputs, options, time.monotonic() + settings.timeout, top_logprobs)
+        job = Job(inputs, params, time.monotonic() + settings.timeout, top_logprobs)
         return await _started(worker, job, request)
 
     @app.get("/health")
@@ -97,8 +95,8 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
                                   tools=body.tools)
 
         given = [n for n in (body.max_completion_tokens, body.max_tokens) if n is not None]
-        options = _options(body, given[0] if given else settings.max_tokens, body.stop)
-        tokens = await start(prepare, options, (body.top_logprobs or 0) if body.logprobs else None, request)
+        params = _params(settings.defaults, body, given[0] if given else None, body.stop)
+        tokens = await start(prepare, params, (body.top_logprobs or 0) if body.logprobs else None, request)
         chat = OpenAIChat(tokenizer, settings.model_name, body)
         return _sse(chat.stream(tokens)) if body.stream else await chat.whole(tokens)
 
@@ -106,7 +104,7 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
     async def completions(body: schemas.Completion, request: Request):
         _only_one(body.n)
         tokens = await start(lambda media: prepare_arrays(worker.processor, body.prompt),
-                             _options(body, body.max_tokens, body.stop), body.logprobs, request)
+                             _params(settings.defaults, body, body.max_tokens, body.stop), body.logprobs, request)
         completion = OpenAICompletion(tokenizer, settings.model_name, body)
         return _sse(completion.stream(tokens)) if body.stream else await completion.whole(tokens)
 
@@ -121,7 +119,8 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
             return prepare_arrays(worker.processor, anthropic_messages(body.system, body.messages, media),
                                   enable_thinking=thinking, tools=tools or None)
 
-        tokens = await start(prepare, _options(body, body.max_tokens, body.stop_sequences), None, request)
+        tokens = await start(prepare, _params(settings.defaults, body, body.max_tokens, body.stop_sequences), None,
+                             request)
         reply = AnthropicMessage(tokenizer, settings.model_name, body)
         return _sse(reply.stream(tokens), anthropic=True) if body.stream else await reply.whole(tokens)
 
@@ -184,12 +183,12 @@ def _thinking(effort: str | None, switch: bool | dict | None) -> bool:
     return effort not in (None, "none", "minimal")
 
 
-def _options(body: schemas.Sampling, max_tokens: int, stop: str | list[str] | None) -> dict[str, Any]:
-    """A request's settings under the engine's names (generate.check_settings')."""
-    return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-            "min_p": body.min_p, "seed": body.seed, "presence_penalty": body.presence_penalty,
-            "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
-            "stop": [stop] if isinstance(stop, str) else list(stop or [])}
+def _params(defaults: SamplingParams, body: schemas.Sampling, max_tokens: int | None,
+            stop: str | list[str] | None) -> SamplingParams:
+    """A request's SamplingParams over the server's defaults: a bad value is a 400 naming it."""
+    sampling = {name: getattr(body, name) for name in schemas.SAMPLING}
+    return defaults.replace(**sampling, stop=[stop] if isinstance(stop, str) else list(stop or []),
+                            **({"max_tokens": max_tokens} if max_tokens is not None else {}))
 
 
 async def _started(worker: Worker, job: Job, request: Request) -> AsyncIterator[Any]:
@@ -248,86 +247,6 @@ def _sse(chunks: AsyncIterator[dict], anthropic: bool = False) -> StreamingRespo
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The serve subcommand's flags."""
-    from mlx_gemma4u.cli.main import add_model_args
-
-    add_model_args(parser)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
-    parser.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    parser.add_argument("--api-key", help="require this key (Authorization: Bearer KEY, or x-api-key: KEY)")
-    parser.add_argument("--allowed-origins", nargs="*", metavar="ORIGIN", default=[],
-                        help="browser origins allowed to call the API (CORS); none by default")
-    parser.add_argument("--allowed-hosts", nargs="*", metavar="HOST", default=[],
-                        help="Host header names to answer besides the bound address (and localhost when bound to "
-                             "loopback); a server bound to 0.0.0.0 answers any unless some are named")
-    parser.add_argument("--draft-model", metavar="PATH",
-                        help="a Gemma 4 MTP assistant for speculative decoding (the batch drafts together, each "
-                             "request keeping its own accepted drafts); 'demo' for a random one to try the flag")
-    parser.add_argument("--max-tokens", type=int, metavar="N",
-                        help="a chat reply's length when the request sets none (default 1024; 32 with --demo)")
-    parser.add_argument("--max-concurrency", type=int, default=8,
-                        help="requests decoded together (batched; default 8); more wait in the queue")
-    parser.add_argument("--max-queue", type=int, default=16,
-                        help="requests that may wait to be prepared, and again to be decoded; more get HTTP 429 "
-                             "(default 16)")
-    parser.add_argument("--timeout", type=float, default=600.0,
-                        help="seconds a request may generate before it is cut off (finish_reason 'timeout'; "
-                             "default 600)")
-    limits = parser.add_argument_group("limits on what a request may bring")
-    limits.add_argument("--max-request-mb", type=float, default=32.0, help="request body size (default 32 MB)")
-    limits.add_argument("--max-image-pixels", type=int, default=MediaLimits.image_pixels,
-                        help=f"pixels of one image, read from its header before decoding "
-                             f"(default {MediaLimits.image_pixels:,})")
-    limits.add_argument("--max-audio-seconds", type=float, default=MediaLimits.audio_seconds,
-                        help=f"length of one audio clip (default {MediaLimits.audio_seconds:g} s)")
-    limits.add_argument("--max-video-seconds", type=float, default=MediaLimits.video_seconds,
-                        help=f"length of one video (default {MediaLimits.video_seconds:g} s)")
-    limits.add_argument("--max-video-frames", type=int, default=MediaLimits.video_frames,
-                        help=f"frames of one video (default {MediaLimits.video_frames:,})")
-    limits.add_argument("--max-fetch-mb", type=float, default=FetchPolicy.max_bytes / 1e6,
-                        help=f"bytes of one fetched URL or local file (default {FetchPolicy.max_bytes / 1e6:g} MB)")
-    limits.add_argument("--fetch-timeout", type=float, default=FetchPolicy.seconds,
-                        help=f"seconds for one whole URL fetch, redirects included (default {FetchPolicy.seconds:g})")
-    limits.add_argument("--allow-private-urls", action="store_true",
-                        help="fetch media URLs on loopback, private and link-local addresses too (off: public "
-                             "addresses only, so that a request cannot reach this machine's or its network's services)")
-    limits.add_argument("--allow-local-files", action="store_true",
-                        help="let requests name media by local path (off: data: URIs and http(s) URLs only)")
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    policy = FetchPolicy(allow_private=args.allow_private_urls, max_bytes=int(args.max_fetch_mb * 1e6),
-                         seconds=args.fetch_timeout)
-    media = MediaLimits(image_pixels=args.max_image_pixels, audio_seconds=args.max_audio_seconds,
-                        video_seconds=args.max_video_seconds, video_frames=args.max_video_frames,
-                        allow_local_files=args.allow_local_files, fetch=policy)
-    from mlx_gemma4u.cli.main import DEMO_MAX_TOKENS
-
-    return Settings(model_name="demo" if args.demo else str(args.model), timeout=args.timeout,
-                    max_tokens=args.max_tokens or (DEMO_MAX_TOKENS if args.demo else 1024), media=media,
-                    api_key=args.api_key, allowed_origins=tuple(args.allowed_origins),
-                    allowed_hosts=_allowed_hosts(args.host, args.allowed_hosts),
-                    max_body_bytes=int(args.max_request_mb * 1e6))
-
-
-def _allowed_hosts(bound: str, named: list[str]) -> frozenset[str] | None:
-    """The Host names to answer: the bound address, localhost's names when it is loopback, and the
-    named ones; None (any) for a wildcard bind with none named."""
-    try:
-        address = ipaddress.ip_address(bound)
-    except ValueError:
-        address = None
-    wildcard = address is not None and address.is_unspecified
-    if wildcard and not named:
-        return None
-    hosts = {h.lower() for h in named} | ({bound.lower()} if not wildcard else set())
-    if bound == "localhost" or (address is not None and address.is_loopback):
-        hosts |= LOOPBACK_NAMES
-    return frozenset(hosts)
-
-
 class _Server(uvicorn.Server):
     """uvicorn's server, telling where it listens once it does, and ending every open request with
     an error at the first SIGTERM or Ctrl-C (a hung fetch included), so that it stops in seconds."""
@@ -348,27 +267,17 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run(args: argparse.Namespace) -> None:
-    from mlx_gemma4u.cli.main import load_from_args
-
-    settings = _settings(args)
-    drafter = None
-    if args.draft_model:
-        from mlx_gemma4u.models.drafter import load_draft_model
-
-        drafter = lambda: load_draft_model(args.draft_model, check_memory=not args.no_memory_check)  # noqa: E731
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    worker = Worker(lambda: load_from_args(args), max_queue=args.max_queue, max_concurrency=args.max_concurrency,
-                    load_drafter=drafter)
-    pool = PreparePool(PREPARE_THREADS, backlog=args.max_queue)
+def serve(worker: Worker, settings: Settings, host: str, port: int, max_queue: int) -> None:
+    """Answer on host:port until SIGTERM or Ctrl-C."""
+    pool = PreparePool(PREPARE_THREADS, backlog=max_queue)
 
     def stop() -> None:
         pool.stop()
         worker.stop()
 
-    config = uvicorn.Config(create_app(worker, pool, settings), host=args.host, port=args.port, log_level="warning",
+    config = uvicorn.Config(create_app(worker, pool, settings), host=host, port=port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=5)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    banner = (f"Serving {settings.model_name} on http://{host}:{args.port} (OpenAI /v1/chat/completions, "
+    shown = f"[{host}]" if ":" in host else host
+    banner = (f"Serving {settings.model_name} on http://{shown}:{port} (OpenAI /v1/chat/completions, "
               "/v1/completions; Anthropic /v1/messages); Ctrl-C stops.")
     _Server(config, stop, banner).run()

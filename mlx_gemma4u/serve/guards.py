@@ -12,6 +12,7 @@ held in memory.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import time
 import urllib.parse
@@ -130,3 +131,19 @@ class BodyLimit:
                                   f"The request body is larger than this server's limit of {self.limit / 1e6:g} MB "
                                   "(--max-request-mb).")
         await response(scope, receive, send)
+
+
+def allowed_hosts(bound: str, named: list[str]) -> frozenset[str] | None:
+    """The Host names to answer: the bound address, localhost's names when it is loopback, and the
+    named ones; None (any) for a wildcard bind with none named."""
+    try:
+        address = ipaddress.ip_address(bound)
+    except ValueError:
+        address = None
+    wildcard = address is not None and address.is_unspecified
+    if wildcard and not named:
+        return None
+    hosts = {h.lower() for h in named} | ({bound.lower()} if not wildcard else set())
+    if bound == "localhost" or (address is not None and address.is_loopback):
+        hosts |= LOOPBACK_NAMES
+    return frozenset(hosts)

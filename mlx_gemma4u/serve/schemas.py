@@ -1,6 +1,6 @@
 """Request bodies, checked by pydantic: a known field of the wrong type (or a non-finite number)
 is a 400, unknown fields are ignored (clients send many we do not use). The ranges of the
-generation settings are checked once, by generate.check_settings; only limits of an API itself
+generation settings are checked once, by SamplingParams; only limits of an API itself
 (Anthropic's temperature, OpenAI's top_logprobs) are stated here."""
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ class Sampling(_Body):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     stream: bool = False
+
+
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+            "repetition_penalty")  # Sampling's fields that are SamplingParams' too
 
 
 class StreamOptions(_Body):

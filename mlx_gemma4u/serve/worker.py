@@ -1,5 +1,5 @@
 """The engine's thread: prepared requests queue up (a bounded queue: 429 when full) and decode
-together through the batching engine (batch.BatchGenerator: up to --max-concurrency sequences at
+together through the engine (generation.engine.BatchGenerator: up to --max-concurrency sequences at
 once, each with its own sampler, stop strings and limits, each getting exactly the tokens it gets
 alone); their tokens go back to each request's event loop as they come.
 
@@ -28,6 +28,9 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_gemma4u.errors import Gemma4UError, InputError
+from mlx_gemma4u.generation.engine import BatchGenerator
+from mlx_gemma4u.generation.params import SamplingParams
+from mlx_gemma4u.generation.prompt_cache import PromptCache
 from mlx_gemma4u.serve.errors import STOPPING, Busy, Fault, ShuttingDown
 
 DONE = object()  # the event that ends a request's stream
@@ -36,12 +39,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Job:
-    """One generation: its prepared inputs (prepare_arrays' numpy arrays), its settings (the names
-    generate.check_settings takes, already checked) and how many top log-probabilities to report
-    with each token (None: no log-probabilities)."""
+    """One generation: its prepared inputs (prepare_arrays' numpy arrays), its SamplingParams and
+    how many top log-probabilities to report with each token (None: no log-probabilities)."""
 
     inputs: dict[str, np.ndarray]
-    settings: dict[str, Any]
+    params: SamplingParams
     deadline: float
     top_logprobs: int | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -107,8 +109,6 @@ class Worker:
             pass
 
     def _run(self, load: Callable[[], tuple]) -> None:
-        from mlx_gemma4u.generation.batch import BatchGenerator
-
         try:
             self.model, self.processor = load()
             drafter = self._load_drafter() if self._load_drafter else None
@@ -154,26 +154,27 @@ class Worker:
                     job.emit(DONE)
                 continue
             try:
-                cache = self._cache_for(job.inputs["input_ids"][0].tolist(), job.settings.get("kv_bits"))
-                uid = generator.add({k: mx.array(v) for k, v in job.inputs.items()}, prompt_cache=cache,
-                                    **job.settings)
+                cache = self._cache_for(job.inputs["input_ids"][0].tolist(), job.params.kv_bits)
+                uid = generator.add({k: mx.array(v) for k, v in job.inputs.items()}, job.params, cache)
+            except InputError as e:  # a prompt past the context, say
+                job.emit(e)
+                job.emit(DONE)
+                continue
             except Exception as e:  # this request's fault alone
                 log.exception("admitting a request failed")
                 job.emit(Fault(f"Internal error ({type(e).__name__})."))
                 job.emit(DONE)
                 continue
             running[uid] = (job, cache)
-            if generator.responses[uid].finish_reason == "error":
-                self._fail(running, uid, generator.responses[uid])
 
     def _hand_out(self, generator, running: dict, event) -> None:
         job = running[event.uid][0]
         r = generator.responses[event.uid]
-        if event.finish == "error":
+        if event.finish_reason == "error":
             self._fail(running, event.uid, r)
             return
         try:
-            token = Token(event.text, event.token, event.finish, r.prompt_tokens, r.prefilled_tokens,
+            token = Token(event.text, event.token, event.finish_reason, r.prompt_tokens, r.prefilled_tokens,
                           r.generation_tokens)
             if job.top_logprobs is not None:
                 token.logprob, token.top_logprobs = _logprobs(event.logprobs, event.token, job.top_logprobs)
@@ -184,7 +185,7 @@ class Worker:
             self._finish(running, event.uid)
             return
         job.emit(token)
-        if event.finish:
+        if event.finish_reason:
             self._finish(running, event.uid)
 
     def _expire(self, generator, running: dict) -> None:
@@ -216,8 +217,6 @@ class Worker:
     def _cache_for(self, ids: list[int], kv_bits: int | None):
         """The cached conversation that shares the longest prefix with this prompt (the prompt
         cache then reuses exactly the tokens they share), else a new cache."""
-        from mlx_gemma4u.models.cache import PromptCache
-
         shared = [(len(os.path.commonprefix([ids, cache.tokens])), i) for i, cache in enumerate(self._caches)]
         best = max(shared, default=(0, None))
         if best[0] == 0 or self._caches[best[1]].kv_bits != kv_bits:

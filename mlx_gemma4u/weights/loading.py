@@ -18,8 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_gemma4u.backends import cpu_cores
 from mlx_gemma4u.models import layouts as checkpoints
 from mlx_gemma4u.models.config import ModelConfig
+from mlx_gemma4u.models.drafter import DraftConfig, DraftModel
 from mlx_gemma4u.errors import CheckpointError, DownloadError, MemoryLimitError
 from mlx_gemma4u.models.model import Model
 
@@ -113,17 +115,19 @@ def install_weights(model: nn.Module, weights: dict, layout: checkpoints.Layout,
     """Load a checkpoint's tensors (named as in `layout`) into `model`, a Model or a DraftModel, and
     evaluate them. The layers stored quantized become quantized layers first (config.json's
     `quantization`), so that their names are there to check; the sanitized weights must then be
-    exactly the model's, and the floating ones (not the quantization scales and biases) are cast to `dtype`."""
+    exactly the model's, and the floating ones (not the quantization scales and biases) are cast to `dtype`.
+    Last, on a CPU, the model's large work is cut across the cores (backends/cpu_cores.py)."""
     if quantization:
         quantize_like(model, quantization, weights, layout)
     weights = model.sanitize(weights)
-    _check_complete(model, weights)
+    check_complete(model, weights)
     if dtype is not None:
         weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(".scales")
                    and not k.endswith(".biases") else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     mx.eval(model.parameters())
+    cpu_cores.apply(model)
 
 
 def quantize_like(model: nn.Module, quantization: dict, weights: dict, layout: checkpoints.Layout) -> None:
@@ -143,7 +147,7 @@ def quantize_like(model: nn.Module, quantization: dict, weights: dict, layout: c
     nn.quantize(model, **body, class_predicate=stored_quantized)
 
 
-def _check_complete(model: nn.Module, weights: dict) -> None:
+def check_complete(model: nn.Module, weights: dict) -> None:
     expected = dict(tree_flatten(model.parameters()))
     for name, param in expected.items():
         if name not in weights:
@@ -249,3 +253,28 @@ def check_safetensors(file: Path) -> dict[str, int]:
         if start_b < end_a:
             raise CheckpointError(f"{file}: tensors {a!r} and {b!r} overlap; the file is corrupt.")
     return sizes
+
+
+def load_draft_model(path_or_repo: str | os.PathLike, dtype: str | None = None,
+                     check_memory: bool = True) -> DraftModel:
+    """A Gemma 4 assistant (e.g. google/gemma-4-12B-it-assistant, or a folder `mlx-gemma4u convert`
+    made of one, quantized or not): local folder, hub id or "demo" (the demo checkpoint's random
+    drafter) -> DraftModel, every weight checked against config.json (the same checks and errors as `load`)."""
+    path = _drafter_folder(path_or_repo)
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    config = DraftConfig.from_file(path / "config.json")
+    weights = read_weights(path, dtype, check_memory)
+    model = DraftModel(config)
+    install_weights(model, weights, checkpoints.ASSISTANT, config.quantization, dtype)
+    return model
+
+
+def _drafter_folder(path_or_repo: str | os.PathLike) -> Path:
+    """"demo" (when no folder of that name exists) -> the demo drafter's folder, written first if
+    needed (demo.ensure_demo_drafter); anything else as loading.resolve finds or fetches it."""
+    if str(path_or_repo) == "demo" and not Path("demo").is_dir():
+        from mlx_gemma4u.weights.demo import ensure_demo_drafter
+
+        return ensure_demo_drafter()
+    return resolve(path_or_repo)

@@ -25,7 +25,7 @@ from tokenizers.processors import TemplateProcessing
 from mlx_gemma4u.errors import CheckpointError
 from mlx_gemma4u.files import write_text
 
-BUNDLED_SPM_MODEL = Path(__file__).resolve().parent / "assets" / "tokenizer_gemma4.model"
+BUNDLED_SPM_MODEL = Path(__file__).resolve().parents[1] / "assets" / "tokenizer_gemma4.model"
 VOCAB_SIZE = 262_144
 VIDEO_ID, VIDEO_PLACEHOLDER, VIDEO_TOKEN = 258_884, "<unused2968>", "<|video|>"
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"

@@ -1,0 +1,46 @@
+"""`mlx-gemma4u generate`: one prompt (with any images, videos and audio clips) through the chat
+template, the reply streamed to stdout and its figures to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mlx_gemma4u.cli.flags import (add_draft_args, add_model_args, add_sampling_args, check_media_files, draft_kwargs,
+                                   draft_line, load_from_args, sampling_params)
+
+
+def add_arguments(gen: argparse.ArgumentParser) -> None:
+    """The generate subcommand's flags."""
+    from mlx_gemma4u.processing.audio import FORMATS as AUDIO_FORMATS
+
+    add_model_args(gen)
+    gen.add_argument("--prompt", required=True, help="the user message")
+    gen.add_argument("--system", help="a system prompt")
+    gen.add_argument("--image", action="append", metavar="PATH", help="an image file or URL (repeatable)")
+    gen.add_argument("--video", action="append", metavar="PATH", help="a video file (repeatable)")
+    gen.add_argument("--audio", action="append", metavar="PATH",
+                     help=f"an audio file or URL: {AUDIO_FORMATS} (repeatable)")
+    add_sampling_args(gen, max_tokens=256)
+    add_draft_args(gen)
+
+
+def run(args: argparse.Namespace) -> None:
+    from mlx_gemma4u.generation.api import stream_generate
+
+    params = sampling_params(args)
+    check_media_files(args)
+    model, processor = load_from_args(args)
+    draft = draft_kwargs(args, model)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
+    last = None
+    for last in stream_generate(model, processor, messages, images=args.image, videos=args.video, audio=args.audio,
+                                params=params, **draft):
+        print(last.text, end="", flush=True)
+    print()
+    if last is not None:
+        print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | "
+              f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | "
+              f"peak memory: {last.peak_memory:.2f} GB" + (f" | {draft_line(last.draft)}" if last.draft else ""),
+              file=sys.stderr)
