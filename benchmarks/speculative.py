@@ -52,6 +52,9 @@ class ReplayDrafter:
     def parameters(self) -> dict:
         return self.drafter.parameters()
 
+    def check_target(self, target) -> None:
+        self.drafter.check_target(target)
+
     def draft(self, target, shared_kvs: list[dict], tokens: mx.array, hidden: mx.array, k: int) -> mx.array:
         """DraftModel.draft for one sequence: (1, k) proposals."""
         real = self.drafter.draft(target, shared_kvs, tokens, hidden, k)

@@ -74,32 +74,45 @@ def test_cli_errors_are_one_line(tmp_path, demo_home):
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--temp", "-1", "--temp: must be a number >= 0"), ("--top-p", "2", "--top-p: must be a number in [0, 1]"),
-    ("--min-p", "1.5", "--min-p: must be a number in [0, 1]"), ("--top-k", "-1", "--top-k: must be an integer >= 0"),
-    ("--max-tokens", "0", "--max-tokens: must be a positive integer"), ("--max-tokens", "x", "positive integer"),
-    ("--seed", "-1", "--seed: must be a whole number from 0 to 18446744073709551615, got '-1'"),
-    ("--seed", str(2**64), "--seed: must be a whole number from 0"), ("--seed", "1.5", "--seed: must be a whole"),
+    ("--temp", "-1", "temperature must be 0 (greedy) or more"), ("--top-p", "2", "top_p must be in [0, 1]"),
+    ("--min-p", "1", "min_p must be in [0, 1)"), ("--top-k", "-1", "top_k must be 0 (off) or a positive integer"),
+    ("--max-tokens", "0", "max_tokens must be a positive integer"),
+    ("--seed", "-1", "seed must be a whole number from 0 to 2**64 - 1, got -1"),
+    ("--seed", str(2**64), "seed must be a whole number from 0"),
+])
+@pytest.mark.parametrize("command", [["generate", "--demo", "--prompt", "Hi"], ["chat", "--demo"]])
+def test_bad_settings_are_refused_as_the_engine_refuses_them_before_anything_loads(command, flag, value, message,
+                                                                                    monkeypatch, capsys):
+    """The flags build a SamplingParams, whose check is the engine's: the same bounds and words as
+    Python's keywords and the server's JSON, in one line, exit 1, before the model loads."""
+    monkeypatch.setattr("mlx_gemma4u.cli.flags.load_from_args", no_loading)
+    assert main([*command, flag, value]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-tokens", "x", "--max-tokens: must be a whole number, got 'x'"), ("--seed", "1.5", "--seed: must be a whole"),
+    ("--temp", "hot", "--temp: must be a number, got 'hot'"), ("--kv-bits", "3", "--kv-bits: invalid choice: 3"),
     ("--num-draft-tokens", "-1", "--num-draft-tokens: must be an integer >= 0"),
 ])
 @pytest.mark.parametrize("command", [["generate", "--demo", "--prompt", "Hi"], ["chat", "--demo"]])
-def test_bad_flags_are_refused_before_anything_loads(command, flag, value, message, monkeypatch, capsys):
-    def no_loading(args):
-        raise AssertionError("the model was loaded before the flags were checked")
-
-    monkeypatch.setattr("mlx_gemma4u.cli.main.load_from_args", no_loading)
+def test_unreadable_flags_are_argparse_usage_errors(command, flag, value, message, monkeypatch, capsys):
+    monkeypatch.setattr("mlx_gemma4u.cli.flags.load_from_args", no_loading)
     with pytest.raises(SystemExit) as exit_:
         main([*command, flag, value])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def no_loading(args):
+    raise AssertionError("the model was loaded before the flags were checked")
 
 
 @pytest.mark.parametrize("flag, kind", [("--image", "image"), ("--video", "video"), ("--audio", "audio")])
 def test_a_missing_media_file_is_refused_before_the_model_loads(flag, kind, tmp_path, monkeypatch, capsys):
     """generate checks its local media paths first (one sentence, exit 1): the model loader is never
     called; a URL is left to the processor, so loading goes ahead."""
-    def no_loading(args):
-        raise AssertionError("the model was loaded before the media paths were checked")
-
-    monkeypatch.setattr("mlx_gemma4u.cli.main.load_from_args", no_loading)
+    monkeypatch.setattr("mlx_gemma4u.cli.flags.load_from_args", no_loading)
     missing = str(tmp_path / "gone.file")
     assert main(["generate", "--demo", "--prompt", "Hi", flag, missing]) == 1
     assert capsys.readouterr().err == f"error: The {kind} file {missing!r} does not exist; check the path.\n"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mlx_gemma4u.cli.flags import (add_draft_args, add_model_args, add_sampling_args, check_media_files, draft_kwargs,
-                                   draft_line, load_from_args, sampling_params)
+from mlx_gemma4u.cli import flags
+from mlx_gemma4u.cli.flags import add_draft_args, add_model_args, add_sampling_args, draft_line
 
 
 def add_arguments(gen: argparse.ArgumentParser) -> None:
@@ -28,10 +28,10 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from mlx_gemma4u.generation.api import stream_generate
 
-    params = sampling_params(args)
-    check_media_files(args)
-    model, processor = load_from_args(args)
-    draft = draft_kwargs(args, model)
+    params = flags.sampling_params(args)
+    flags.check_media_files(args)
+    model, processor = flags.load_from_args(args)
+    draft = flags.draft_kwargs(args, model)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     last = None
