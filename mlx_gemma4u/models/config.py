@@ -27,17 +27,17 @@ DEFAULT_ROPE = {
 MODEL_TYPES = ("gemma4_unified", "gemma4_unified_text")
 
 
-def _check(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
 
-def _positive(name: str, value: Any) -> None:
-    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+def require_positive(name: str, value: Any) -> None:
+    require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
            f"config.json: {name} must be a positive integer, got {value!r}.")
 
 
-def _from_dict(cls, params: dict, where: str):
+def dataclass_from_dict(cls, params: dict, where: str):
     """Build dataclass `cls` from the keys it knows; keys it does not know are ignored."""
     if not isinstance(params, dict):
         raise ConfigError(f"config.json: {where} must be an object, got {type(params).__name__}.")
@@ -99,18 +99,18 @@ class TextConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
                      "global_head_dim", "max_position_embeddings"):
-            _positive(name, getattr(self, name))
-        _check(self.hidden_activation in ("gelu_pytorch_tanh", "gelu_new"),
+            require_positive(name, getattr(self, name))
+        require(self.hidden_activation in ("gelu_pytorch_tanh", "gelu_new"),
                f"config.json: hidden_activation {self.hidden_activation!r} is not supported "
                "(Gemma 4 uses 'gelu_pytorch_tanh').")
-        _check(self.use_bidirectional_attention in (None, "vision"),
+        require(self.use_bidirectional_attention in (None, "vision"),
                f"config.json: use_bidirectional_attention={self.use_bidirectional_attention!r} "
                "is not supported (only None and 'vision', which Gemma 4 12B uses).")
-        _check(isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0,
+        require(isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0,
                f"config.json: rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}.")
-        _check(self.final_logit_softcapping is None or self.final_logit_softcapping > 0,
+        require(self.final_logit_softcapping is None or self.final_logit_softcapping > 0,
                "config.json: final_logit_softcapping must be positive or null.")
-        _check(self.pad_token_id is not None and 0 <= self.pad_token_id < self.vocab_size,
+        require(self.pad_token_id is not None and 0 <= self.pad_token_id < self.vocab_size,
                f"config.json: pad_token_id {self.pad_token_id!r} is outside the vocabulary.")
         self._resolve_layer_types()
         self._resolve_rope()
@@ -120,10 +120,10 @@ class TextConfig:
         n = self.num_hidden_layers
         if self.layer_types is None:
             self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n)]
-        _check(isinstance(self.layer_types, list) and len(self.layer_types) == n,
+        require(isinstance(self.layer_types, list) and len(self.layer_types) == n,
                f"config.json: layer_types must list {n} layer types (num_hidden_layers).")
         bad = [t for t in self.layer_types if t not in (SLIDING, FULL)]
-        _check(not bad, f"config.json: unknown layer type {bad[:1]} in layer_types.")
+        require(not bad, f"config.json: unknown layer type {bad[:1]} in layer_types.")
         # transformers forces the last layer to full attention; so do we, to stay equal to it.
         self.layer_types = [*self.layer_types[:-1], FULL]
 
@@ -132,21 +132,21 @@ class TextConfig:
             self.rope_parameters = DEFAULT_ROPE
         for layer_type in set(self.layer_types):
             params = self.rope_parameters.get(layer_type)
-            _check(isinstance(params, dict), f"config.json: rope_parameters has no entry for {layer_type}.")
-            _check(params.get("rope_type", "default") in ("default", "proportional"),
+            require(isinstance(params, dict), f"config.json: rope_parameters has no entry for {layer_type}.")
+            require(params.get("rope_type", "default") in ("default", "proportional"),
                    f"config.json: rope_type {params.get('rope_type')!r} for {layer_type} is not supported "
                    "(Gemma 4 uses 'default' and 'proportional').")
             theta = params.get("rope_theta")
-            _check(isinstance(theta, (int, float)) and theta > 1,
+            require(isinstance(theta, (int, float)) and theta > 1,
                    f"config.json: rope_theta for {layer_type} must be a number above 1, got {theta!r}.")
             p = params.get("partial_rotary_factor", 1.0)
-            _check(isinstance(p, (int, float)) and 0 < p <= 1,
+            require(isinstance(p, (int, float)) and 0 < p <= 1,
                    f"config.json: partial_rotary_factor for {layer_type} must be in (0, 1], got {p!r}.")
 
     def _overrides(self, i: int) -> dict:
         """The per-layer overrides of layer i, from whichever config form was given."""
         if self.per_layer_config is not None:
-            _check(isinstance(self.per_layer_config, dict), "config.json: per_layer_config must be an object.")
+            require(isinstance(self.per_layer_config, dict), "config.json: per_layer_config must be an object.")
             return dict(self.per_layer_config.get(str(i), self.per_layer_config.get(i, {})))
         if self.layer_types[i] != FULL:
             return {}
@@ -158,7 +158,7 @@ class TextConfig:
     def _kv_modes(self) -> tuple[list[str | None], list[int]]:
         """Which layers store and which reuse keys/values (transformers' kv_sharing_modes)."""
         n, shared = self.num_hidden_layers, self.num_kv_shared_layers
-        _check(isinstance(shared, int) and 0 <= shared < n,
+        require(isinstance(shared, int) and 0 <= shared < n,
                f"config.json: num_kv_shared_layers must be in [0, {n}), got {shared!r}.")
         modes: list[str | None] = [None] * n
         sources = list(range(n))
@@ -168,7 +168,7 @@ class TextConfig:
         store = {}
         for t in set(self.layer_types):
             producers = [i for i in range(first_shared) if self.layer_types[i] == t]
-            _check(bool(producers), f"config.json: the KV-shared layers include {t} layers but no "
+            require(bool(producers), f"config.json: the KV-shared layers include {t} layers but no "
                                     f"earlier layer of that type produces keys and values.")
             store[t] = producers[-1]
             modes[store[t]] = "store"
@@ -183,12 +183,12 @@ class TextConfig:
             o = self._overrides(i)
             head_dim = o.get("head_dim", self.head_dim)
             kv_heads = o.get("num_key_value_heads", self.num_key_value_heads)
-            _positive(f"head_dim of layer {i}", head_dim)
-            _positive(f"num_key_value_heads of layer {i}", kv_heads)
-            _check(self.num_attention_heads % kv_heads == 0,
+            require_positive(f"head_dim of layer {i}", head_dim)
+            require_positive(f"num_key_value_heads of layer {i}", kv_heads)
+            require(self.num_attention_heads % kv_heads == 0,
                    f"config.json: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                    f"the {kv_heads} key/value heads of layer {i}.")
-            _check(head_dim % 2 == 0, f"config.json: head_dim of layer {i} must be even, got {head_dim}.")
+            require(head_dim % 2 == 0, f"config.json: head_dim of layer {i} must be even, got {head_dim}.")
             wide = self.use_double_wide_mlp and modes[i] == "reuse"
             specs.append(LayerSpec(
                 layer_type=layer_type,
@@ -201,7 +201,7 @@ class TextConfig:
             ))
         for i, s in enumerate(specs):
             src = specs[s.kv_source]
-            _check((s.head_dim, s.num_kv_heads) == (src.head_dim, src.num_kv_heads),
+            require((s.head_dim, s.num_kv_heads) == (src.head_dim, src.num_kv_heads),
                    f"config.json: layer {i} reuses the keys of layer {s.kv_source} but their head shapes differ.")
         return specs
 
@@ -217,8 +217,8 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "pooling_kernel_size", "mm_embed_dim", "mm_posemb_size", "output_proj_dims"):
-            _positive(f"vision_config.{name}", getattr(self, name))
-        _check(self.output_proj_dims == self.mm_embed_dim,
+            require_positive(f"vision_config.{name}", getattr(self, name))
+        require(self.output_proj_dims == self.mm_embed_dim,
                "config.json: vision_config.output_proj_dims must equal vision_config.mm_embed_dim.")
 
     @property
@@ -238,7 +238,7 @@ class AudioConfig:
     rms_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        _positive("audio_config.audio_embed_dim", self.audio_embed_dim)
+        require_positive("audio_config.audio_embed_dim", self.audio_embed_dim)
 
 
 @dataclass
@@ -263,26 +263,26 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise ConfigError("config.json must hold a JSON object.")
         model_type = raw.get("model_type")
-        _check(model_type in MODEL_TYPES,
+        require(model_type in MODEL_TYPES,
                f"config.json: model_type {model_type!r} is not a Gemma 4 Unified model "
                f"(expected one of {', '.join(MODEL_TYPES)}).")
         quantization = raw.get("quantization")
         if model_type == "gemma4_unified_text":  # a text-only Gemma4UnifiedForCausalLM checkpoint
-            return cls(text=_from_dict(TextConfig, raw, "the text config"), model_type=model_type,
+            return cls(text=dataclass_from_dict(TextConfig, raw, "the text config"), model_type=model_type,
                        quantization=quantization)
-        _check("text_config" in raw, "config.json: text_config is missing.")
+        require("text_config" in raw, "config.json: text_config is missing.")
         ids = {k: raw[k] for k in ("image_token_id", "video_token_id", "audio_token_id", "boi_token_id",
                                    "eoi_token_id", "boa_token_id", "eoa_token_index") if raw.get(k) is not None}
         config = cls(
-            text=_from_dict(TextConfig, raw["text_config"], "text_config"),
-            vision=_from_dict(VisionConfig, raw["vision_config"], "vision_config") if raw.get("vision_config") else None,
-            audio=_from_dict(AudioConfig, raw["audio_config"], "audio_config") if raw.get("audio_config") else None,
+            text=dataclass_from_dict(TextConfig, raw["text_config"], "text_config"),
+            vision=dataclass_from_dict(VisionConfig, raw["vision_config"], "vision_config") if raw.get("vision_config") else None,
+            audio=dataclass_from_dict(AudioConfig, raw["audio_config"], "audio_config") if raw.get("audio_config") else None,
             model_type=model_type,
             quantization=quantization,
             **ids,
         )
         for name, value in ids.items():
-            _check(isinstance(value, int) and 0 <= value < config.text.vocab_size,
+            require(isinstance(value, int) and 0 <= value < config.text.vocab_size,
                    f"config.json: {name} {value!r} is outside the vocabulary of {config.text.vocab_size}.")
         return config
 

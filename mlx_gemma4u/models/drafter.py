@@ -27,7 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_gemma4u.models import cache as caches
-from mlx_gemma4u.models.config import FULL, TextConfig, _check, _from_dict, _positive, read_config
+from mlx_gemma4u.models.config import FULL, TextConfig, dataclass_from_dict, read_config, require, require_positive
 from mlx_gemma4u.models.decoder import RowSteps, Step, TextModel
 from mlx_gemma4u.errors import CheckpointError, ConfigError, InputError
 
@@ -47,12 +47,12 @@ class DraftConfig:
 
     def __post_init__(self) -> None:
         for name in ("backbone_hidden_size", "num_centroids", "centroid_intermediate_top_k"):
-            _positive(name, getattr(self, name))
+            require_positive(name, getattr(self, name))
         if self.use_ordered_embeddings:
-            _check(self.text.vocab_size % self.num_centroids == 0,
+            require(self.text.vocab_size % self.num_centroids == 0,
                    f"config.json: num_centroids ({self.num_centroids}) must divide the vocabulary "
                    f"({self.text.vocab_size}).")
-            _check(self.centroid_intermediate_top_k <= self.num_centroids,
+            require(self.centroid_intermediate_top_k <= self.num_centroids,
                    "config.json: centroid_intermediate_top_k exceeds num_centroids.")
         # Every assistant layer reads the target's keys and values: none computes its own.
         wide = 2 if self.text.use_double_wide_mlp else 1
@@ -64,12 +64,12 @@ class DraftConfig:
     def from_dict(cls, raw: dict) -> "DraftConfig":
         if not isinstance(raw, dict):
             raise ConfigError("config.json must hold a JSON object.")
-        _check(raw.get("model_type") == MODEL_TYPE,
+        require(raw.get("model_type") == MODEL_TYPE,
                f"config.json: model_type {raw.get('model_type')!r} is not a Gemma 4 assistant (drafter) "
                f"checkpoint (expected {MODEL_TYPE!r}).")
-        _check(isinstance(raw.get("text_config"), dict), "config.json: text_config is missing.")
+        require(isinstance(raw.get("text_config"), dict), "config.json: text_config is missing.")
         # The layer specs are rebuilt as all-"reuse" above; the count only passes TextConfig's checks.
-        text = _from_dict(TextConfig, {**raw["text_config"], "num_kv_shared_layers": 0}, "text_config")
+        text = dataclass_from_dict(TextConfig, {**raw["text_config"], "num_kv_shared_layers": 0}, "text_config")
         known = {f.name for f in dataclasses.fields(cls)} - {"text"}
         return cls(text=text, **{k: v for k, v in raw.items() if k in known})
 
