@@ -5,7 +5,7 @@ gelu_approx (itself one compiled kernel: read g, write a) and the multiply (read
 5 transfers and 2 launches. Fused: read g, u, write out, 1 launch. `mx.compile` already gives the
 reference that fusion (one generated kernel, bit-identical to the unfused ops on CPU), so the
 custom kernel can at best match it; it is here so the benchmark can show which is faster on a Mac.
-Not yet measured on Apple silicon.
+benchmarks/kernels.py measures both.
 
 Kernel: one thread per element, GELU in float32.
 """

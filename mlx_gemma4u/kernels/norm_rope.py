@@ -7,19 +7,18 @@ Every layer runs it on q (16 heads) and, unless it reuses keys, on k, with D = 2
 Unfused, MLX runs rms_norm (read x, write t) and rope (read t through the transpose, write out): 4
 head-sized transfers and 2 launches per tensor. Fused: read x, write out, 1 launch; the transpose
 is free because each thread writes straight into the (B, H, T, D) layout. Decoding that is 2 x 48
-fewer launches a token, in prefill about 2x less traffic for this step. Not yet measured on Apple
-silicon.
+fewer launches a token, in prefill about 2x less traffic for this step (benchmarks/kernels.py
+measures both).
 
 Kernel: one simdgroup per (b, t, h) row; lane i normalizes the pairs (j, j + D/2) for j = i, i + 32,
 ..., so the rotation needs no exchange between threads. Angles come from the RoPE module's
-inverse frequencies, one table for both layer types.
+inverse frequencies, one table for both layer types; `rope` is a models.rope.RoPE.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from mlx_gemma4u.models.rope import RoPE
 from mlx_gemma4u.kernels.dispatch import FLOATS, Kernel, metal_kernel, normal
 
 SOURCE = """
@@ -44,7 +43,7 @@ SOURCE = """
 """
 
 
-def reference(x: mx.array, w: mx.array, eps: float, rope: RoPE, offset) -> mx.array:
+def reference(x: mx.array, w: mx.array, eps: float, rope, offset) -> mx.array:
     return rope(mx.fast.rms_norm(x, w, eps).transpose(0, 2, 1, 3), offset)
 
 

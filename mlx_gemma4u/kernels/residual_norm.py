@@ -8,7 +8,7 @@ Every layer runs this twice (after attention and after the MLP), 96 times a toke
 the scalar multiply (read h, write h'), rms_norm (read h', write n): 9 row-sized transfers. Fused:
 read x, y, write h, n (and h read back from cache by the thread that wrote it): 4 transfers and one
 launch. Decoding (one row) is launch-bound: 5 launches fewer per layer, 240 a token. Prefill is
-memory-bound: about 2x less traffic for this step. Not yet measured on Apple silicon.
+memory-bound: about 2x less traffic for this step (benchmarks/kernels.py measures both).
 
 The reference is the plain ops, not compiled: `mx.compile` fuses the add and the scalar multiply
 (bit-identical on CPU) but then holds on to buffers the plain ops hand on to the next op, which

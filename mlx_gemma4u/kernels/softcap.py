@@ -3,8 +3,7 @@
 It runs once a token over the whole vocabulary (262,144 logits a row). Unfused, MLX runs divide,
 tanh and multiply: 3 launches and 6 vocabulary-sized transfers. Fused: read once, write once.
 `mx.compile` gives the reference that same single pass (bit-identical to the unfused ops on CPU),
-so the custom kernel can at best match it; the benchmark decides. Not yet measured on Apple
-silicon.
+so the custom kernel can at best match it; benchmarks/kernels.py decides.
 
 Kernel: one thread per logit, tanh in float32.
 """

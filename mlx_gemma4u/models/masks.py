@@ -1,8 +1,8 @@
 """Attention masks of the unified model.
 
 Tokens of one image, or one video frame, form a *block* and see each other both ways; everything
-else is causal, and sliding layers also cut at the window. transformers 5.23 has two definitions
-(SPEC.md section 3.6), both offered here:
+else is causal, and sliding layers also cut at the window. transformers 5.23 has two definitions,
+both offered here:
 
     semantics     full layers          sliding layers
     "gemma4"      causal               (causal OR same block) AND in window

@@ -15,7 +15,6 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_gemma4u.errors import InputError
-from mlx_gemma4u.backends.linear import Linear
 
 PIECE = 512  # the widest run of products a float32 media Linear adds in one go
 
@@ -34,7 +33,7 @@ class MultimodalEmbedder(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.embedding_projection = Linear(in_dim, out_dim, bias=False)
+        self.embedding_projection = nn.Linear(in_dim, out_dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         dtype = compute_dtype(self.embedding_projection)
@@ -61,9 +60,9 @@ def summed_in_pieces(layer: nn.Linear, x: mx.array, piece: int = PIECE) -> mx.ar
     """layer(x) for a float32 Linear, its input width split into pieces of at most `piece` values whose
     partial products are added up after.
 
-    MLX's matmul (its CPU backend measured, its Metal kernels by their tiling) adds the products of
-    one output in order, so the rounding error grows with the width: 6,912 wide, 3.6x torch's on
-    average, 6x at worst; pieces of 432 bring it to torch's.
+    MLX's matmul adds the products of one output in order, so its rounding error grows with the
+    width (several times torch's at the projector's 6,912); summing pieces of at most 432 keeps it
+    at torch's (docs/exactness.md).
     """
     n = x.shape[-1]
     pieces = next(d for d in range(1, n + 1) if n % d == 0 and n // d <= piece)

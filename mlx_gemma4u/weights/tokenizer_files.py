@@ -67,7 +67,7 @@ EXPECTED_IDS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<|turn>": 105, "<turn|>": 1
                 "<|image>": 255_999, "<|audio>": 256_000, "<|image|>": 258_880,
                 "<|audio|>": 258_881, "<image|>": 258_882, "<audio|>": 258_883}
 
-# Gemma 4 chat format (SPEC §4.5): <bos>, a system turn when there is a system/developer message or
+# Gemma 4 chat format: <bos>, a system turn when there is a system/developer message or
 # enable_thinking, then one "<|turn>ROLE\n...<turn|>\n" per message with assistant shown as model.
 # Text is trimmed, media items become their placeholder, and a model turn keeps only the answer
 # after its thought channel. Tools are not rendered.
