@@ -14,7 +14,7 @@ import pexpect
 import pytest
 
 from mlx_gemma4u.generation.params import SamplingParams
-from mlx_gemma4u.cli.chat_session import (Conversation, ReplySplitter, media_item, parse_command, set_param,
+from mlx_gemma4u.cli.chat_session import (Conversation, media_item, parse_command, set_param,
                                       pull_media_paths, split_paths)
 from mlx_gemma4u.errors import InputError
 
@@ -122,11 +122,29 @@ def test_a_broken_chat_file_is_refused_in_one_line(tmp_path, text, message):
         Conversation.load(tmp_path / "missing.json")
 
 
-def test_thought_channel_is_split_from_the_answer():
-    split = ReplySplitter(100, 101)
-    for token, text in [(100, ""), (7, "thought\n"), (8, "Sky is"), (9, " blue."), (101, ""), (10, "It is blue.")]:
-        split.add(token, text)
-    assert (split.thought, split.answer, split.in_thought) == ("Sky is blue.", "It is blue.", False)
+def test_the_reply_view_shows_the_thought_and_keeps_the_answer(processor):
+    """The chat reads a reply through generation/reply.py's Reply (tests/test_reply.py): the thought
+    is shown (or not), the answer is what the conversation keeps, a tool call is in it as code."""
+    from rich.console import Console
+
+    from mlx_gemma4u.cli.chat import ReplyView
+    from mlx_gemma4u.generation.reply import Reply
+
+    tokenizer = processor.tokenizer
+    streamed = [(tokenizer.convert_tokens_to_ids("<|channel>"), ""), (None, "thought\n"), (None, "Sky is"),
+                (None, " blue."), (tokenizer.convert_tokens_to_ids("<channel|>"), ""), (None, "It is blue.")]
+    call = tokenizer.encode('<|tool_call>call:paint{colour:<|"|>blue<|"|>}<tool_call|>', add_special_tokens=False)
+    for show_thinking in (True, False):
+        view = ReplyView(Reply(tokenizer), show_thinking)
+        for token, text in streamed + [(token, "") for token in call]:
+            view.add(token, text)
+        view.finish()
+        console = Console(file=io.StringIO(), width=120)
+        console.print(view.final())
+        printed = console.file.getvalue()
+        assert ("Sky is blue." in printed) == show_thinking and "thought" not in printed
+        assert view.answer == 'It is blue.\n\n`paint({"colour": "blue"})`\n\n'
+        assert 'paint({"colour": "blue"})' in printed
 
 
 def test_a_stopped_reply_leaves_the_prompt_cache_usable(demo_home):
@@ -162,6 +180,7 @@ def test_the_turn_after_an_image_does_not_embed_it_again(demo_home, photo, monke
     from mlx_gemma4u.cli.chat import Chat
     from mlx_gemma4u.generation.prompt_cache import PromptCache
     from mlx_gemma4u.generation.api import stream_generate
+    from mlx_gemma4u.generation.reply import Reply
     from mlx_gemma4u.weights.loading import load
     from mlx_gemma4u.models.vision import VisionEmbedder
 
@@ -175,12 +194,13 @@ def test_the_turn_after_an_image_does_not_embed_it_again(demo_home, photo, monke
     assert len(calls) == 1
     chat.handle("And the colour?")
     assert len(calls) == 1
-    split = ReplySplitter(*chat.channel_ids)
+    reply = Reply(processor.tokenizer)
     for r in stream_generate(model, processor, chat.conversation.prompt()[:-1], max_tokens=4,
                              prompt_cache=PromptCache(model)):
-        split.add(r.token, r.text)
+        reply.add(r.token, r.text)
+    reply.finish()
     assert len(calls) == 2  # a fresh PromptCache embeds the image again
-    assert split.answer.strip() == chat.conversation.messages[-1]["content"]
+    assert reply.content.strip() == chat.conversation.messages[-1]["content"]
 
 
 def visible(text: str) -> str:

@@ -1,7 +1,8 @@
 """`mlx-gemma4u chat`: the terminal chat. rich draws the output; readline gives line editing and history.
 
     load (spinner) -> read a line -> a /command runs (chat_session) | a message is sent ->
-    the reply streams live (thought dimmed, answer as Markdown, the newest screenful shown) ->
+    the reply streams live (thought dimmed, answer as Markdown, a tool call as a line of code, the
+    newest screenful shown) ->
     printed whole as Markdown, then a status line -> read the next line
 
 The conversation's PromptCache lives here, so each turn prefills only its new tokens. Ctrl-C during
@@ -11,6 +12,7 @@ a reply only sets a flag, checked between tokens: the reply stops cleanly and th
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 from contextlib import contextmanager
 from typing import Iterator
@@ -23,12 +25,13 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from mlx_gemma4u.cli.chat_session import (HELP, Conversation, ReplySplitter, media_item, parse_command,
+from mlx_gemma4u.cli.chat_session import (HELP, Conversation, media_item, parse_command,
                            pull_media_paths, SET_NAMES, set_param, split_paths, status_line)
 from mlx_gemma4u.errors import Gemma4UError, InputError
 from mlx_gemma4u.generation.api import stream_generate
 from mlx_gemma4u.generation.params import SamplingParams
 from mlx_gemma4u.generation.prompt_cache import PromptCache
+from mlx_gemma4u.generation.reply import Delta, Reply, ToolCall
 
 THOUGHT_STYLE = "dim italic"
 
@@ -68,8 +71,6 @@ class Chat:
         self.cache = PromptCache(model, params.kv_bits)
         self.last = None  # the last reply's final GenerationResponse
         self.can_think = "enable_thinking" in (processor.chat_template or "")
-        ids = processor.tokenizer.convert_tokens_to_ids(["<|channel>", "<channel|>"])
-        self.channel_ids = (ids[0], ids[1])
 
     def run(self) -> None:
         _enable_history()
@@ -124,8 +125,7 @@ class Chat:
 
     def reply(self) -> None:
         """Stream one reply into a live view, then print it whole with its status line."""
-        splitter = ReplySplitter(*self.channel_ids)
-        view = ReplyView(splitter, self.show_thinking)
+        view = ReplyView(Reply(self.processor.tokenizer), self.show_thinking)
         last = None
         with _sigint_as_flag() as stop, _no_autowrap(self.console), Live(view, console=self.console, transient=True,
                                                                          refresh_per_second=8, vertical_overflow="crop"):
@@ -133,11 +133,12 @@ class Chat:
                                         prompt_cache=self.cache,
                                         params=self.params.replace(enable_thinking=self.conversation.thinking),
                                         **self.draft):
-                splitter.add(last.token, last.text)
+                view.add(last.token, last.text)
                 if stop.requested:
                     break
+        view.finish()
         self.console.print(view.final())
-        self.conversation.add_reply(splitter.answer.strip())
+        self.conversation.add_reply(view.answer.strip())
         if last is not None:
             self.last = last
             stopped = "stopped (Ctrl-C) · " if stop.requested else ""
@@ -214,18 +215,30 @@ class Chat:
 class ReplyView:
     """The reply as it streams: the thought dimmed (if shown), the answer as Markdown.
 
+    `answer` is the reply's answer with its tool calls in place, each a line of code: the chat
+    declares no tools, so a call is shown and kept in the conversation as what the model said.
     Live redraws only what fits on the screen, so while streaming only the newest lines are shown;
     final() is the whole reply, printed once it is complete.
     """
 
-    def __init__(self, splitter: ReplySplitter, show_thinking: bool):
-        self.splitter, self.show_thinking = splitter, show_thinking
+    def __init__(self, reply: Reply, show_thinking: bool):
+        self.reply, self.show_thinking = reply, show_thinking
+        self.answer = ""
+
+    def add(self, token: int | None, text: str) -> None:
+        self._take(self.reply.add(token, text))
+
+    def finish(self) -> None:
+        self._take(self.reply.finish())
+
+    def _take(self, delta: Delta) -> None:
+        self.answer += delta.content + "".join(_call_line(call) for call in delta.tool_calls)
 
     def final(self) -> Group:
         return self._render(empty=Text("(no reply)", style="dim"))
 
     def _render(self, empty) -> Group:
-        thought, answer = self.splitter.thought.strip(), self.splitter.answer
+        thought, answer = self.reply.reasoning.strip(), self.answer
         parts = [Text(thought, style=THOUGHT_STYLE)] if self.show_thinking and thought else []
         if answer.strip():
             parts.append(Markdown(answer))
@@ -234,11 +247,16 @@ class ReplyView:
         return Group(*parts)
 
     def __rich_console__(self, console, options):
-        label = " thinking…" if self.splitter.in_thought else " reading the prompt…"
+        label = " thinking…" if self.reply.in_thought else " reading the prompt…"
         lines = console.render_lines(self._render(Spinner("dots", text=Text(label, style="dim"))), options, pad=False)
         for line in lines[-max(1, console.size.height - 2):]:
             yield from line
             yield Segment.line()
+
+
+def _call_line(call: ToolCall) -> str:
+    """A tool call as a Markdown paragraph of code: `name({"argument": value})`."""
+    return f"\n\n`{call.name}({json.dumps(call.arguments, ensure_ascii=False)})`\n\n"
 
 
 AUTOWRAP_OFF, AUTOWRAP_ON = "\x1b[?7l", "\x1b[?7h"  # DECAWM: whether a line wider than the terminal wraps

@@ -6,7 +6,6 @@
                    attachments waiting for the next message; prompt() is what stream_generate reads;
                    save()/load() keep it as JSON, written atomically, media referenced by path
     Settings       the sampling options, changeable mid-chat with /set
-    ReplySplitter  streamed responses -> the thought channel's text and the answer's text
 """
 
 from __future__ import annotations
@@ -204,34 +203,6 @@ def _check_media_exist(messages: list[dict[str, Any]], path: str | Path) -> None
             source = item.get("path")
             if source is not None and not Path(source).expanduser().is_file():
                 raise InputError(f"{path} refers to {source}, which no longer exists.")
-
-
-class ReplySplitter:
-    """Streamed responses -> `thought` (Gemma 4's thought channel) and `answer` text.
-
-    The channel markers are special tokens, hidden from the streamed text, so the token ids say
-    where the thought starts and ends; the channel's name ("thought") opens its text and is dropped.
-    """
-
-    def __init__(self, channel_start: int, channel_end: int):
-        self.start, self.end = channel_start, channel_end
-        self._thought = ""
-        self.answer = ""
-        self.in_thought = False
-
-    def add(self, token: int | None, text: str) -> None:
-        if token == self.start:
-            self.in_thought = True
-        elif token == self.end:
-            self.in_thought = False
-        elif self.in_thought:
-            self._thought += text
-        else:
-            self.answer += text
-
-    @property
-    def thought(self) -> str:
-        return self._thought.removeprefix("thought").lstrip("\n")
 
 
 def status_line(response: Any, context_tokens: int, context_size: int) -> str:

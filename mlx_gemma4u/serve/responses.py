@@ -12,8 +12,8 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
+from mlx_gemma4u.generation.reply import Delta, Reply, ToolCall
 from mlx_gemma4u.serve import schemas
-from mlx_gemma4u.serve.replies import Reply
 from mlx_gemma4u.serve.worker import Token
 
 ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "timeout": "timeout"}
@@ -40,6 +40,7 @@ class OpenAIChat:
         self.tokenizer, self.model, self.body = tokenizer, model, body
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self.reply = Reply(tokenizer)
+        self.calls = 0  # tool calls streamed so far: the next one's index
 
     def _logprobs(self, token: Token) -> list[dict]:
         if not self.body.logprobs or token.token is None:
@@ -60,30 +61,36 @@ class OpenAIChat:
 
     async def stream(self, tokens: AsyncIterator[Token]) -> AsyncIterator[dict]:
         yield self._chunk({"role": "assistant", "content": ""})
-        last, index = None, 0
+        last = None
         async for last in tokens:
-            delta = self.reply.add(last.token, last.text)
-            out: dict[str, Any] = {}
-            if delta.content:
-                out["content"] = delta.content
-            if delta.reasoning:
-                out["reasoning_content"] = delta.reasoning
-            if delta.tool_calls:
-                out["tool_calls"] = [_openai_call(c, index + i) for i, c in enumerate(delta.tool_calls)]
-                index += len(delta.tool_calls)
+            out = self._delta(self.reply.add(last.token, last.text))
             logprobs = self._logprobs(last)
             if out or logprobs:
                 yield self._chunk(out, logprobs=logprobs)
         if last is not None:
+            if out := self._delta(self.reply.finish()):
+                yield self._chunk(out)
             yield self._chunk({}, _finish(last, self.reply))
             if self.body.stream_options and self.body.stream_options.include_usage:
                 yield {**self._chunk({}), "choices": [], "usage": _usage(last)}
+
+    def _delta(self, delta: Delta) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if delta.content:
+            out["content"] = delta.content
+        if delta.reasoning:
+            out["reasoning_content"] = delta.reasoning
+        if delta.tool_calls:
+            out["tool_calls"] = [_openai_call(c, self.calls + i) for i, c in enumerate(delta.tool_calls)]
+            self.calls += len(delta.tool_calls)
+        return out
 
     async def whole(self, tokens: AsyncIterator[Token]) -> dict:
         last, logprobs = None, []
         async for last in tokens:
             self.reply.add(last.token, last.text)
             logprobs += self._logprobs(last)
+        self.reply.finish()
         message: dict[str, Any] = {"role": "assistant", "content": self.reply.content}
         if self.reply.reasoning:
             message["reasoning_content"] = self.reply.reasoning
@@ -95,9 +102,9 @@ class OpenAIChat:
                 "choices": [choice], "usage": _usage(last)}
 
 
-def _openai_call(call: dict, index: int) -> dict:
-    return {"index": index, "id": call["id"], "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
+def _openai_call(call: ToolCall, index: int) -> dict:
+    return {"index": index, "id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
 
 
 class OpenAICompletion:
@@ -150,6 +157,7 @@ class AnthropicMessage:
         self.model, self.body = model, body
         self.id = f"msg_{uuid.uuid4().hex[:24]}"
         self.reply = Reply(tokenizer)
+        self.index, self.open_kind = 0, None  # the streamed content block: its index, "thinking" / "text" / None
 
     def _stop(self, last: Token) -> tuple[str, str | None]:
         if self.reply.tool_calls and last.finish_reason != "timeout":
@@ -170,55 +178,63 @@ class AnthropicMessage:
             "usage": {"input_tokens": first.prompt_tokens, "output_tokens": 0}}}
 
     async def stream(self, tokens: AsyncIterator[Token]) -> AsyncIterator[dict]:
-        index, open_kind, last = 0, None, None
+        last = None
         async for token in tokens:
             if last is None:
                 yield self._start(token)
             last = token
-            delta = self.reply.add(token.token, token.text)
-            for kind, text in (("thinking", delta.reasoning), ("text", delta.content)):
-                if not text:
-                    continue
-                if open_kind != kind:
-                    if open_kind is not None:
-                        yield {"type": "content_block_stop", "index": index}
-                        index += 1
-                    open_kind = kind
-                    yield {"type": "content_block_start", "index": index,
-                           "content_block": {"type": kind, kind: ""} if kind == "thinking" else
-                           {"type": "text", "text": ""}}
-                key = "thinking_delta" if kind == "thinking" else "text_delta"
-                yield {"type": "content_block_delta", "index": index,
-                       "delta": {"type": key, "thinking" if kind == "thinking" else "text": text}}
-            for call in delta.tool_calls:
-                if open_kind is not None:
-                    yield {"type": "content_block_stop", "index": index}
-                    index += 1
-                open_kind = None
-                yield {"type": "content_block_start", "index": index, "content_block": {
-                    "type": "tool_use", "id": call["id"], "name": call["name"], "input": {}}}
-                yield {"type": "content_block_delta", "index": index,
-                       "delta": {"type": "input_json_delta", "partial_json": json.dumps(call["arguments"])}}
-                yield {"type": "content_block_stop", "index": index}
-                index += 1
-        if open_kind is not None:
-            yield {"type": "content_block_stop", "index": index}
+            for event in self._events(self.reply.add(token.token, token.text)):
+                yield event
+        for event in self._events(self.reply.finish()) + self._close_block():
+            yield event
         if last is not None:
             reason, sequence = self._stop(last)
             yield {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
                    "usage": {"output_tokens": last.generation_tokens}}
             yield {"type": "message_stop"}
 
+    def _events(self, delta: Delta) -> list[dict]:
+        """One delta -> its streaming events: thinking and text go into the open block of their kind
+        (closing the other), each tool call is a block of its own."""
+        events = []
+        for kind, text in (("thinking", delta.reasoning), ("text", delta.content)):
+            if not text:
+                continue
+            if self.open_kind != kind:
+                events += self._close_block()
+                self.open_kind = kind
+                events.append({"type": "content_block_start", "index": self.index,
+                               "content_block": {"type": kind, kind: ""}})
+            key = "thinking_delta" if kind == "thinking" else "text_delta"
+            events.append({"type": "content_block_delta", "index": self.index, "delta": {"type": key, kind: text}})
+        for call in delta.tool_calls:
+            events += self._close_block()
+            events += [{"type": "content_block_start", "index": self.index, "content_block": {
+                           "type": "tool_use", "id": call.id, "name": call.name, "input": {}}},
+                       {"type": "content_block_delta", "index": self.index,
+                        "delta": {"type": "input_json_delta", "partial_json": json.dumps(call.arguments)}},
+                       {"type": "content_block_stop", "index": self.index}]
+            self.index += 1
+        return events
+
+    def _close_block(self) -> list[dict]:
+        if self.open_kind is None:
+            return []
+        stop = {"type": "content_block_stop", "index": self.index}
+        self.index, self.open_kind = self.index + 1, None
+        return [stop]
+
     async def whole(self, tokens: AsyncIterator[Token]) -> dict:
         last = None
         async for last in tokens:
             self.reply.add(last.token, last.text)
+        self.reply.finish()
         content: list[dict] = []
         if self.reply.reasoning:
             content.append({"type": "thinking", "thinking": self.reply.reasoning, "signature": ""})
         if self.reply.content or not self.reply.tool_calls:
             content.append({"type": "text", "text": self.reply.content})
-        content += [{"type": "tool_use", "id": c["id"], "name": c["name"], "input": c["arguments"]}
+        content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments}
                     for c in self.reply.tool_calls]
         reason, sequence = self._stop(last)
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
