@@ -25,17 +25,27 @@ def tokenizer(hf_tokenizer_dir):
     return load_tokenizer(hf_tokenizer_dir)
 
 
-def stream(tokenizer, text: str) -> list[tuple[int, str]]:
+def stream(tokenizer, text: str, stop: list[str] | None = None) -> list[tuple[int, str]]:
     """`text`'s tokens with the text segments the engine hands out for them (special tokens hidden)."""
     ids = tokenizer.encode(text, add_special_tokens=False)
-    shown = ReplyText(tokenizer, None)
+    shown = ReplyText(tokenizer, stop)
     return [(token, shown.add(token, last=i == len(ids) - 1)[0]) for i, token in enumerate(ids)]
 
 
-def fed(tokenizer, text: str) -> tuple[Reply, list[Delta]]:
+def fed(tokenizer, text: str, stop: list[str] | None = None) -> tuple[Reply, list[Delta]]:
     reply = Reply(tokenizer)
-    deltas = [reply.add(token, segment) for token, segment in stream(tokenizer, text)]
+    deltas = [reply.add(token, segment) for token, segment in stream(tokenizer, text, stop)]
     return reply, [*deltas, reply.finish()]
+
+
+def test_text_held_back_for_stop_strings_stays_in_its_part(tokenizer):
+    """A stop string holds back the last few characters; a marker token releases them, so the
+    thought, the answer and the tool call split as they do without stop strings."""
+    plain, _ = fed(tokenizer, MIXED)
+    held, _ = fed(tokenizer, MIXED, stop=["ZZZZZ"])
+    calls = [[(c.name, c.arguments) for c in r.tool_calls] for r in (plain, held)]
+    assert (held.reasoning, held.content) == (plain.reasoning, plain.content) and calls[0] == calls[1] != []
+    assert held.reasoning == "The user wants weather.\n\nAsk the tool." and held.content.startswith("Let me check é.")
 
 
 def test_the_thought_channel_is_split_from_the_answer_without_its_name(tokenizer):

@@ -29,7 +29,10 @@ class ReplyText:
             self.detokenizer.add_token(token)
         if finish:
             self.detokenizer.finalize()
-        segment, hit = self.text.add(self.detokenizer.last_segment, final=finish is not None)
+        # A hidden marker (the thought channel's, a tool call's) ends a part of the reply: the text
+        # held back for stop strings is shown with it, so that it stays in the part it belongs to.
+        ends_part = finish is not None or token in self.hidden
+        segment, hit = self.text.add(self.detokenizer.last_segment, final=ends_part)
         return segment, "stop" if hit else finish
 
 
