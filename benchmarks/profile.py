@@ -1,12 +1,14 @@
 """Where a prefill and a decode step spend their time: each part of our model timed on its own, on one
-CPU core and cut across all of them (mlx_gemma4u/cpu_streams.py), in one process.
+CPU core and cut across all of them (mlx_gemma4u/backends/cpu_cores.py), in one process.
 
     python -m benchmarks.profile [--sizes demo mid 12b-2l] [--dtype bfloat16] [--tokens 512]
                                  [--out benchmarks/results/profile.json]
 
 Parts: one sliding and one full decoder layer's attention (projections, norms, RoPE, cache update,
 attention) and MLP, each over `tokens` prompt positions (prefill) and over one position after them
-(decode), and the output head over one position (what both a prefill and a decode step run). Each figure is the median of --repeats evaluations, in milliseconds.
+(decode), and the output head over one position (what both a prefill and a decode step run). Each
+figure is the median of --repeats evaluations, in milliseconds: first all on one core (the model
+loaded plain), then all with the model cut across the cores.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def parts(model, tokens: int) -> dict:
     from mlx_gemma4u.models.config import FULL
 
     text = model.config.text
-    layers = {kind: next(i for i, s in enumerate(text.layers) if s.layer_type == kind and s.kv_mode != "reuse")
-              for kind in ("sliding_attention", FULL)}
+    layers = {
+        kind: next(i for i, s in enumerate(text.layers) if s.layer_type == kind and s.kv_mode != "reuse")
+        for kind in ("sliding_attention", FULL)
+    }
     x = mx.random.normal((1, tokens + 1, text.hidden_size)).astype(model.language_model.norm.weight.dtype)
     mx.eval(x)
     out = {}
@@ -76,19 +80,20 @@ def _attention(model, layer, index, x, lo, hi):
 
 
 def profile(size: str, dtype: str, tokens: int, repeats: int) -> dict:
-    from mlx_gemma4u.backends.cpu_streams import cpu_cores
+    from mlx_gemma4u.backends import cpu_cores
     from mlx_gemma4u.weights.loading import load_model
 
+    cores = cpu_cores.cpu_cores()
+    os.environ["MLX_GEMMA4U_CPU_CORES"] = "1"  # loaded plain for the one-core figures, cut after them
     model = load_model(ensure_checkpoint(size, CACHE), dtype=dtype)
-    cores = cpu_cores()
-    result = {}
-    for name, run in parts(model, tokens).items():
-        os.environ["MLX_GEMMA4U_CPU_CORES"] = "1"
-        one = median_ms(run, repeats)
-        os.environ["MLX_GEMMA4U_CPU_CORES"] = str(cores)
-        result[name] = {"one core ms": one, f"{cores} cores ms": median_ms(run, repeats)}
+    runs = parts(model, tokens)
+    one = {name: median_ms(run, repeats) for name, run in runs.items()}
+    os.environ["MLX_GEMMA4U_CPU_CORES"] = str(cores)
+    cpu_cores.apply(model)
     os.environ.pop("MLX_GEMMA4U_CPU_CORES")
-    return result
+    return {
+        name: {"one core ms": one[name], f"{cores} cores ms": median_ms(run, repeats)} for name, run in runs.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

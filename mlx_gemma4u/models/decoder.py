@@ -1,6 +1,6 @@
 """The Gemma 4 text decoder.
 
-Per layer (SPEC.md section 2):
+Per layer:
 
     a = x + post_attn_norm(attention(input_norm(x)))
     b = a + post_ffw_norm(mlp(pre_ffw_norm(a)))
@@ -17,16 +17,14 @@ post-norm + residual + next pre-norm, the GELU gate), which run their MLX refere
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 
-from mlx_gemma4u.models.config import LayerSpec, TextConfig
-from mlx_gemma4u.backends.cpu_streams import in_pieces
 from mlx_gemma4u.kernels import gelu_mul, norm_rope, residual_norm
-from mlx_gemma4u.backends.linear import Embedding, Linear
+from mlx_gemma4u.models.config import LayerSpec, TextConfig
 from mlx_gemma4u.models.rope import RoPE
 
 
@@ -52,7 +50,7 @@ class Step:
             self._masks[layer_type] = self._make_mask(layer_type, cache, n_keys)
         mask = self._masks[layer_type]
         # A string ("causal") is aligned to the last key by MLX, so it holds for any number of last rows.
-        return mask[..., -self._rows:, :] if self._rows and isinstance(mask, mx.array) else mask
+        return mask[..., -self._rows :, :] if self._rows and isinstance(mask, mx.array) else mask
 
     def narrow(self, n_queries: int, keep: int) -> None:
         """From here on only the last `keep` of the pass's n_queries queries are computed."""
@@ -65,33 +63,13 @@ class RowSteps:
 
     steps[i] is row i's own Step (its RoPE offset and masks, from its own caches). Layers batch
     every Linear, MLP and norm over the B rows; attention runs row by row (Attention._rows), so a
-    row's RoPE, cache update and mask are exactly those of the row decoding alone.
+    row's RoPE, cache update and mask are exactly those of the row decoding alone. (One attention
+    call for all rows would first copy every row's cached keys and values into one stacked array,
+    at every layer and step.)
     """
 
     def __init__(self, steps: list[Step]):
         self.steps = steps
-
-
-def attention(q: mx.array, k, v, cache, mask) -> mx.array:
-    """(B, heads, T, D) queries over (B, kv_heads, K, D) keys and values (each a (data, scales,
-    biases) tuple from a quantized cache), scale 1 -> (B, T, heads, D); in pieces of heads on the
-    CPU's cores (cpu_streams.py): of key-value heads with the queries of their group, or of query
-    heads when they all share one key-value head."""
-    quantized = isinstance(k, (tuple, list))
-    kv_heads, n_keys = (k[0] if quantized else k).shape[1:3]
-    group = q.shape[1] // kv_heads if kv_heads > 1 else 1
-
-    def heads(a, lo, hi):
-        if kv_heads == 1:
-            return a
-        return tuple(part[:, lo:hi] for part in a) if quantized else a[:, lo:hi]
-
-    def run(lo, hi):
-        out = scaled_dot_product_attention(q[:, lo * group:hi * group], heads(k, lo, hi), heads(v, lo, hi), cache,
-                                           scale=1.0, mask=mask)
-        return out.transpose(0, 2, 1, 3)  # the pieces are joined straight into the layout o_proj reads
-
-    return in_pieces(run, q.shape[1] // group, 2 * q.size * n_keys, axis=2)
 
 
 def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
@@ -106,15 +84,16 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, spec.num_kv_heads, spec.head_dim
         self.eps = config.rms_norm_eps
         self.reuse, self.store = spec.kv_mode == "reuse", spec.kv_mode == "store"
-        self.q_proj = Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=self.eps)
         if not self.reuse:
-            self.k_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+            self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=self.eps)
             if not spec.k_eq_v:
-                self.v_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, dim, bias=bias)
+                self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
         self.rope = RoPE(self.head_dim, config.rope_parameters[spec.layer_type])
+        self.sdpa = scaled_dot_product_attention  # a backend may swap in its own (backends/)
 
     def _project_kv(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """(B, T, D) -> raw keys and values (B, T, kv_heads, head_dim), before norms and RoPE."""
@@ -139,12 +118,14 @@ class Attention(nn.Module):
     def _attend(self, projected_q: mx.array, k, v, step: Step, cache) -> mx.array:
         """(B, T, heads * head_dim) query projections -> (B, T, heads * head_dim) attention output."""
         B, T, _ = projected_q.shape
-        q = norm_rope(projected_q.reshape(B, T, self.n_heads, self.head_dim), self.q_norm.weight, self.eps,
-                      self.rope, step.offset)
+        q = norm_rope(
+            projected_q.reshape(B, T, self.n_heads, self.head_dim), self.q_norm.weight, self.eps, self.rope, step.offset
+        )
         mask = step.mask(self.layer_type, cache, (k[0] if isinstance(k, (tuple, list)) else k).shape[2])
-        return attention(q, k, v, cache, mask).reshape(B, T, -1)
+        out = self.sdpa(q, k, v, cache, scale=1.0, mask=mask)
+        return out.transpose(0, 2, 1, 3).reshape(B, T, -1)
 
-    def __call__(self, x: mx.array, step: "Step | RowSteps", cache=None, keep: int = 0) -> mx.array:
+    def __call__(self, x: mx.array, step: Step | RowSteps, cache=None, keep: int = 0) -> mx.array:
         """(B, T, D) -> (B, T, D), or (B, keep, D) for the last `keep` positions only: keys and values
         still cover all T (and reach the cache), the queries and everything after them do not.
 
@@ -159,7 +140,7 @@ class Attention(nn.Module):
             x = x[:, -keep:]
         return self.o_proj(self._attend(self.q_proj(x), k, v, step, cache))
 
-    def _rows(self, x: mx.array, rows: "RowSteps", caches) -> mx.array:
+    def _rows(self, x: mx.array, rows: RowSteps, caches) -> mx.array:
         """B independent sequences, one row each: the projections run for all rows at once; RoPE,
         cache update, mask and attention run per row, against that row's own caches only."""
         raw_k, raw_v = (None, None) if self.reuse else self._project_kv(x)
@@ -176,19 +157,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = Linear(dim, hidden, bias=False)
-        self.up_proj = Linear(dim, hidden, bias=False)
-        self.down_proj = Linear(hidden, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        """Gate and up are cut together (cpu_streams.py), each piece gated on its own, so neither
-        is ever whole in memory: a cut of each, joined and then gated, would hold both twice over."""
-        hidden = self.gate_proj.weight.shape[0]
-
-        def gated(lo, hi):
-            return gelu_mul(self.gate_proj.rows(x, lo, hi), self.up_proj.rows(x, lo, hi))
-
-        return self.down_proj(in_pieces(gated, hidden, 2 * x.size * hidden, axis=-1))
+        return self.down_proj(gelu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -208,8 +182,9 @@ class DecoderLayer(nn.Module):
         """The layer on its own, x -> x' (TextModel chains `forward` instead)."""
         return self.forward(x, self.input_layernorm(x), self.input_layernorm.weight, step, cache)[0]
 
-    def forward(self, x: mx.array, normed: mx.array, next_norm: mx.array, step: Step,
-                cache=None, keep: int = 0) -> tuple[mx.array, mx.array]:
+    def forward(
+        self, x: mx.array, normed: mx.array, next_norm: mx.array, step: Step, cache=None, keep: int = 0
+    ) -> tuple[mx.array, mx.array]:
         """x and normed = input_layernorm(x) -> x' and the next norm (weight `next_norm`) of x'
         (for the last `keep` positions only, if keep > 0; see Attention).
 
@@ -219,10 +194,12 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn(normed, step, cache, keep)
         if keep:
             x = x[:, -keep:]
-        h, normed = residual_norm(x, attn, self.post_attention_layernorm.weight,
-                                  self.pre_feedforward_layernorm.weight, self.eps, None)
-        return residual_norm(h, self.mlp(normed), self.post_feedforward_layernorm.weight, next_norm,
-                             self.eps, self.layer_scalar)
+        h, normed = residual_norm(
+            x, attn, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight, self.eps, None
+        )
+        return residual_norm(
+            h, self.mlp(normed), self.post_feedforward_layernorm.weight, next_norm, self.eps, self.layer_scalar
+        )
 
 
 class TextModel(nn.Module):
@@ -231,7 +208,7 @@ class TextModel(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config, spec) for spec in config.layers]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         owners = [i for i, spec in enumerate(config.layers) if spec.kv_mode != "reuse"]

@@ -21,7 +21,6 @@ from mlx_gemma4u.models.config import FULL, ModelConfig
 from mlx_gemma4u.models.decoder import RowSteps, Step, TextModel
 from mlx_gemma4u.errors import CheckpointError, InputError
 from mlx_gemma4u.kernels import softcap
-from mlx_gemma4u.backends.linear import Linear
 from mlx_gemma4u.models.masks import SEMANTICS, build_mask, vision_blocks
 from mlx_gemma4u.models.multimodal import placeholder_positions, scatter_soft_tokens
 from mlx_gemma4u.models.vision import VisionEmbedder
@@ -41,7 +40,7 @@ class Model(nn.Module):
         if config.audio is not None:
             self.embed_audio = AudioEmbedder(config.audio, text.hidden_size)
         if not text.tie_word_embeddings:
-            self.lm_head = Linear(text.hidden_size, text.vocab_size, bias=False)
+            self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
 
     def __call__(
         self,

@@ -21,7 +21,6 @@ import numpy as np
 from mlx_gemma4u.models.config import VisionConfig
 from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.kernels import position_norm
-from mlx_gemma4u.backends.linear import Linear
 from mlx_gemma4u.models.multimodal import MultimodalEmbedder, compute_dtype, kept_rows, project, two_step_mean
 
 LAYER_NORM_EPS = 1e-5
@@ -54,7 +53,7 @@ class VisionEmbedder(nn.Module):
         self.config = config
         dim = config.mm_embed_dim
         self.patch_ln1 = PatchLayerNorm(config.patch_values, eps=LAYER_NORM_EPS)
-        self.patch_dense = Linear(config.patch_values, dim)
+        self.patch_dense = nn.Linear(config.patch_values, dim)
         self.patch_ln2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.pos_embedding = mx.zeros((config.mm_posemb_size, 2, dim))
         self.pos_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
