@@ -78,3 +78,29 @@ def test_the_cli_has_no_bench_command(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--quick"])
     assert "invalid choice: 'bench'" in capsys.readouterr().err
+
+
+def test_graph_counts_the_primitives_and_the_weights_a_step_reads():
+    import mlx.core as mx
+
+    from benchmarks import graph
+
+    x, w, unused = mx.ones((1, 4)), mx.ones((4, 4)), mx.ones((1000,))
+    mx.eval(x, w, unused)
+    counts = graph.graph([mx.exp(x @ w).sum()], {"w": w, "unused": unused})
+    assert counts["kinds"]["Matmul"] == 1 and counts["kinds"]["Exp"] == 1 and counts["kinds"]["Sum"] == 1
+    assert counts["weight_bytes"] == w.nbytes  # `unused` is not an input of the graph
+
+
+def test_graph_of_a_decode_step(demo_home):
+    """Per row, one attention per layer; the weights are read once per step, whatever the batch."""
+    import json
+
+    from benchmarks import graph
+
+    steps = graph.ours(demo_home / "demo-v1", None, context=8)
+    layers = json.loads((demo_home / "demo-v1" / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    one, eight = steps["decode, batch 1"], steps["decode, batch 8"]
+    assert graph.attention_calls(one) == layers
+    assert one["weight_bytes"] == eight["weight_bytes"] > 33_000_000  # the 262,144 x 64 bfloat16 embedding, tied head
+    assert eight["ops"] > one["ops"]
