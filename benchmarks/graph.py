@@ -10,10 +10,11 @@ mx.export_to_dot before anything runs: its primitives are counted by kind, and t
 among its inputs are summed (a gathered embedding counts whole; the tied output head reads it
 whole anyway). The counts are of the plain model (MLX_GEMMA4U_CPU_CORES=1 turns the CPU-core cut
 off); where MLX composes its fast ops (RMS norm, RoPE, attention) from basic ones, as on its CPU
-backend, there are more nodes than on a GPU, for both implementations alike. mlx-vlm runs its own decode call, `model.language_model(tokens,
-cache=...)`, with B equal-length rows in one cache (no padding, so its fewest ops); its drafted
-round is driven by its speculative loop rather than one call, so it is not counted here. The
-drafted round needs the demo drafter, so it is counted on the demo checkpoint only.
+backend, there are more nodes than on a GPU, for both implementations alike. mlx-vlm runs its own
+decode call, `model.language_model(tokens, cache=...)`, with B equal-length rows in one cache (no
+padding, so its fewest ops); its drafted round is driven by its speculative loop rather than one
+call, so it is not counted here. The drafted round needs the demo drafter, so it is counted on the
+demo checkpoint only.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-
 from unittest import mock
 
 import mlx.core as mx
