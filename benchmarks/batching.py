@@ -57,11 +57,21 @@ def ours(path: Path, dtype: str, batches: list[int], tokens: int) -> list[dict]:
         peak = mx.get_peak_memory()
         replies = [generator.responses[u] for u in uids]
         n = sum(len(r.tokens) for r in replies)
-        exact = all(r.tokens == [s.token for s in stream_generate(model, processor, t, max_tokens=tokens)]
-                    for t, r in zip(texts[:2], replies[:2]))  # two rows checked, to keep the run short
-        rows.append({"impl": "ours", "batch": size, "tokens": n, "decode_tps": (n - first) / elapsed,
-                     "latency_s": sum(r.latency for r in replies) / size,
-                     "mb_per_seq": (peak - base) / size / 1e6, "exact": exact})
+        exact = all(
+            r.tokens == [s.token for s in stream_generate(model, processor, t, max_tokens=tokens)]
+            for t, r in zip(texts[:2], replies[:2])
+        )  # two rows checked, to keep the run short
+        rows.append(
+            {
+                "impl": "ours",
+                "batch": size,
+                "tokens": n,
+                "decode_tps": (n - first) / elapsed,
+                "latency_s": sum(r.latency for r in replies) / size,
+                "mb_per_seq": (peak - base) / size / 1e6,
+                "exact": exact,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -81,43 +91,67 @@ def mlx_vlm(path: Path, dtype: str, batches: list[int], tokens: int) -> list[dic
         elapsed = time.perf_counter() - start
         peak = mx.get_peak_memory()
         stats = out.stats
-        rows.append({"impl": "mlx-vlm", "batch": size, "tokens": stats.generation_tokens,
-                     "decode_tps": stats.generation_tps, "latency_s": elapsed,
-                     "mb_per_seq": (peak - base) / size / 1e6, "exact": None})
+        rows.append(
+            {
+                "impl": "mlx-vlm",
+                "batch": size,
+                "tokens": stats.generation_tokens,
+                "decode_tps": stats.generation_tps,
+                "latency_s": elapsed,
+                "mb_per_seq": (peak - base) / size / 1e6,
+                "exact": None,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def table(results: dict[str, list[dict]]) -> str:
     """Markdown: one line per checkpoint and batch size, ours beside mlx-vlm."""
-    lines = ["| checkpoint | batch | ours decode tok/s | mlx-vlm decode tok/s | ours latency s | "
-             "mlx-vlm call s | ours MB/seq | mlx-vlm MB/seq | rows exact |", "|" + "---|" * 9]
+    lines = [
+        "| checkpoint | batch | ours decode tok/s | mlx-vlm decode tok/s | ours latency s | "
+        "mlx-vlm call s | ours MB/seq | mlx-vlm MB/seq | rows exact |",
+        "|" + "---|" * 9,
+    ]
     for size, rows in results.items():
         by = {(r["impl"], r["batch"]): r for r in rows}
         for batch in sorted({r["batch"] for r in rows}):
             o, v = by.get(("ours", batch), {}), by.get(("mlx-vlm", batch), {})
-            cells = [f"{o.get('decode_tps', 0):.1f}", f"{v.get('decode_tps', 0):.1f}", f"{o.get('latency_s', 0):.2f}",
-                     f"{v.get('latency_s', 0):.2f}", f"{o.get('mb_per_seq', 0):.1f}", f"{v.get('mb_per_seq', 0):.1f}",
-                     "yes" if o.get("exact") else "no"]
+            cells = [
+                f"{o.get('decode_tps', 0):.1f}",
+                f"{v.get('decode_tps', 0):.1f}",
+                f"{o.get('latency_s', 0):.2f}",
+                f"{v.get('latency_s', 0):.2f}",
+                f"{o.get('mb_per_seq', 0):.1f}",
+                f"{v.get('mb_per_seq', 0):.1f}",
+                "yes" if o.get("exact") else "no",
+            ]
             lines.append(f"| {size} | {batch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.batching", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.batching", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", nargs="+", choices=["demo", "mid", "12b-2l"], default=["mid", "12b-2l"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     parser.add_argument("--tokens", type=int, default=16, help="decode tokens per row")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="weights (float32: the CPU backend's fast matmuls)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="weights (float32: the CPU backend's fast matmuls)",
+    )
     parser.add_argument("--cache", type=Path, default=CACHE, help=f"where the random checkpoints live ({CACHE})")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     results = {}
     for size in args.sizes:
         path = ensure_checkpoint(size, args.cache)
-        results[size] = ours(path, args.dtype, args.batches, args.tokens) + mlx_vlm(path, args.dtype, args.batches, args.tokens)
+        results[size] = ours(path, args.dtype, args.batches, args.tokens) + mlx_vlm(
+            path, args.dtype, args.batches, args.tokens
+        )
         gc.collect()
     print(table(results))
     if args.out:

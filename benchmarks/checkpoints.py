@@ -15,9 +15,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from mlx_gemma4u.files import replacing_folder
 from mlx_gemma4u.weights.demo import CONFIG as DEMO_CONFIG
 from mlx_gemma4u.weights.demo import ensure_demo, write_checkpoint
-from mlx_gemma4u.files import replacing_folder
 
 S, F = "sliding_attention", "full_attention"
 VERSION = 1
@@ -34,12 +34,34 @@ def variant(text: dict, vision_dim: int) -> dict:
     return config
 
 
-MID = variant(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=6, num_attention_heads=8,
-                   num_key_value_heads=4, head_dim=256, global_head_dim=512, sliding_window=1024,
-                   layer_types=[S] * 5 + [F]), vision_dim=1024)
-REAL_12B_2L = variant(dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=2, num_attention_heads=16,
-                           num_key_value_heads=8, head_dim=256, global_head_dim=512, sliding_window=1024,
-                           layer_types=[S, F]), vision_dim=3840)
+MID = variant(
+    dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        global_head_dim=512,
+        sliding_window=1024,
+        layer_types=[S] * 5 + [F],
+    ),
+    vision_dim=1024,
+)
+REAL_12B_2L = variant(
+    dict(
+        hidden_size=3840,
+        intermediate_size=15360,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        global_head_dim=512,
+        sliding_window=1024,
+        layer_types=[S, F],
+    ),
+    vision_dim=3840,
+)
 SIZES = {"demo": None, "mid": MID, "12b-2l": REAL_12B_2L}
 
 

@@ -68,19 +68,36 @@ class Plan:
 
 
 ALL_DTYPES = ("float32", "bfloat16", "4bit")
-MLX_CPU_NOTE = ("MLX's CPU backend (Linux wheel) multiplies matrices at about 2 GFLOP/s in float32 and 5 in bfloat16 "
-                "here, against about 110 for torch, so MLX runs are cut to fit the time budget.")
-FULL = Plan(runs=(Run("demo", "float32", (512, 4096), 128), Run("demo", "bfloat16", (512, 4096), 128),
-                  Run("demo", "4bit", (512,), 32),
-                  Run("mid", "bfloat16", (512,), 32, media=False),
-                  Run("12b-2l", "bfloat16", (64,), 8, media=False)),
-            repeats=2, correctness=("demo", "mid"),
-            notes=(MLX_CPU_NOTE, "Full: 4,096-token prefill on the demo only; mid and 12b-2l in bfloat16, text "
-                   "prompts only (12b-2l: 64-token prefill, 8 decode tokens); float32 logits on demo and mid."))
-QUICK = Plan(runs=(Run("demo", "bfloat16", (512,), 32), Run("mid", "bfloat16", (128,), 8, media=False)),
-             repeats=2, correctness=("demo",),
-             notes=(MLX_CPU_NOTE, "--quick: demo (512-token prefill, 32 decode tokens) and mid (text only, 128-token "
-                    "prefill, 8 decode tokens), bfloat16; float32 logits on the demo."))
+MLX_CPU_NOTE = (
+    "MLX's CPU backend (Linux wheel) multiplies matrices at about 2 GFLOP/s in float32 and 5 in bfloat16 "
+    "here, against about 110 for torch, so MLX runs are cut to fit the time budget."
+)
+FULL = Plan(
+    runs=(
+        Run("demo", "float32", (512, 4096), 128),
+        Run("demo", "bfloat16", (512, 4096), 128),
+        Run("demo", "4bit", (512,), 32),
+        Run("mid", "bfloat16", (512,), 32, media=False),
+        Run("12b-2l", "bfloat16", (64,), 8, media=False),
+    ),
+    repeats=2,
+    correctness=("demo", "mid"),
+    notes=(
+        MLX_CPU_NOTE,
+        "Full: 4,096-token prefill on the demo only; mid and 12b-2l in bfloat16, text "
+        "prompts only (12b-2l: 64-token prefill, 8 decode tokens); float32 logits on demo and mid.",
+    ),
+)
+QUICK = Plan(
+    runs=(Run("demo", "bfloat16", (512,), 32), Run("mid", "bfloat16", (128,), 8, media=False)),
+    repeats=2,
+    correctness=("demo",),
+    notes=(
+        MLX_CPU_NOTE,
+        "--quick: demo (512-token prefill, 32 decode tokens) and mid (text only, 128-token "
+        "prefill, 8 decode tokens), bfloat16; float32 logits on the demo.",
+    ),
+)
 
 TEXT = "Write a short poem about the sea, in four lines."
 IMAGE_SIZE = (960, 672)  # 20 x 14 blocks of 48 px: exactly 280 soft tokens
@@ -98,9 +115,11 @@ def build_inputs(checkpoint: Path, max_length: int, out: Path) -> Path:
     image = Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE[1], IMAGE_SIZE[0], 3), dtype=np.uint8))
     t = np.arange(int(16000 * AUDIO_SECONDS)) / 16000
     audio = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
-    prompts = {"text": processor(text=TEXT, return_tensors="np"),
-               "image": processor(text=f"Describe this: {processor.image_token}", images=[image], return_tensors="np"),
-               "audio": processor(text=f"Transcribe: {processor.audio_token}", audio=[audio], return_tensors="np")}
+    prompts = {
+        "text": processor(text=TEXT, return_tensors="np"),
+        "image": processor(text=f"Describe this: {processor.image_token}", images=[image], return_tensors="np"),
+        "audio": processor(text=f"Transcribe: {processor.audio_token}", audio=[audio], return_tensors="np"),
+    }
     ids = rng.integers(1000, 200000, (1, max_length))
     ids[0, 0] = 2
     arrays = {"prefill.input_ids": ids}
@@ -159,8 +178,13 @@ def run_job(job: dict, work: Path, timeout_s: int) -> dict:
     path.write_text(json.dumps(job))
     root = Path(__file__).resolve().parents[1]
     try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.workers", str(path)], cwd=root, capture_output=True,
-                              text=True, timeout=timeout_s)
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.workers", str(path)],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s} s"}
     if proc.returncode != 0:
@@ -178,13 +202,22 @@ def measure(plan: Plan, checkpoints: dict[str, Path], inputs: Path, work: Path, 
                 if impl in unavailable or (impl == "transformers" and run.dtype == "4bit"):
                     continue
                 base = {"impl": impl, "size": run.size, "dtype": run.dtype, "repeat": repeat}
-                job = {**base, "mode": "timing", "checkpoint": str(checkpoints[run.size]), "inputs": str(inputs),
-                       "prefill_lengths": list(run.prefill_lengths), "decode_after": run.prefill_lengths[0],
-                       "decode_tokens": run.decode_tokens, "media": run.media}
+                job = {
+                    **base,
+                    "mode": "timing",
+                    "checkpoint": str(checkpoints[run.size]),
+                    "inputs": str(inputs),
+                    "prefill_lengths": list(run.prefill_lengths),
+                    "decode_after": run.prefill_lengths[0],
+                    "decode_tokens": run.decode_tokens,
+                    "media": run.media,
+                }
                 started = time.perf_counter()
                 records.append({**base, **run_job(job, work, plan.timeout_s)})
-                _log(f"{impl:12s} {run.size:7s} {run.dtype:9s} repeat {repeat}: {time.perf_counter() - started:5.1f} s"
-                     + (f"  ERROR {records[-1]['error']}" if "error" in records[-1] else ""))
+                _log(
+                    f"{impl:12s} {run.size:7s} {run.dtype:9s} repeat {repeat}: {time.perf_counter() - started:5.1f} s"
+                    + (f"  ERROR {records[-1]['error']}" if "error" in records[-1] else "")
+                )
     return records
 
 
@@ -226,7 +259,8 @@ def ratios(results: dict) -> dict:
                 if "n/a" in ours or "n/a" in theirs or not shared:
                     continue
                 out.setdefault(size, {}).setdefault(dtype, {})[peer] = {
-                    m: _better(m, ours[m]["median"], theirs[m]["median"]) for m in shared}
+                    m: _better(m, ours[m]["median"], theirs[m]["median"]) for m in shared
+                }
     return out
 
 
@@ -241,10 +275,17 @@ def bounds(results: dict, plan: Plan, checkpoints: dict[str, Path], bandwidth: f
         context = run.prefill_lengths[0] + run.decode_tokens // 2
         nbytes = decode_bytes(checkpoints[run.size], run.dtype, context)
         bound = bandwidth * 1e9 / nbytes
-        shares = {impl: cell["decode_tps"]["median"] / bound
-                  for impl, cell in results[run.size][run.dtype].items() if "decode_tps" in cell}
-        out.setdefault(run.size, {})[run.dtype] = {"bytes_per_token": nbytes, "context": context, "bound_tps": bound,
-                                                   "fraction": shares}
+        shares = {
+            impl: cell["decode_tps"]["median"] / bound
+            for impl, cell in results[run.size][run.dtype].items()
+            if "decode_tps" in cell
+        }
+        out.setdefault(run.size, {})[run.dtype] = {
+            "bytes_per_token": nbytes,
+            "context": context,
+            "bound_tps": bound,
+            "fraction": shares,
+        }
     return out
 
 
@@ -254,8 +295,14 @@ def correctness(plan: Plan, checkpoints: dict[str, Path], inputs: Path, work: Pa
     for size in plan.correctness:
         logits = {}
         for impl in (i for i in plan.impls if i not in unavailable):
-            job = {"impl": impl, "size": size, "dtype": "float32", "mode": "logits",
-                   "checkpoint": str(checkpoints[size]), "inputs": str(inputs)}
+            job = {
+                "impl": impl,
+                "size": size,
+                "dtype": "float32",
+                "mode": "logits",
+                "checkpoint": str(checkpoints[size]),
+                "inputs": str(inputs),
+            }
             record = run_job(job, work, plan.timeout_s)
             if "error" in record:
                 _log(f"logits {impl} {size}: ERROR {record['error']}")
@@ -270,7 +317,7 @@ def _diffs(logits: dict[str, dict[str, np.ndarray]]) -> dict:
     names = list(logits)
     out: dict = {}
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             for prompt in logits[a]:
                 diff = float(np.max(np.abs(logits[a][prompt] - logits[b][prompt])))
                 scale = float(np.max(np.abs(logits[b][prompt])))
@@ -284,8 +331,7 @@ def run(plan: Plan, out: Path, cache: Path) -> dict:
     unavailable = {impl: why for impl in plan.impls if (why := missing(impl))}
     checkpoints = {size: ensure_checkpoint(size, cache) for size in plan.sizes}
     _log(f"checkpoints ready ({time.perf_counter() - started:.0f} s); skipped: {unavailable or 'none'}")
-    report = {"machine": machine(), "plan": asdict(plan), "unavailable": unavailable,
-              "bandwidth_gbs": copy_bandwidth()}
+    report = {"machine": machine(), "plan": asdict(plan), "unavailable": unavailable, "bandwidth_gbs": copy_bandwidth()}
     with tempfile.TemporaryDirectory(prefix="mlx-gemma4u-bench-") as tmp:
         work = Path(tmp)
         longest = max(max(r.prefill_lengths) for r in plan.runs)
@@ -293,8 +339,11 @@ def run(plan: Plan, out: Path, cache: Path) -> dict:
         records = measure(plan, checkpoints, inputs, work, unavailable)
         report["results"] = summarize(records, plan, unavailable)
         report["correctness"] = correctness(plan, checkpoints, inputs, work, unavailable)
-    report.update(ratios=ratios(report["results"]), raw=records,
-                  decode_bound=bounds(report["results"], plan, checkpoints, report["bandwidth_gbs"]))
+    report.update(
+        ratios=ratios(report["results"]),
+        raw=records,
+        decode_bound=bounds(report["results"], plan, checkpoints, report["bandwidth_gbs"]),
+    )
     report["machine"]["load_after"] = os.getloadavg()
     report["elapsed_s"] = time.perf_counter() - started
     write_text(out, json.dumps(report, indent=1))
@@ -303,8 +352,9 @@ def run(plan: Plan, out: Path, cache: Path) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mlx-gemma4u bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mlx-gemma4u bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="demo and mid sizes only, short prompts (< 3 minutes)")
     parser.add_argument("--out", type=Path, help="the JSON file (default benchmarks/results/<mode>-<date>.json)")
     parser.add_argument("--cache", type=Path, default=CACHE, help=f"where the random checkpoints live ({CACHE})")
@@ -321,11 +371,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def plan_from_args(args: argparse.Namespace) -> Plan:
     """The quick or full plan, narrowed by the command-line overrides."""
     plan = QUICK if args.quick else FULL
-    runs = [replace(r, prefill_lengths=tuple(args.prefill or r.prefill_lengths), decode_tokens=args.decode or r.decode_tokens)
-            for r in plan.runs if (not args.sizes or r.size in args.sizes) and (not args.dtypes or r.dtype in args.dtypes)]
-    return replace(plan, runs=tuple(runs), repeats=args.repeats or plan.repeats, impls=tuple(args.impls),
-                   correctness=() if args.no_correctness else tuple(s for s in plan.correctness if s in
-                                                                      {r.size for r in runs}))
+    runs = [
+        replace(
+            r, prefill_lengths=tuple(args.prefill or r.prefill_lengths), decode_tokens=args.decode or r.decode_tokens
+        )
+        for r in plan.runs
+        if (not args.sizes or r.size in args.sizes) and (not args.dtypes or r.dtype in args.dtypes)
+    ]
+    return replace(
+        plan,
+        runs=tuple(runs),
+        repeats=args.repeats or plan.repeats,
+        impls=tuple(args.impls),
+        correctness=() if args.no_correctness else tuple(s for s in plan.correctness if s in {r.size for r in runs}),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

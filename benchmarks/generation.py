@@ -15,19 +15,31 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
+from mlx_gemma4u.generation.api import stream_inputs
+from mlx_gemma4u.generation.params import SamplingParams
+from mlx_gemma4u.generation.prompt_cache import PromptCache
 from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.weights.demo import CONFIG as DEMO_CONFIG
 from mlx_gemma4u.weights.demo import ensure_demo
-from mlx_gemma4u.generation.prompt_cache import PromptCache
-from mlx_gemma4u.generation.api import stream_inputs
-from mlx_gemma4u.generation.params import SamplingParams
 from mlx_gemma4u.weights.loading import load_model
 
-LARGER = {**DEMO_CONFIG, "text_config": {**DEMO_CONFIG["text_config"], "hidden_size": 1024, "intermediate_size": 4096,
-                                         "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
-                                         "head_dim": 256, "global_head_dim": 512, "sliding_window": 1024,
-                                         "layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
-          "vision_config": None, "audio_config": None}
+LARGER = {
+    **DEMO_CONFIG,
+    "text_config": {
+        **DEMO_CONFIG["text_config"],
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "global_head_dim": 512,
+        "sliding_window": 1024,
+        "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+    },
+    "vision_config": None,
+    "audio_config": None,
+}
 
 
 def random_model(raw: dict):
@@ -48,8 +60,12 @@ def run_once(model, prompt_tokens: int, decode_tokens: int) -> dict:
     first = time.perf_counter()
     n = 1 + sum(1 for _ in steps)
     end = time.perf_counter()
-    return {"ttft_s": first - start, "prefill_tps": prompt_tokens / (first - start),
-            "decode_tps": (n - 1) / (end - first), "peak_gb": mx.get_peak_memory() / 1e9}
+    return {
+        "ttft_s": first - start,
+        "prefill_tps": prompt_tokens / (first - start),
+        "decode_tps": (n - 1) / (end - first),
+        "peak_gb": mx.get_peak_memory() / 1e9,
+    }
 
 
 def main() -> None:

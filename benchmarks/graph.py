@@ -117,26 +117,40 @@ def attention_calls(counts: dict) -> int:
 
 def table(size: str, context: int, results: dict[str, dict[str, dict]], layers: int) -> str:
     """Markdown: one line per step, ours beside mlx-vlm."""
-    lines = [f"Checkpoint `{size}` ({layers} layers), {context}-token context per row, plain model, MLX "
-             f"{mx.__version__} on {mx.default_device()} (fast ops composed from basic ones where the backend "
-             "has no kernel for them).", "",
-             "| step | ours ops | mlx-vlm ops | ours / mlx-vlm | ours attention calls | mlx-vlm attention calls "
-             "| ours weight MB | mlx-vlm weight MB |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Checkpoint `{size}` ({layers} layers), {context}-token context per row, plain model, MLX "
+        f"{mx.__version__} on {mx.default_device()} (fast ops composed from basic ones where the backend "
+        "has no kernel for them).",
+        "",
+        "| step | ours ops | mlx-vlm ops | ours / mlx-vlm | ours attention calls | mlx-vlm attention calls "
+        "| ours weight MB | mlx-vlm weight MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for step, mine in results["ours"].items():
         theirs = results.get("mlx-vlm", {}).get(step)
-        cells = [str(mine["ops"]), str(theirs["ops"]) if theirs else "not counted",
-                 f"{mine['ops'] / theirs['ops']:.2f}" if theirs else "",
-                 str(attention_calls(mine)), str(attention_calls(theirs)) if theirs else "",
-                 f"{mine['weight_bytes'] / 1e6:.1f}", f"{theirs['weight_bytes'] / 1e6:.1f}" if theirs else ""]
+        cells = [
+            str(mine["ops"]),
+            str(theirs["ops"]) if theirs else "not counted",
+            f"{mine['ops'] / theirs['ops']:.2f}" if theirs else "",
+            str(attention_calls(mine)),
+            str(attention_calls(theirs)) if theirs else "",
+            f"{mine['weight_bytes'] / 1e6:.1f}",
+            f"{theirs['weight_bytes'] / 1e6:.1f}" if theirs else "",
+        ]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    lines += ["", "Most frequent primitives, ours at batch 8: " + ", ".join(
-        f"{kind} {n}" for kind, n in results["ours"]["decode, batch 8"]["kinds"].most_common(8)) + "."]
+    lines += [
+        "",
+        "Most frequent primitives, ours at batch 8: "
+        + ", ".join(f"{kind} {n}" for kind, n in results["ours"]["decode, batch 8"]["kinds"].most_common(8))
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.graph", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.graph", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", default="demo", choices=["demo", "mid", "12b-2l"])
     parser.add_argument("--context", type=int, default=64, help="prompt tokens in each row's caches")
     parser.add_argument("--out", type=Path, default=RESULTS / "graph.md")

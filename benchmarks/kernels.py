@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -64,7 +64,7 @@ def unfused_position_norm(h, table, positions, weight, bias, eps):
 UNFUSED = {
     "norm_rope": lambda x, w, eps, rope, offset: rotate(rms(x, w, eps).transpose(0, 2, 1, 3), rope, offset),
     "residual_norm": unfused_residual_norm,
-    "gelu_mul": lambda gate, up: 0.5 * gate * (1 + mx.tanh(0.7978845608 * (gate + 0.044715 * gate ** 3))) * up,
+    "gelu_mul": lambda gate, up: 0.5 * gate * (1 + mx.tanh(0.7978845608 * (gate + 0.044715 * gate**3))) * up,
     "softcap": lambda x, cap: mx.tanh(x / cap) * cap,
     "position_norm": unfused_position_norm,
 }
@@ -73,11 +73,14 @@ UNFUSED = {
 def cases(tokens: int, dtype) -> list[tuple[str, str, tuple]]:
     """(kernel, label, arguments) at the 12B's sizes."""
     r = lambda *shape: mx.random.normal(shape).astype(dtype)  # noqa: E731
-    side = int(PATCHES ** 0.5) + 1
+    side = int(PATCHES**0.5) + 1
     positions = mx.array([[[i % side, i // side] for i in range(PATCHES)]])
     return [
-        ("norm_rope", "q, sliding (D 256)", (r(1, tokens, HEADS, 256), r(256), 1e-6,
-                                             RoPE(256, {"rope_theta": 10000.0}), 100)),
+        (
+            "norm_rope",
+            "q, sliding (D 256)",
+            (r(1, tokens, HEADS, 256), r(256), 1e-6, RoPE(256, {"rope_theta": 10000.0}), 100),
+        ),
         ("norm_rope", "q, full (D 512)", (r(1, tokens, HEADS, 512), r(512), 1e-6, RoPE(512, FULL_ROPE), 100)),
         ("residual_norm", "after MLP (scalar)", (r(1, tokens, D), r(1, tokens, D), r(D), r(D), 1e-6, r(1))),
         ("gelu_mul", "MLP gate", (r(1, tokens, MLP), r(1, tokens, MLP))),

@@ -26,11 +26,11 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.convert.converter import Options, convert
+from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.models.layouts import TRANSFORMERS
-from mlx_gemma4u.weights.loading import load, load_model
 from mlx_gemma4u.models.model import Model
+from mlx_gemma4u.weights.loading import load, load_model
 from mlx_gemma4u.weights.tokenizer_files import write_tokenizer_files
 
 from .checkpoints import F, S, variant
@@ -58,9 +58,19 @@ RECIPES = {
 
 def config(hidden: int = 256, layers: int = 4) -> dict:
     """The demo config, widened: real vocabulary, `hidden` wide, `layers` deep."""
-    c = variant(dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=64, global_head_dim=128, layer_types=[S] * (layers - 1) + [F]),
-                vision_dim=hidden)
+    c = variant(
+        dict(
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            global_head_dim=128,
+            layer_types=[S] * (layers - 1) + [F],
+        ),
+        vision_dim=hidden,
+    )
     c["dtype"] = "float32"
     return c
 
@@ -93,13 +103,15 @@ def prompts(processor) -> dict[str, list[dict]]:
 
     text = [processor(text=t, return_tensors="mlx") for t in TEXTS]
     image = Image.open(FIXTURES / "images" / "landscape_rocket_640x427.jpg")
-    image_prompt = processor(text="Describe this picture: <|image|> It shows", images=[image],
-                             max_soft_tokens=70, return_tensors="mlx")
+    image_prompt = processor(
+        text="Describe this picture: <|image|> It shows", images=[image], max_soft_tokens=70, return_tensors="mlx"
+    )
     import soundfile
 
     clip, rate = soundfile.read(FIXTURES / "audio" / "speech_16k_mono.wav", dtype="float32")
-    audio_prompt = processor(text="Transcribe: <|audio|> The speaker says", audio=[clip], sampling_rate=rate,
-                             return_tensors="mlx")
+    audio_prompt = processor(
+        text="Transcribe: <|audio|> The speaker says", audio=[clip], sampling_rate=rate, return_tensors="mlx"
+    )
     return {"text": text, "image": [image_prompt], "audio": [audio_prompt]}
 
 

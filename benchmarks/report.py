@@ -12,9 +12,16 @@ from importlib.metadata import PackageNotFoundError, version
 IMPLS = ("ours", "mlx-vlm", "transformers")
 PEERS = IMPLS[1:]
 HEADER = ["size", "dtype", "figure", *IMPLS, *(f"ours vs {p}" for p in PEERS)]
-LABELS = {"load_s": "load (s)", "ttft_text_s": "TTFT text (s)", "ttft_image_s": "TTFT 280-token image (s)",
-          "ttft_audio_s": "TTFT 10 s audio (s)", "decode_tps": "decode (tok/s)", "peak_rss_mb": "peak RSS (MB)",
-          "mlx_peak_mb": "MLX peak (MB)", "mlx_run_peak_mb": "MLX peak after load (MB)"}
+LABELS = {
+    "load_s": "load (s)",
+    "ttft_text_s": "TTFT text (s)",
+    "ttft_image_s": "TTFT 280-token image (s)",
+    "ttft_audio_s": "TTFT 10 s audio (s)",
+    "decode_tps": "decode (tok/s)",
+    "peak_rss_mb": "peak RSS (MB)",
+    "mlx_peak_mb": "MLX peak (MB)",
+    "mlx_run_peak_mb": "MLX peak after load (MB)",
+}
 
 
 def machine() -> dict:
@@ -33,10 +40,17 @@ def machine() -> dict:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
-            "mlx_device": str(mx.default_device()), "mlx_backend": "Metal" if mx.metal.is_available() else "CPU",
-            "platform": platform.platform(), "python": platform.python_version(), "versions": versions,
-            "load_before": os.getloadavg()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
+        "mlx_device": str(mx.default_device()),
+        "mlx_backend": "Metal" if mx.metal.is_available() else "CPU",
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "load_before": os.getloadavg(),
+    }
 
 
 def label(metric: str) -> str:
@@ -90,10 +104,12 @@ CORRECTNESS_HEADER = ["size", "prompt", "pair", "max |diff|", "max |logit|"]
 
 def notes(report: dict) -> list[str]:
     """Why cells say n/a, what the ratios mean, and the plan's own notes."""
-    out = ["ratios: >1 means ours is better (faster, or less memory); medians of "
-           f"{report['plan']['repeats']} interleaved runs, ± half their range.",
-           f"bandwidth bound: {report['bandwidth_gbs']:.1f} GB/s numpy copy (read + write) / bytes one decode step "
-           "must read (text weights, tied head once, KV cache at the mean decode context)."]
+    out = [
+        "ratios: >1 means ours is better (faster, or less memory); medians of "
+        f"{report['plan']['repeats']} interleaved runs, ± half their range.",
+        f"bandwidth bound: {report['bandwidth_gbs']:.1f} GB/s numpy copy (read + write) / bytes one decode step "
+        "must read (text weights, tied head once, KV cache at the mean decode context).",
+    ]
     reasons = {}
     for size, by_dtype in report["results"].items():
         for dtype, cells in by_dtype.items():
@@ -107,8 +123,11 @@ def notes(report: dict) -> list[str]:
 def markdown(report: dict) -> str:
     """The report's tables and notes in Markdown, for the README."""
     m = report["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']:.0f} GB RAM, MLX on {m['mlx_backend']} "
-             f"({m['platform']}); load average {m['load_before'][0]:.1f} before, {m['load_after'][0]:.1f} after.", ""]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']:.0f} GB RAM, MLX on {m['mlx_backend']} "
+        f"({m['platform']}); load average {m['load_before'][0]:.1f} before, {m['load_after'][0]:.1f} after.",
+        "",
+    ]
     lines += _md_table(HEADER, rows(report)) + [""]
     if report["correctness"]:
         lines += _md_table(CORRECTNESS_HEADER, correctness_rows(report)) + [""]
@@ -126,8 +145,10 @@ def print_tables(report: dict) -> None:
     from rich.table import Table
 
     console = Console(width=200)
-    for title, header, body in (("Speed and memory", HEADER, rows(report)),
-                                ("Logits, float32", CORRECTNESS_HEADER, correctness_rows(report))):
+    for title, header, body in (
+        ("Speed and memory", HEADER, rows(report)),
+        ("Logits, float32", CORRECTNESS_HEADER, correctness_rows(report)),
+    ):
         if not body:
             continue
         table = Table(title=title)

@@ -37,10 +37,31 @@ def _port() -> int:
 
 # Ours decodes as many requests at once as the most clients (mlx-vlm's default batch is unbounded).
 COMMANDS = {
-    "ours": lambda path, port, batch: [sys.executable, "-m", "mlx_gemma4u", "serve", "--model", path, "--port",
-                                       str(port), "--max-concurrency", str(batch), "--max-queue", "64"],
-    "mlx-vlm": lambda path, port, batch: [sys.executable, "-m", "mlx_vlm.server", "--model", path, "--host",
-                                          "127.0.0.1", "--port", str(port)],
+    "ours": lambda path, port, batch: [
+        sys.executable,
+        "-m",
+        "mlx_gemma4u",
+        "serve",
+        "--model",
+        path,
+        "--port",
+        str(port),
+        "--max-concurrency",
+        str(batch),
+        "--max-queue",
+        "64",
+    ],
+    "mlx-vlm": lambda path, port, batch: [
+        sys.executable,
+        "-m",
+        "mlx_vlm.server",
+        "--model",
+        path,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ],
 }
 
 
@@ -57,7 +78,7 @@ def running(name: str, path: str, batch: int):
                 break
             except OSError:
                 if process.poll() is not None:
-                    raise SystemExit(f"the {name} server exited while starting")
+                    raise SystemExit(f"the {name} server exited while starting") from None
                 time.sleep(0.5)
         yield url
     finally:
@@ -71,8 +92,9 @@ def one_client(url: str, model: str, prompt: str, max_tokens: int, start: float)
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
     first, tokens = None, 0
-    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                            max_tokens=max_tokens, temperature=0.0, stream=True)
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0, stream=True
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             tokens += 1
@@ -87,9 +109,14 @@ def load(url: str, model: str, clients: int, max_tokens: int) -> dict:
         results = list(pool.map(lambda p: one_client(url, model, p, max_tokens, start), prompts))
     wall = time.perf_counter() - start
     ttfts = sorted(r[0] for r in results)
-    return {"clients": clients, "tokens": sum(r[1] for r in results), "wall_s": wall,
-            "tokens_per_s": sum(r[1] for r in results) / wall, "ttft_p50_s": statistics.median(ttfts),
-            "ttft_p95_s": ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))]}
+    return {
+        "clients": clients,
+        "tokens": sum(r[1] for r in results),
+        "wall_s": wall,
+        "tokens_per_s": sum(r[1] for r in results) / wall,
+        "ttft_p50_s": statistics.median(ttfts),
+        "ttft_p95_s": ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,8 +130,12 @@ def main(argv: list[str] | None = None) -> None:
         from mlx_gemma4u.weights.demo import ensure_demo
 
         args.checkpoint = str(ensure_demo())
-    report = {"machine": machine(), "checkpoint": Path(args.checkpoint).name, "max_tokens": args.max_tokens,
-              "results": {}}
+    report = {
+        "machine": machine(),
+        "checkpoint": Path(args.checkpoint).name,
+        "max_tokens": args.max_tokens,
+        "results": {},
+    }
     for name in COMMANDS:
         with running(name, args.checkpoint, max(args.clients)) as url:
             load(url, args.checkpoint, 1, 4)  # warm-up, not counted
@@ -115,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     print("| server | clients | tokens/s (all clients) | TTFT p50 (s) | TTFT p95 (s) |\n|---|---|---|---|---|")
     for name, rows in report["results"].items():
         for r in rows:
-            print(f"| {name} | {r['clients']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} |")
+            print(
+                f"| {name} | {r['clients']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} |"
+            )
 
 
 if __name__ == "__main__":

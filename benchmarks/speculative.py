@@ -27,13 +27,13 @@ from mlx.utils import tree_map
 
 from benchmarks.checkpoints import ensure_checkpoint
 from benchmarks.compare import CACHE
-from mlx_gemma4u.generation.prompt_cache import PromptCache
-from mlx_gemma4u.models.drafter import DraftConfig, DraftModel
 from mlx_gemma4u.generation.api import stream_inputs
 from mlx_gemma4u.generation.params import SamplingParams
-from mlx_gemma4u.generation.steps import prefill
-from mlx_gemma4u.weights.loading import load_model
+from mlx_gemma4u.generation.prompt_cache import PromptCache
 from mlx_gemma4u.generation.speculative import DraftStats
+from mlx_gemma4u.generation.steps import prefill
+from mlx_gemma4u.models.drafter import DraftConfig, DraftModel
+from mlx_gemma4u.weights.loading import load_model
 
 RATES = (0.0, 0.5, 0.8, 1.0)
 FIXED_K = 3
@@ -71,29 +71,57 @@ def assistant_config(target, hidden: int = 1024, intermediate: int = 8192) -> di
     """config.json of an assistant for `target`: the real one's shape by default, its attention
     heads the target's (it reads the target's keys and values)."""
     t = target.config.text
-    heads = {name: getattr(t, name) for name in ("vocab_size", "num_attention_heads", "num_key_value_heads",
-                                                 "head_dim", "global_head_dim", "num_global_key_value_heads",
-                                                 "attention_k_eq_v", "sliding_window", "max_position_embeddings",
-                                                 "rope_parameters")}
-    text = dict(model_type="gemma4_unified_text", hidden_size=hidden, intermediate_size=intermediate,
-                num_hidden_layers=4, layer_types=["sliding_attention"] * 3 + ["full_attention"],
-                final_logit_softcapping=None, **heads)
+    heads = {
+        name: getattr(t, name)
+        for name in (
+            "vocab_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "global_head_dim",
+            "num_global_key_value_heads",
+            "attention_k_eq_v",
+            "sliding_window",
+            "max_position_embeddings",
+            "rope_parameters",
+        )
+    }
+    text = dict(
+        model_type="gemma4_unified_text",
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=4,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        final_logit_softcapping=None,
+        **heads,
+    )
     return {"model_type": "gemma4_unified_assistant", "text_config": text, "backbone_hidden_size": t.hidden_size}
 
 
 def random_drafter(target, dtype, **sizes) -> DraftModel:
     """A drafter for `target` with random weights (assistant_config's shape and `sizes`)."""
     drafter = DraftModel(DraftConfig.from_dict(assistant_config(target, **sizes)))
-    drafter.update(tree_map(lambda p: (0.02 * mx.random.normal(p.shape)).astype(dtype)
-                            if mx.issubdtype(p.dtype, mx.floating) else p, drafter.parameters()))
+    drafter.update(
+        tree_map(
+            lambda p: (0.02 * mx.random.normal(p.shape)).astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+            drafter.parameters(),
+        )
+    )
     mx.eval(drafter.parameters())
     return drafter
 
 
 def decode(model, ids: mx.array, tokens: int, drafter=None, draft_length=None) -> tuple[list[int], float, DraftStats]:
     """Greedy reply of `tokens` tokens -> (tokens, decode tokens/s after the first, drafting stats)."""
-    responses = stream_inputs(model, None, {"input_ids": ids}, SamplingParams(max_tokens=tokens), PromptCache(model),
-                              draft_model=drafter, num_draft_tokens=draft_length)
+    responses = stream_inputs(
+        model,
+        None,
+        {"input_ids": ids},
+        SamplingParams(max_tokens=tokens),
+        PromptCache(model),
+        draft_model=drafter,
+        num_draft_tokens=draft_length,
+    )
     last = next(responses)
     out, start = [last.token], time.perf_counter()
     for last in responses:
@@ -131,10 +159,20 @@ def run(size: str, dtype: str, tokens: int, prompt_tokens: int, repeats: int) ->
         for _ in range(repeats):
             out, tps, stats = decode(model, ids, tokens, **kw)
             speeds.append(tps)
-        runs[name] = {"tps": statistics.median(speeds), "spread": [min(speeds), max(speeds)], "drafted": stats.drafted,
-                      "accepted": stats.accepted, "plain_tokens": stats.plain, "ks": stats.ks, "tokens": out}
-        print(f"{name:>16}: {runs[name]['tps']:.2f} tok/s  drafted {stats.drafted} accepted {stats.accepted} "
-              f"plain {stats.plain} K {sorted(set(stats.ks))}", flush=True)
+        runs[name] = {
+            "tps": statistics.median(speeds),
+            "spread": [min(speeds), max(speeds)],
+            "drafted": stats.drafted,
+            "accepted": stats.accepted,
+            "plain_tokens": stats.plain,
+            "ks": stats.ks,
+            "tokens": out,
+        }
+        print(
+            f"{name:>16}: {runs[name]['tps']:.2f} tok/s  drafted {stats.drafted} accepted {stats.accepted} "
+            f"plain {stats.plain} K {sorted(set(stats.ks))}",
+            flush=True,
+        )
 
     timed("plain")
     record = ids[0].tolist() + runs["plain"]["tokens"]
@@ -148,17 +186,26 @@ def run(size: str, dtype: str, tokens: int, prompt_tokens: int, repeats: int) ->
         r["vs_plain"], r["identical"] = r["tps"] / plain["tps"], r["tokens"] == plain["tokens"]
     for r in runs.values():
         del r["tokens"]
-    return {"size": size, "dtype": dtype, "tokens": tokens, "prompt_tokens": prompt_tokens,
-            "machine": platform.processor() or platform.machine(), "runs": runs,
-            "verify_s": curve, "verify_vs_one": {n: t / curve[1] for n, t in curve.items()}}
+    return {
+        "size": size,
+        "dtype": dtype,
+        "tokens": tokens,
+        "prompt_tokens": prompt_tokens,
+        "machine": platform.processor() or platform.machine(),
+        "runs": runs,
+        "verify_s": curve,
+        "verify_vs_one": {n: t / curve[1] for n, t in curve.items()},
+    }
 
 
 def table(report: dict) -> str:
     rows = ["| run | tok/s | vs plain | drafted | accepted | plain tokens | K used |", "|---|---|---|---|---|---|---|"]
     for name, r in report["runs"].items():
         ks = sorted(set(r["ks"])) or ["-"]
-        rows.append(f"| {name} | {r['tps']:.2f} | {r['vs_plain']:.2f}x | {r['drafted']} | {r['accepted']} | "
-                    f"{r['plain_tokens']} | {', '.join(map(str, ks))} |")
+        rows.append(
+            f"| {name} | {r['tps']:.2f} | {r['vs_plain']:.2f}x | {r['drafted']} | {r['accepted']} | "
+            f"{r['plain_tokens']} | {', '.join(map(str, ks))} |"
+        )
     curve = " · ".join(f"{n}: {v:.2f}x" for n, v in report["verify_vs_one"].items())
     return "\n".join(rows) + f"\n\nVerify pass over n positions vs 1: {curve}\n"
 

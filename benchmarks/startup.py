@@ -28,8 +28,17 @@ COMMANDS = {
     "import mlx.core": [sys.executable, "-c", "import mlx.core"],
     "mlx-gemma4u --help": [sys.executable, "-m", "mlx_gemma4u", "--help"],
     "import mlx_gemma4u": [sys.executable, "-c", "import mlx_gemma4u"],
-    "generate --demo --max-tokens 1": [sys.executable, "-m", "mlx_gemma4u", "generate", "--demo", "--prompt",
-                                       "Hello", "--max-tokens", "1"],
+    "generate --demo --max-tokens 1": [
+        sys.executable,
+        "-m",
+        "mlx_gemma4u",
+        "generate",
+        "--demo",
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "1",
+    ],
 }
 
 
@@ -61,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         exit_s = statistics.median(t for _, t in runs)
         results[name] = {"exit_s": exit_s, "x_import_mlx_core": exit_s / floor}
     results["generate --demo --max-tokens 1"]["first_token_s"] = statistics.median(
-        f for f, _ in samples["generate --demo --max-tokens 1"])
+        f for f, _ in samples["generate --demo --max-tokens 1"]
+    )
     report = {"machine": machine(), "runs": args.runs, "results": results, "load_after": os.getloadavg()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, json.dumps(report, indent=2))

@@ -20,8 +20,8 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -137,8 +137,9 @@ class Transformers:
 
         stamps: list[tuple[float, int]] = []
         streamer = _Stamps(stamps)
-        config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0)
+        config = GenerationConfig(
+            max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
         with torch.no_grad():
             self.model.generate(**self._inputs(case), generation_config=config, streamer=streamer)
         return iter(stamps)
@@ -190,8 +191,11 @@ def run_timing(impl, prompts: dict, job: dict) -> dict:
         if name in prompts:
             record[f"ttft_{name}_s"] = timed_stream(impl, prompts[name], 1)[0]
     for length in job["prefill_lengths"]:
-        ttft, decode = timed_stream(impl, {"input_ids": prompts["prefill"]["input_ids"][:, :length]},
-                                    job["decode_tokens"] if length == job["decode_after"] else 1)
+        ttft, decode = timed_stream(
+            impl,
+            {"input_ids": prompts["prefill"]["input_ids"][:, :length]},
+            job["decode_tokens"] if length == job["decode_after"] else 1,
+        )
         record[f"prefill_{length}_tps"] = length / ttft
         if decode is not None:
             record["decode_tps"] = decode

@@ -4,11 +4,16 @@ Frames are sampled as transformers does (32 by default; 8 here, to stay quick) a
 with its mm:ss time.
 """
 
-import mlx_gemma4u
 from _common import load_model
 
+import mlx_gemma4u
+
 model, processor, args = load_model(__doc__, media="video")
-messages = [{"role": "user", "content": [{"type": "video", "path": args.video},
-                                         {"type": "text", "text": "What happens in this video?"}]}]
+messages = [
+    {
+        "role": "user",
+        "content": [{"type": "video", "path": args.video}, {"type": "text", "text": "What happens in this video?"}],
+    }
+]
 mlx_gemma4u.generate(model, processor, messages, max_tokens=200, verbose=True, num_frames=8)
 print()

@@ -14,8 +14,9 @@ drops. A trained model's replies rarely start with a space and are tokenized as 
 would, so there the reply usually stays cached and a turn prefills only its new tokens.
 """
 
-import mlx_gemma4u
 from _common import load_model
+
+import mlx_gemma4u
 from mlx_gemma4u.generation.prompt_cache import PromptCache
 
 model, processor, _ = load_model(__doc__)

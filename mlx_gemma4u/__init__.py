@@ -1,7 +1,7 @@
 """Gemma 4 12B Unified on Apple silicon with MLX.
 
-    model, processor = mlx_gemma4u.load("path/or/repo")
-    print(mlx_gemma4u.generate(model, processor, [{"role": "user", "content": "Hello"}]))
+model, processor = mlx_gemma4u.load("path/or/repo")
+print(mlx_gemma4u.generate(model, processor, [{"role": "user", "content": "Hello"}]))
 """
 
 from importlib import import_module

@@ -12,11 +12,10 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import reference
 import torch
 from transformers import Gemma4UnifiedAssistantConfig, Gemma4UnifiedAssistantForCausalLM
 from transformers.models.gemma4_unified.configuration_gemma4_unified import Gemma4UnifiedTextConfig
-
-import reference
 
 S, F = reference.S, reference.F
 
@@ -50,26 +49,41 @@ def kv_sharing_5_24():
 def assistant_text(target_text: dict, hidden: int = 32, layers=(S, S, S, F), **overrides) -> dict:
     """A tiny assistant text config whose heads match the target's (it attends to the target's keys)."""
     t = {**reference.BASE_TEXT, **target_text}
-    return dict(vocab_size=t["vocab_size"], hidden_size=hidden, intermediate_size=2 * hidden,
-                num_hidden_layers=len(layers), layer_types=list(layers),
-                num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
-                head_dim=t["head_dim"], global_head_dim=t["global_head_dim"],
-                num_global_key_value_heads=t["num_global_key_value_heads"],
-                attention_k_eq_v=t.get("attention_k_eq_v", False), sliding_window=t["sliding_window"],
-                max_position_embeddings=t["max_position_embeddings"], rope_parameters=t.get("rope_parameters"),
-                final_logit_softcapping=None, use_bidirectional_attention=None, **overrides)
+    return dict(
+        vocab_size=t["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=len(layers),
+        layer_types=list(layers),
+        num_attention_heads=t["num_attention_heads"],
+        num_key_value_heads=t["num_key_value_heads"],
+        head_dim=t["head_dim"],
+        global_head_dim=t["global_head_dim"],
+        num_global_key_value_heads=t["num_global_key_value_heads"],
+        attention_k_eq_v=t.get("attention_k_eq_v", False),
+        sliding_window=t["sliding_window"],
+        max_position_embeddings=t["max_position_embeddings"],
+        rope_parameters=t.get("rope_parameters"),
+        final_logit_softcapping=None,
+        use_bidirectional_attention=None,
+        **overrides,
+    )
 
 
-def build_assistant(target_text: dict, seed: int = 0, ordered: bool = False, hidden: int = 32,
-                    num_centroids: int = 16, top_k: int = 4) -> Gemma4UnifiedAssistantForCausalLM:
+def build_assistant(
+    target_text: dict, seed: int = 0, ordered: bool = False, hidden: int = 32, num_centroids: int = 16, top_k: int = 4
+) -> Gemma4UnifiedAssistantForCausalLM:
     """A random assistant for a target built from `target_text` (reference.BASE_TEXT overrides);
     `ordered`: the centroid head, with a random permutation as token_ordering."""
     torch.manual_seed(seed)
     with kv_sharing_5_24():
         config = Gemma4UnifiedAssistantConfig(
             text_config={"model_type": "gemma4_unified_text", **assistant_text(target_text, hidden)},
-            backbone_hidden_size=reference.BASE_TEXT["hidden_size"], use_ordered_embeddings=ordered,
-            num_centroids=num_centroids, centroid_intermediate_top_k=top_k)
+            backbone_hidden_size=reference.BASE_TEXT["hidden_size"],
+            use_ordered_embeddings=ordered,
+            num_centroids=num_centroids,
+            centroid_intermediate_top_k=top_k,
+        )
         model = Gemma4UnifiedAssistantForCausalLM(config).eval()
     reference.randomize(model, seed)
     if ordered:

@@ -20,14 +20,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import reference
 from PIL import Image
 from safetensors.numpy import load_file
 
-import reference
-
 PATCH = 48
-REAL_IDS = dict(boi_token_id=255999, eoi_token_id=258882, image_token_id=258880, video_token_id=258884,
-                boa_token_id=256000, eoa_token_index=258883, audio_token_id=258881)
+REAL_IDS = dict(
+    boi_token_id=255999,
+    eoi_token_id=258882,
+    image_token_id=258880,
+    video_token_id=258884,
+    boa_token_id=256000,
+    eoa_token_index=258883,
+    audio_token_id=258881,
+)
 TINY = {REAL_IDS[name]: tiny for name, tiny in reference.SPECIAL_IDS.items()}
 IMAGE, VIDEO, AUDIO = (reference.SPECIAL_IDS[n] for n in ("image_token_id", "video_token_id", "audio_token_id"))
 PROMPT_IMAGES = {
@@ -55,7 +61,7 @@ def patches(png: Path, positions: np.ndarray) -> np.ndarray:
     rows_y, cols_x = image.shape[0] // PATCH, image.shape[1] // PATCH
     blocks = image.reshape(rows_y, PATCH, cols_x, PATCH, 3).transpose(0, 2, 1, 3, 4).reshape(rows_y * cols_x, -1)
     out = np.zeros((len(positions), blocks.shape[1]), np.float32)
-    out[:len(blocks)] = blocks
+    out[: len(blocks)] = blocks
     return out
 
 
@@ -95,9 +101,9 @@ def left_pad(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
     ids = np.zeros((len(rows), width), np.int64)
     types, mask = np.zeros_like(ids), np.zeros_like(ids)
     for b, (row_ids, row_types) in enumerate(rows):
-        ids[b, width - len(row_ids):] = row_ids
-        types[b, width - len(row_ids):] = row_types
-        mask[b, width - len(row_ids):] = 1
+        ids[b, width - len(row_ids) :] = row_ids
+        types[b, width - len(row_ids) :] = row_types
+        mask[b, width - len(row_ids) :] = 1
     return ids, types, mask
 
 
@@ -117,24 +123,33 @@ def image_prompt(golden: Path, case: str) -> dict:
         rows.append((ids, types))
         counts = counts[n_runs:]
     input_ids, types, mask = left_pad(rows)
-    media = dict(pixel_values=np.concatenate([pv for pv, _ in images]),
-                 image_position_ids=np.concatenate([pos for _, pos in images]))
+    media = dict(
+        pixel_values=np.concatenate([pv for pv, _ in images]),
+        image_position_ids=np.concatenate([pos for _, pos in images]),
+    )
     if case == "image_and_audio":
         media.update(audio)
-    return dict(input_ids=input_ids, mm_token_type_ids=types, attention_mask=mask if len(rows) > 1 else None,
-                media=media)
+    return dict(
+        input_ids=input_ids, mm_token_type_ids=types, attention_mask=mask if len(rows) > 1 else None, media=media
+    )
 
 
 def audio_inputs(golden: Path, name: str) -> dict:
     arrays = load_file(str(golden / "audio" / f"{name}.safetensors"))
-    return dict(input_features=arrays["input_features"][None], input_features_mask=arrays["input_features_mask"][None] == 1)
+    return dict(
+        input_features=arrays["input_features"][None], input_features_mask=arrays["input_features_mask"][None] == 1
+    )
 
 
 def audio_prompt(golden: Path, name: str = "speech_16k_mono.wav") -> dict:
     """The audio golden's own prompt ("Transcribe: <audio>") with its raw 640-sample frames."""
     arrays = load_file(str(golden / "audio" / f"{name}.safetensors"))
-    return dict(input_ids=remap(arrays["input_ids"])[None], mm_token_type_ids=arrays["mm_token_type_ids"][None].astype(np.int64),
-                attention_mask=None, media=audio_inputs(golden, name))
+    return dict(
+        input_ids=remap(arrays["input_ids"])[None],
+        mm_token_type_ids=arrays["mm_token_type_ids"][None].astype(np.int64),
+        attention_mask=None,
+        media=audio_inputs(golden, name),
+    )
 
 
 def video_prompt(golden: Path) -> dict:
@@ -144,12 +159,18 @@ def video_prompt(golden: Path) -> dict:
     ids, types = remap(arrays["input_ids"]), arrays["mm_token_type_ids"].astype(np.int64)
     second_end = np.flatnonzero(ids == reference.SPECIAL_IDS["eoi_token_id"])[len(VIDEO_FRAMES) - 1]
     positions = arrays["video_position_ids"][list(VIDEO_FRAMES)].astype(np.int64)
-    pixels = np.stack([patches(golden / "videos" / f"{VIDEO_CLIP}__frame{f:02d}.png", pos)
-                       for f, pos in zip(VIDEO_FRAMES, positions)])
-    media = dict(pixel_values_videos=pixels, video_position_ids=positions,
-                 num_frames_per_video=np.array([len(VIDEO_FRAMES)]))
-    return dict(input_ids=ids[None, :second_end + 1], mm_token_type_ids=types[None, :second_end + 1],
-                attention_mask=None, media=media)
+    pixels = np.stack(
+        [patches(golden / "videos" / f"{VIDEO_CLIP}__frame{f:02d}.png", pos) for f, pos in zip(VIDEO_FRAMES, positions)]
+    )
+    media = dict(
+        pixel_values_videos=pixels, video_position_ids=positions, num_frames_per_video=np.array([len(VIDEO_FRAMES)])
+    )
+    return dict(
+        input_ids=ids[None, : second_end + 1],
+        mm_token_type_ids=types[None, : second_end + 1],
+        attention_mask=None,
+        media=media,
+    )
 
 
 def build_case(golden: Path, case: str) -> dict:

@@ -9,5 +9,5 @@ def reassemble(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
     xs, ys = positions[real, 0], positions[real, 1]
     image = np.zeros(((ys.max() + 1) * 48, (xs.max() + 1) * 48, 3), np.float32)
     for row, x, y in zip(rows[real], xs, ys):
-        image[y * 48:(y + 1) * 48, x * 48:(x + 1) * 48] = row.reshape(48, 48, 3)
+        image[y * 48 : (y + 1) * 48, x * 48 : (x + 1) * 48] = row.reshape(48, 48, 3)
     return np.rint(image * 255).astype(np.uint8)

@@ -15,31 +15,65 @@ from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGenerat
 
 S, F = "sliding_attention", "full_attention"
 V = 512  # small vocabulary; special ids are remapped into it
-SPECIAL_IDS = dict(boi_token_id=V - 8, eoi_token_id=V - 7, image_token_id=V - 6, video_token_id=V - 5,
-                   boa_token_id=V - 4, eoa_token_index=V - 3, audio_token_id=V - 2)
+SPECIAL_IDS = dict(
+    boi_token_id=V - 8,
+    eoi_token_id=V - 7,
+    image_token_id=V - 6,
+    video_token_id=V - 5,
+    boa_token_id=V - 4,
+    eoa_token_index=V - 3,
+    audio_token_id=V - 2,
+)
 
 BASE_TEXT = dict(
-    vocab_size=V, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, global_head_dim=32, num_global_key_value_heads=1, sliding_window=8,
-    final_logit_softcapping=30.0, max_position_embeddings=4096, use_bidirectional_attention="vision",
+    vocab_size=V,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=32,
+    num_global_key_value_heads=1,
+    sliding_window=8,
+    final_logit_softcapping=30.0,
+    max_position_embeddings=4096,
+    use_bidirectional_attention="vision",
 )
 
 # Together these switch every option of the text decoder on and off.
 TEXT_CONFIGS = {
     # k=v, one global KV head, KV sharing of both layer types, double-wide MLP, softcap
-    "full": dict(num_hidden_layers=6, layer_types=[S, S, F, S, S, F], attention_k_eq_v=True,
-                 num_kv_shared_layers=2, use_double_wide_mlp=True),
+    "full": dict(
+        num_hidden_layers=6,
+        layer_types=[S, S, F, S, S, F],
+        attention_k_eq_v=True,
+        num_kv_shared_layers=2,
+        use_double_wide_mlp=True,
+    ),
     # no k=v (global layers keep v_proj and all KV heads), no sharing, no softcap, default layer pattern
-    "plain": dict(num_hidden_layers=7, attention_k_eq_v=False, final_logit_softcapping=None,
-                  global_head_dim=16, rope_parameters={
-                      S: {"rope_type": "default", "rope_theta": 10000.0},
-                      F: {"rope_type": "default", "rope_theta": 1000000.0}}),
+    "plain": dict(
+        num_hidden_layers=7,
+        attention_k_eq_v=False,
+        final_logit_softcapping=None,
+        global_head_dim=16,
+        rope_parameters={
+            S: {"rope_type": "default", "rope_theta": 10000.0},
+            F: {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+    ),
     # k=v with sharing but no double-wide MLP; partial rotary 0.5; attention bias
-    "variant": dict(num_hidden_layers=5, layer_types=[S, F, S, S, F], attention_k_eq_v=True,
-                    num_kv_shared_layers=2, use_double_wide_mlp=False, attention_bias=True,
-                    rope_parameters={S: {"rope_type": "default", "rope_theta": 10000.0},
-                                     F: {"rope_type": "proportional", "partial_rotary_factor": 0.5,
-                                         "rope_theta": 1000000.0}}),
+    "variant": dict(
+        num_hidden_layers=5,
+        layer_types=[S, F, S, S, F],
+        attention_k_eq_v=True,
+        num_kv_shared_layers=2,
+        use_double_wide_mlp=False,
+        attention_bias=True,
+        rope_parameters={
+            S: {"rope_type": "default", "rope_theta": 10000.0},
+            F: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1000000.0},
+        },
+    ),
 }
 
 VISION = dict(patch_size=16, pooling_kernel_size=3, mm_embed_dim=48, output_proj_dims=48, mm_posemb_size=64)

@@ -29,8 +29,12 @@ def running(demo_home, log: Path, *flags: str):
     port = free_port()
     env = {**os.environ, "MLX_GEMMA4U_HOME": str(demo_home)}
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "mlx_gemma4u", "serve", "--demo", "--port", str(port),
-                                    *flags], env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlx_gemma4u", "serve", "--demo", "--port", str(port), *flags],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):  # at most a minute
@@ -39,7 +43,7 @@ def running(demo_home, log: Path, *flags: str):
                 break
             except OSError:
                 if process.poll() is not None:
-                    raise RuntimeError(log.read_text())
+                    raise RuntimeError(log.read_text()) from None
                 time.sleep(0.5)
         yield url, process
     finally:
@@ -51,8 +55,12 @@ def running(demo_home, log: Path, *flags: str):
 def post(url: str, path: str, body: bytes, headers: dict | None = None, key: str | None = None) -> tuple[int, dict]:
     """POST raw bytes -> (status, JSON body)."""
     auth = {"authorization": f"Bearer {key}"} if key else {}
-    request = urllib.request.Request(f"{url}{path}", data=body, method="POST", headers={
-        "content-type": "application/json", **auth, **(headers or {})})
+    request = urllib.request.Request(
+        f"{url}{path}",
+        data=body,
+        method="POST",
+        headers={"content-type": "application/json", **auth, **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())

@@ -14,10 +14,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import soundfile
+from conftest import FIXTURES
 from safetensors.numpy import load_file, save_file
 
 import mlx_gemma4u
-from conftest import FIXTURES
 from mlx_gemma4u.errors import CheckpointError, ConfigError, Gemma4UError, InputError
 
 # ---------------------------------------------------------------- broken checkpoints (load)
@@ -28,6 +28,7 @@ def edit_config(change):
         raw = json.loads((folder / "config.json").read_text())
         change(raw)
         (folder / "config.json").write_text(json.dumps(raw))
+
     return apply
 
 
@@ -40,6 +41,7 @@ def edit_tensors(change):
         tensors = load_file(folder / "model.safetensors")
         change(tensors)
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
     return apply
 
 
@@ -48,10 +50,11 @@ def edit_header(change):
         path = folder / "model.safetensors"
         data = path.read_bytes()
         n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
         change(header, [k for k in header if k != "__metadata__"])
         blob = json.dumps(header).encode()
-        path.write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + n:])
+        path.write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + n :])
+
     return apply
 
 
@@ -59,6 +62,7 @@ def cut_file(keep):
     def apply(folder: Path):
         path = folder / "model.safetensors"
         path.write_bytes(path.read_bytes()[:keep])
+
     return apply
 
 
@@ -79,40 +83,82 @@ BROKEN_CHECKPOINTS = {
     "heads not a multiple": (edit_text_config(num_attention_heads=3), ConfigError, "multiple"),
     "layer_types too short": (edit_text_config(layer_types=["full_attention"]), ConfigError, "layer_types"),
     "unknown layer type": (edit_text_config(layer_types=["local"] * 6), ConfigError, "unknown layer type"),
-    "unsupported rope": (edit_text_config(rope_parameters={"sliding_attention": {"rope_type": "yarn", "rope_theta": 1e4},
-                                                           "full_attention": {"rope_theta": 1e6}}),
-                         ConfigError, "rope_type 'yarn'"),
+    "unsupported rope": (
+        edit_text_config(
+            rope_parameters={
+                "sliding_attention": {"rope_type": "yarn", "rope_theta": 1e4},
+                "full_attention": {"rope_theta": 1e6},
+            }
+        ),
+        ConfigError,
+        "rope_type 'yarn'",
+    ),
     "text_config a string": (edit_config(lambda r: r.update(text_config="big")), ConfigError, "text_config"),
-    "vision dims disagree": (edit_config(lambda r: r["vision_config"].update(output_proj_dims=7)), ConfigError,
-                             "output_proj_dims"),
+    "vision dims disagree": (
+        edit_config(lambda r: r["vision_config"].update(output_proj_dims=7)),
+        ConfigError,
+        "output_proj_dims",
+    ),
     "token id outside vocab": (edit_config(lambda r: r.update(image_token_id=10**6)), ConfigError, "image_token_id"),
     "weights wider than config": (edit_text_config(intermediate_size=96), CheckpointError, "has shape"),
-    "missing weight": (edit_tensors(lambda t: t.pop("model.language_model.norm.weight")), CheckpointError,
-                       "lacks the weight 'language_model.norm.weight'"),
-    "unknown weight": (edit_tensors(lambda t: t.update({"model.extra.weight": np.zeros(2, np.float32)})),
-                       CheckpointError, "model.extra.weight"),
+    "missing weight": (
+        edit_tensors(lambda t: t.pop("model.language_model.norm.weight")),
+        CheckpointError,
+        "lacks the weight 'language_model.norm.weight'",
+    ),
+    "unknown weight": (
+        edit_tensors(lambda t: t.update({"model.extra.weight": np.zeros(2, np.float32)})),
+        CheckpointError,
+        "model.extra.weight",
+    ),
     "file of 4 bytes": (cut_file(4), CheckpointError, "too short"),
     "file cut in the header": (cut_file(100), CheckpointError, "truncated"),
     "file cut in the data": (cut_file(-100), CheckpointError, "past the end"),
-    "header not JSON": (lambda f: (f / "model.safetensors").write_bytes((8).to_bytes(8, "little") + b"{notjson" + b"\0" * 64),
-                        CheckpointError, "unreadable safetensors header"),
-    "unsupported dtype": (edit_header(lambda h, names: h[names[0]].update(dtype="C64")), CheckpointError,
-                          "unsupported dtype 'C64'"),
-    "overlapping tensors": (edit_header(lambda h, names: h[names[1]].update(
-        data_offsets=[h[names[0]]["data_offsets"][0], h[names[1]]["data_offsets"][1]])), CheckpointError, "overlap"),
+    "header not JSON": (
+        lambda f: (f / "model.safetensors").write_bytes((8).to_bytes(8, "little") + b"{notjson" + b"\0" * 64),
+        CheckpointError,
+        "unreadable safetensors header",
+    ),
+    "unsupported dtype": (
+        edit_header(lambda h, names: h[names[0]].update(dtype="C64")),
+        CheckpointError,
+        "unsupported dtype 'C64'",
+    ),
+    "overlapping tensors": (
+        edit_header(
+            lambda h, names: h[names[1]].update(
+                data_offsets=[h[names[0]]["data_offsets"][0], h[names[1]]["data_offsets"][1]]
+            )
+        ),
+        CheckpointError,
+        "overlap",
+    ),
     "absurd shape": (edit_header(lambda h, names: h[names[0]].update(shape=[10**12])), CheckpointError, "claims shape"),
     "malformed entry": (edit_header(lambda h, names: h.update({names[0]: "x"})), CheckpointError, "malformed"),
-    "only pickles": (lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"), CheckpointError,
-                     "pickled .bin files are never loaded"),
-    "index not JSON": (write("model.safetensors.index.json", b"nope"), CheckpointError, "not a valid safetensors index"),
-    "index names a missing shard": (write("model.safetensors.index.json", b'{"weight_map": {"a": "gone.safetensors"}}'),
-                                    CheckpointError, "gone.safetensors is missing"),
+    "only pickles": (
+        lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"),
+        CheckpointError,
+        "pickled .bin files are never loaded",
+    ),
+    "index not JSON": (
+        write("model.safetensors.index.json", b"nope"),
+        CheckpointError,
+        "not a valid safetensors index",
+    ),
+    "index names a missing shard": (
+        write("model.safetensors.index.json", b'{"weight_map": {"a": "gone.safetensors"}}'),
+        CheckpointError,
+        "gone.safetensors is missing",
+    ),
 }
 
 
 def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("case", list(BROKEN_CHECKPOINTS))
@@ -189,15 +235,23 @@ BAD_GENERATIONS = {
     "all-NaN audio": (lambda f: (user({"type": "audio", "path": str(f / "nan.wav")}), {}), "nan.wav"),
     "not a video": (lambda f: (user({"type": "video", "path": str(f / "clip.mp4")}), {}), "clip.mp4"),
     "folder as image": (lambda f: (user(image_item(f / "photos")), {}), "is a folder, not a file; pass the image file"),
-    "folder as audio": (lambda f: (user({"type": "audio", "path": str(f / "photos")}), {}),
-                        "is a folder, not a file; pass the audio file"),
-    "folder as video": (lambda f: (user({"type": "video", "path": str(f / "photos")}), {}),
-                        "is a folder, not a file; pass the video file"),
-    "jpg as video": (lambda f: (user({"type": "video", "path": str(f / "photo.jpg")}), {}),
-                     "is a still image, not a video"),
+    "folder as audio": (
+        lambda f: (user({"type": "audio", "path": str(f / "photos")}), {}),
+        "is a folder, not a file; pass the audio file",
+    ),
+    "folder as video": (
+        lambda f: (user({"type": "video", "path": str(f / "photos")}), {}),
+        "is a folder, not a file; pass the video file",
+    ),
+    "jpg as video": (
+        lambda f: (user({"type": "video", "path": str(f / "photo.jpg")}), {}),
+        "is a still image, not a video",
+    ),
     "unsupported budget": (lambda f: ("<|image|>", {"images": [str(f / "notes.jpg")], "max_soft_tokens": 99}), "99"),
-    "float image without pixels": (lambda f: ("<|image|>", {"images": [np.zeros((0, 5, 3), np.float32)]}),
-                                   "no content"),
+    "float image without pixels": (
+        lambda f: ("<|image|>", {"images": [np.zeros((0, 5, 3), np.float32)]}),
+        "no content",
+    ),
     "unreachable URL": (lambda f: (user({"type": "image", "url": "http://127.0.0.1:9/cat.png"}), {}), "127.0.0.1:9"),
     "placeholder without media": (lambda f: ("Look: <|image|>", {}), "placeholder"),
     "zero max_tokens": (lambda f: ("Hi", {"max_tokens": 0}), "max_tokens"),
@@ -237,17 +291,22 @@ def test_bad_load_options(hf_checkpoints):
 def cache_models(demo, demo_home, tmp_path_factory):
     """The demo and the variants of it a cache saved from the demo must not load into."""
     from mlx_gemma4u.convert.converter import Options, convert
+    from mlx_gemma4u.models.config import ModelConfig
+    from mlx_gemma4u.models.model import Model
     from mlx_gemma4u.weights.demo import CONFIG
     from mlx_gemma4u.weights.loading import load_model
-    from mlx_gemma4u.models.model import Model
-    from mlx_gemma4u.models.config import ModelConfig
 
     folder = demo_home / "demo-v1"
     q4 = convert(folder, tmp_path_factory.mktemp("q4") / "demo-4bit", Options(quantize=True), quiet=True).path
     wider = Model(ModelConfig.from_dict({**CONFIG, "text_config": {**CONFIG["text_config"], "sliding_window": 64}}))
     wider.set_dtype(mx.bfloat16)
-    return {"demo": demo[0], "4-bit demo": load_model(q4), "float32 demo": load_model(folder, dtype="float32"),
-            "hf-forward demo": load_model(folder, vision_mask="hf-forward"), "other config": wider}
+    return {
+        "demo": demo[0],
+        "4-bit demo": load_model(q4),
+        "float32 demo": load_model(folder, dtype="float32"),
+        "hf-forward demo": load_model(folder, vision_mask="hf-forward"),
+        "other config": wider,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -302,10 +361,14 @@ CLI_CASES = {
     "missing folder": (["generate", "--model", "no/such/folder/here", "--prompt", "Hi"], "not a model folder"),
     "missing image": (["generate", "--demo", "--prompt", "Hi", "--image", "nowhere.png"], "nowhere.png"),
     # bad sampling flags never get this far: argparse refuses them (test_demo_cli.py)
-    "folder as --image": (["generate", "--demo", "--prompt", "Hi", "--image", str(Path(__file__).parent)],
-                          "is a folder"),
-    "png as --video": (["generate", "--demo", "--prompt", "Hi", "--video", str(FIXTURES / "images/tiny_coffee_40x27.png")],
-                       "still image"),
+    "folder as --image": (
+        ["generate", "--demo", "--prompt", "Hi", "--image", str(Path(__file__).parent)],
+        "is a folder",
+    ),
+    "png as --video": (
+        ["generate", "--demo", "--prompt", "Hi", "--video", str(FIXTURES / "images/tiny_coffee_40x27.png")],
+        "still image",
+    ),
 }
 
 
@@ -313,8 +376,9 @@ CLI_CASES = {
 def test_cli_reports_one_line(case, demo_home):
     args, needle = CLI_CASES[case]
     env = {**os.environ, "MLX_GEMMA4U_HOME": str(demo_home)}
-    run = subprocess.run([sys.executable, "-m", "mlx_gemma4u", *args], capture_output=True, text=True, env=env,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "mlx_gemma4u", *args], capture_output=True, text=True, env=env, timeout=300
+    )
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert run.returncode == 1 and len(errors) == 1 and needle in errors[0]
     assert "Traceback" not in run.stderr

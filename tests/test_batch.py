@@ -2,9 +2,8 @@
 
 import pytest
 
-from mlx_gemma4u.errors import InputError
-
 from mlx_gemma4u import batch_generate, load, stream_generate
+from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.generation.engine import BatchGenerator, kv_bytes
 from mlx_gemma4u.generation.prompt_cache import PromptCache
 
@@ -35,13 +34,27 @@ def six_prompts(media):
     """Text, two images, audio, video and a chat with a system prompt, of different lengths."""
     return [
         {"prompt": "Once upon a time", "max_tokens": 150},  # 155 positions: past the 128-token window
-        {"prompt": [{"role": "user", "content": "Compare them."}], "images": [media["coffee"], media["rocket"]],
-         "max_soft_tokens": 70, "max_tokens": 24},
+        {
+            "prompt": [{"role": "user", "content": "Compare them."}],
+            "images": [media["coffee"], media["rocket"]],
+            "max_soft_tokens": 70,
+            "max_tokens": 24,
+        },
         {"prompt": [{"role": "user", "content": "Transcribe."}], "audio": media["speech"], "max_tokens": 20},
-        {"prompt": [{"role": "user", "content": "What happens?"}], "videos": media["video"], "num_frames": 2,
-         "max_soft_tokens": 70, "max_tokens": 16},
-        {"prompt": [{"role": "system", "content": "You answer in one word."},
-                    {"role": "user", "content": "Name a colour."}], "max_tokens": 30},
+        {
+            "prompt": [{"role": "user", "content": "What happens?"}],
+            "videos": media["video"],
+            "num_frames": 2,
+            "max_soft_tokens": 70,
+            "max_tokens": 16,
+        },
+        {
+            "prompt": [
+                {"role": "system", "content": "You answer in one word."},
+                {"role": "user", "content": "Name a colour."},
+            ],
+            "max_tokens": 30,
+        },
         {"prompt": "Hi", "max_tokens": 9},
     ]
 
@@ -75,15 +88,18 @@ def test_joining_and_stopping_early_change_nothing_for_the_others(demo):
         generator.step()
     assert generator.responses[first].tokens == long
     stopped = generator.responses[short]
-    assert stopped.finish_reason == "stop" and stopped.text == other_text[:other_text.find(stop)]
-    assert len(stopped.tokens) < len(other) and stopped.tokens == other[:len(stopped.tokens)]
+    assert stopped.finish_reason == "stop" and stopped.text == other_text[: other_text.find(stop)]
+    assert len(stopped.tokens) < len(other) and stopped.tokens == other[: len(stopped.tokens)]
     assert generator.responses[late].tokens == other
 
 
 def test_per_sequence_seeds_reproduce_sampling_alone(demo):
     model, processor = demo
-    settings = [dict(temperature=1.0, seed=7), dict(temperature=0.8, top_p=0.9, seed=11),
-                dict(temperature=1.2, top_k=40, min_p=0.05, seed=7, repetition_penalty=1.3)]
+    settings = [
+        dict(temperature=1.0, seed=7),
+        dict(temperature=0.8, top_p=0.9, seed=11),
+        dict(temperature=1.2, top_k=40, min_p=0.05, seed=7, repetition_penalty=1.3),
+    ]
     prompts = [{"prompt": "Hello", **s} for s in settings]
     batch = batch_generate(model, processor, prompts, max_tokens=12)
     for s, response in zip(settings, batch):
@@ -93,8 +109,14 @@ def test_per_sequence_seeds_reproduce_sampling_alone(demo):
 
 def test_bad_prompts_get_their_own_error(demo, media, tmp_path):
     model, processor = demo
-    prompts = ["Fine", "", {"prompt": "Look", "images": [str(tmp_path / "missing.png")]},
-               {"prompt": "Hot", "temperature": -1}, {"prompt": "Long", "max_tokens": 10**6}, "Also fine"]
+    prompts = [
+        "Fine",
+        "",
+        {"prompt": "Look", "images": [str(tmp_path / "missing.png")]},
+        {"prompt": "Hot", "temperature": -1},
+        {"prompt": "Long", "max_tokens": 10**6},
+        "Also fine",
+    ]
     batch = batch_generate(model, processor, prompts, max_tokens=5)
     assert [r.finish_reason == "error" for r in batch] == [False, True, True, True, True, False]
     assert "empty" in batch[1].error and "missing.png" in batch[2].error and "temperature" in batch[3].error
@@ -125,8 +147,11 @@ def test_kv_bits_and_a_saved_prompt_cache_prefix(demo, tmp_path):
     cache.save(tmp_path / "prefix.safetensors")
     follow = chat + [{"role": "assistant", "content": "Once"}, {"role": "user", "content": "Go on."}]
     warm = PromptCache.load(tmp_path / "prefix.safetensors", model)
-    prompts = [{"prompt": follow, "prompt_cache": warm}, {"prompt": "Count to ten.", "kv_bits": 8},
-               {"prompt": follow, "kv_bits": 8}]
+    prompts = [
+        {"prompt": follow, "prompt_cache": warm},
+        {"prompt": "Count to ten.", "kv_bits": 8},
+        {"prompt": follow, "kv_bits": 8},
+    ]
     batch = batch_generate(model, processor, prompts, max_tokens=20)
     assert 0 < batch[0].prefilled_tokens < batch[0].prompt_tokens
     assert batch[0].tokens == alone(model, processor, {"prompt": follow}, max_tokens=20)[0]
@@ -186,6 +211,7 @@ def test_a_failing_batched_step_is_retried_row_by_row(demo, monkeypatch):
             if hit and generator.responses[uids[2]].generation_tokens >= 4:
                 raise RuntimeError("poisoned")
             return out
+
         return call
 
     monkeypatch.setattr(type(model), "rows", failing(rows))
@@ -208,12 +234,14 @@ def test_prepared_inputs_join_like_submitted_prompts(demo):
 
     model, processor = demo
     generator = BatchGenerator(model, processor)
-    params = SamplingParams(max_tokens=8, seed=2 ** 64 - 1, temperature=0.7)
+    params = SamplingParams(max_tokens=8, seed=2**64 - 1, temperature=0.7)
     uid = generator.add(prepare_inputs(processor, "The sea is"), params)
     with pytest.raises(InputError, match="exceeds the model's context"):
-        generator.add(prepare_inputs(processor, "The sea is"), params.replace(max_tokens=10 ** 9))
+        generator.add(prepare_inputs(processor, "The sea is"), params.replace(max_tokens=10**9))
     while not generator.done:
         generator.step()
     assert len(generator.responses[uid].tokens) == 8
-    assert generator.responses[uid].tokens == alone(model, processor, {"prompt": "The sea is"}, max_tokens=8,
-                                                    seed=2 ** 64 - 1, temperature=0.7)[0]
+    assert (
+        generator.responses[uid].tokens
+        == alone(model, processor, {"prompt": "The sea is"}, max_tokens=8, seed=2**64 - 1, temperature=0.7)[0]
+    )

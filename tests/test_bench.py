@@ -20,8 +20,9 @@ FIGURES = {"load_s", "ttft_text_s", "ttft_image_s", "ttft_audio_s", "prefill_32_
 
 @pytest.fixture(scope="module")
 def report(demo_home, tmp_path_factory):
-    args = compare.parse_args(["--sizes", "demo", "--dtypes", "bfloat16", "--repeats", "1", "--prefill", "32",
-                               "--decode", "4"])
+    args = compare.parse_args(
+        ["--sizes", "demo", "--dtypes", "bfloat16", "--repeats", "1", "--prefill", "32", "--decode", "4"]
+    )
     out = tmp_path_factory.mktemp("bench") / "report.json"
     compare.run(compare.plan_from_args(args), out, demo_home)
     return out

@@ -13,10 +13,16 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from mlx_gemma4u.generation.params import SamplingParams
-from mlx_gemma4u.cli.chat_session import (Conversation, media_item, parse_command, set_param,
-                                      pull_media_paths, split_paths)
+from mlx_gemma4u.cli.chat_session import (
+    Conversation,
+    media_item,
+    parse_command,
+    pull_media_paths,
+    set_param,
+    split_paths,
+)
 from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.generation.params import SamplingParams
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|[\r\x1b]")
 
@@ -60,10 +66,16 @@ def test_bad_media_and_bad_settings_are_one_sentence(tmp_path):
         set_param(params, "warp 9")
 
 
-@pytest.mark.parametrize("line, message", [
-    ("seed -1", "seed must be a whole number from 0 to 2\\*\\*64 - 1, got -1"), (f"seed {2**64}", "seed must be"),
-    ("temp -1", "temperature must be 0"), ("top-p 2", "top_p must be in"), ("max-tokens 0", "max_tokens must be"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("seed -1", "seed must be a whole number from 0 to 2\\*\\*64 - 1, got -1"),
+        (f"seed {2**64}", "seed must be"),
+        ("temp -1", "temperature must be 0"),
+        ("top-p 2", "top_p must be in"),
+        ("max-tokens 0", "max_tokens must be"),
+    ],
+)
 def test_set_refuses_what_the_engine_would_and_keeps_the_old_value(line, message):
     """/set checks a value as SamplingParams does everywhere, in one sentence; the old one stays."""
     params = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, seed=3)
@@ -105,13 +117,19 @@ def test_save_load_round_trip_is_atomic(photo, tmp_path):
     assert (loaded.system, loaded.thinking, loaded.messages) == ("Be terse.", True, chat.messages)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("{not json", "not valid JSON"),
-    ('{"messages": []}', "not a saved chat"),
-    ('{"format": "mlx-gemma4u-chat", "messages": [{"role": "robot", "content": "x"}]}', "role 'robot'"),
-    ('{"format": "mlx-gemma4u-chat", "messages": [{"role": "user", "content": '
-     '[{"type": "image", "path": "/nowhere/a.png"}]}]}', "no longer exists"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"messages": []}', "not a saved chat"),
+        ('{"format": "mlx-gemma4u-chat", "messages": [{"role": "robot", "content": "x"}]}', "role 'robot'"),
+        (
+            '{"format": "mlx-gemma4u-chat", "messages": [{"role": "user", "content": '
+            '[{"type": "image", "path": "/nowhere/a.png"}]}]}',
+            "no longer exists",
+        ),
+    ],
+)
 def test_a_broken_chat_file_is_refused_in_one_line(tmp_path, text, message):
     path = tmp_path / "bad.json"
     path.write_text(text)
@@ -131,8 +149,14 @@ def test_the_reply_view_shows_the_thought_and_keeps_the_answer(processor):
     from mlx_gemma4u.generation.reply import Reply
 
     tokenizer = processor.tokenizer
-    streamed = [(tokenizer.convert_tokens_to_ids("<|channel>"), ""), (None, "thought\n"), (None, "Sky is"),
-                (None, " blue."), (tokenizer.convert_tokens_to_ids("<channel|>"), ""), (None, "It is blue.")]
+    streamed = [
+        (tokenizer.convert_tokens_to_ids("<|channel>"), ""),
+        (None, "thought\n"),
+        (None, "Sky is"),
+        (None, " blue."),
+        (tokenizer.convert_tokens_to_ids("<channel|>"), ""),
+        (None, "It is blue."),
+    ]
     call = tokenizer.encode('<|tool_call>call:paint{colour:<|"|>blue<|"|>}<tool_call|>', add_special_tokens=False)
     for show_thinking in (True, False):
         view = ReplyView(Reply(tokenizer), show_thinking)
@@ -149,8 +173,8 @@ def test_the_reply_view_shows_the_thought_and_keeps_the_answer(processor):
 
 def test_a_stopped_reply_leaves_the_prompt_cache_usable(demo_home):
     """Ctrl-C breaks out of stream_generate mid-reply; the next turn must still match a cold run."""
-    from mlx_gemma4u.generation.prompt_cache import PromptCache
     from mlx_gemma4u.generation.api import stream_generate
+    from mlx_gemma4u.generation.prompt_cache import PromptCache
     from mlx_gemma4u.weights.loading import load
 
     model, processor = load(demo_home / "demo-v1")
@@ -171,18 +195,17 @@ def test_a_stopped_reply_leaves_the_prompt_cache_usable(demo_home):
     assert cache.reused > 0
 
 
-
 def test_the_turn_after_an_image_does_not_embed_it_again(demo_home, photo, monkeypatch):
     """The chat session's PromptCache keeps the image's soft tokens: the second turn runs the vision
     embedder no more, and its reply equals a cold run's."""
     from rich.console import Console
 
     from mlx_gemma4u.cli.chat import Chat
-    from mlx_gemma4u.generation.prompt_cache import PromptCache
     from mlx_gemma4u.generation.api import stream_generate
+    from mlx_gemma4u.generation.prompt_cache import PromptCache
     from mlx_gemma4u.generation.reply import Reply
-    from mlx_gemma4u.weights.loading import load
     from mlx_gemma4u.models.vision import VisionEmbedder
+    from mlx_gemma4u.weights.loading import load
 
     calls = []
     embed = VisionEmbedder.__call__
@@ -195,8 +218,9 @@ def test_the_turn_after_an_image_does_not_embed_it_again(demo_home, photo, monke
     chat.handle("And the colour?")
     assert len(calls) == 1
     reply = Reply(processor.tokenizer)
-    for r in stream_generate(model, processor, chat.conversation.prompt()[:-1], max_tokens=4,
-                             prompt_cache=PromptCache(model)):
+    for r in stream_generate(
+        model, processor, chat.conversation.prompt()[:-1], max_tokens=4, prompt_cache=PromptCache(model)
+    ):
         reply.add(r.token, r.text)
     reply.finish()
     assert len(calls) == 2  # a fresh PromptCache embeds the image again
@@ -210,8 +234,15 @@ def visible(text: str) -> str:
 def test_chat_in_a_terminal(demo_home, photo, tmp_path):
     """Drive the real chat: stream, attach, save, reset, load, interrupt, keep chatting, quit."""
     env = {**os.environ, "MLX_GEMMA4U_HOME": str(demo_home), "TERM": "xterm-256color", "COLUMNS": "200"}
-    child = pexpect.spawn(sys.executable, ["-m", "mlx_gemma4u", "chat", "--demo", "--max-tokens", "6"], env=env,
-                          encoding="utf-8", dimensions=(40, 200), timeout=60, cwd=str(tmp_path))
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "mlx_gemma4u", "chat", "--demo", "--max-tokens", "6"],
+        env=env,
+        encoding="utf-8",
+        dimensions=(40, 200),
+        timeout=60,
+        cwd=str(tmp_path),
+    )
     child.logfile_read = log = io.StringIO()
     stats = re.compile(r"prompt (\d+) tokens \((\d+) new\)")
     try:
@@ -285,8 +316,17 @@ def fake_stream(pieces, pause: float = 0.0):
     def stream(model, processor, prompt, **kwargs):
         for i, text in enumerate(pieces, start=1):
             time.sleep(pause)
-            yield SimpleNamespace(token=1000 + i, text=text, generation_tokens=i, generation_tps=1.0, prompt_tokens=3,
-                                  prefilled_tokens=3, prompt_tps=1.0, peak_memory=0.1, draft=None)
+            yield SimpleNamespace(
+                token=1000 + i,
+                text=text,
+                generation_tokens=i,
+                generation_tps=1.0,
+                prompt_tokens=3,
+                prefilled_tokens=3,
+                prompt_tps=1.0,
+                peak_memory=0.1,
+                draft=None,
+            )
 
     return stream
 
@@ -336,14 +376,28 @@ input()
 """)
     session = f"chat-once-{os.getpid()}"
     # COLUMNS and LINES, which reach the pane from a pytest run, would make rich draw at 80 x 24
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40",
-                    f"env -u COLUMNS -u LINES {sys.executable} {script}"], check=True)
+    subprocess.run(
+        [
+            "tmux",
+            "new-session",
+            "-d",
+            "-s",
+            session,
+            "-x",
+            "160",
+            "-y",
+            "40",
+            f"env -u COLUMNS -u LINES {sys.executable} {script}",
+        ],
+        check=True,
+    )
     try:
         scrollback = ""
         for _ in range(120):
             time.sleep(0.5)
-            scrollback = subprocess.run(["tmux", "capture-pane", "-p", "-J", "-S", "-", "-t", session],
-                                        capture_output=True, text=True).stdout
+            scrollback = subprocess.run(
+                ["tmux", "capture-pane", "-p", "-J", "-S", "-", "-t", session], capture_output=True, text=True
+            ).stdout
             if "\nEND" in scrollback:
                 break
     finally:

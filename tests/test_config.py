@@ -3,11 +3,11 @@
 import json
 
 import pytest
+import reference
 from transformers import Gemma4UnifiedTextConfig
 
-import reference
-from mlx_gemma4u.models.config import FULL, SLIDING, ModelConfig, TextConfig
 from mlx_gemma4u.errors import ConfigError
+from mlx_gemma4u.models.config import FULL, SLIDING, ModelConfig, TextConfig
 
 
 @pytest.mark.parametrize("name", list(reference.TEXT_CONFIGS))
@@ -33,11 +33,25 @@ def test_both_config_forms_load_the_same(hf_checkpoints):
 
 
 def test_published_12b_shapes():
-    text = ModelConfig.from_dict({"model_type": "gemma4_unified", "text_config": dict(
-        hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=1,
-        attention_k_eq_v=True, final_logit_softcapping=30.0, hidden_size_per_layer_input=0,
-        enable_moe_block=False)}).text
+    text = ModelConfig.from_dict(
+        {
+            "model_type": "gemma4_unified",
+            "text_config": dict(
+                hidden_size=3840,
+                intermediate_size=15360,
+                num_hidden_layers=48,
+                num_attention_heads=16,
+                num_key_value_heads=8,
+                head_dim=256,
+                global_head_dim=512,
+                num_global_key_value_heads=1,
+                attention_k_eq_v=True,
+                final_logit_softcapping=30.0,
+                hidden_size_per_layer_input=0,
+                enable_moe_block=False,
+            ),
+        }
+    ).text
     full = [i for i, s in enumerate(text.layers) if s.layer_type == FULL]
     assert full == [5, 11, 17, 23, 29, 35, 41, 47]
     assert {(s.head_dim, s.num_kv_heads, s.k_eq_v) for s in text.layers if s.layer_type == FULL} == {(512, 1, True)}
@@ -50,17 +64,23 @@ def test_last_layer_forced_full_and_kv_sharing_checked():
         TextConfig(num_hidden_layers=3, layer_types=[SLIDING, SLIDING, FULL], num_kv_shared_layers=1)
 
 
-@pytest.mark.parametrize("text, needle", [
-    ({"hidden_size": -1}, "hidden_size"),
-    ({"num_attention_heads": 3, "num_key_value_heads": 2}, "multiple"),
-    ({"layer_types": ["sliding_attention"]}, "layer_types"),
-    ({"layer_types": ["cross_attention"] * 30}, "unknown layer type"),
-    ({"rope_parameters": {SLIDING: {"rope_type": "yarn", "rope_theta": 1e4}, FULL: {"rope_theta": 1e6}}}, "rope_type"),
-    ({"hidden_activation": "relu"}, "hidden_activation"),
-    ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention"),
-    ({"rms_norm_eps": "tiny"}, "rms_norm_eps"),
-    ({"head_dim": 15}, "even"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ({"hidden_size": -1}, "hidden_size"),
+        ({"num_attention_heads": 3, "num_key_value_heads": 2}, "multiple"),
+        ({"layer_types": ["sliding_attention"]}, "layer_types"),
+        ({"layer_types": ["cross_attention"] * 30}, "unknown layer type"),
+        (
+            {"rope_parameters": {SLIDING: {"rope_type": "yarn", "rope_theta": 1e4}, FULL: {"rope_theta": 1e6}}},
+            "rope_type",
+        ),
+        ({"hidden_activation": "relu"}, "hidden_activation"),
+        ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention"),
+        ({"rms_norm_eps": "tiny"}, "rms_norm_eps"),
+        ({"head_dim": 15}, "even"),
+    ],
+)
 def test_bad_text_values_are_named(text, needle):
     with pytest.raises(ConfigError, match=needle):
         ModelConfig.from_dict({"model_type": "gemma4_unified", "text_config": text})
@@ -70,11 +90,17 @@ def test_bad_top_level_values_are_named(tmp_path):
     with pytest.raises(ConfigError, match="model_type 'llama'"):
         ModelConfig.from_dict({"model_type": "llama"})
     with pytest.raises(ConfigError, match="image_token_id"):
-        ModelConfig.from_dict({"model_type": "gemma4_unified", "text_config": {"vocab_size": 100},
-                               "image_token_id": 258880})
+        ModelConfig.from_dict(
+            {"model_type": "gemma4_unified", "text_config": {"vocab_size": 100}, "image_token_id": 258880}
+        )
     with pytest.raises(ConfigError, match="output_proj_dims"):
-        ModelConfig.from_dict({"model_type": "gemma4_unified", "text_config": {},
-                               "vision_config": {"mm_embed_dim": 48, "output_proj_dims": 64}})
+        ModelConfig.from_dict(
+            {
+                "model_type": "gemma4_unified",
+                "text_config": {},
+                "vision_config": {"mm_embed_dim": 48, "output_proj_dims": 64},
+            }
+        )
     with pytest.raises(ConfigError, match="does not exist"):
         ModelConfig.from_file(tmp_path / "config.json")
     (tmp_path / "config.json").write_text("{not json")

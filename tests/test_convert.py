@@ -12,17 +12,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
-
 import reference
+import torch
 from killing import kill_mid_write
-from mlx_gemma4u.weights import demo
+
 from mlx_gemma4u import generate
 from mlx_gemma4u.cli.main import main
 from mlx_gemma4u.convert.converter import Options, convert
-from mlx_gemma4u.errors import InputError
-from mlx_gemma4u.weights.loading import load, load_model
 from mlx_gemma4u.convert.upload import UploadError
+from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.weights import demo
+from mlx_gemma4u.weights.loading import load, load_model
 
 PROMPTS = np.random.default_rng(0).integers(3, reference.V - 16, size=(4, 24))
 CONVERSIONS = {
@@ -68,8 +68,10 @@ def tame(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(source, tame, tmp_path_factory):
     root = tmp_path_factory.mktemp("converted")
-    done = {name: convert(tame if name.startswith(("q", "mx")) else source, root / name, options, quiet=True)
-            for name, options in CONVERSIONS.items()}
+    done = {
+        name: convert(tame if name.startswith(("q", "mx")) else source, root / name, options, quiet=True)
+        for name, options in CONVERSIONS.items()
+    }
     done["dequantized"] = convert(root / "q8", root / "dequantized", Options(dequantize=True), quiet=True)
     return done
 
@@ -88,8 +90,13 @@ def test_float_dtypes_equal_the_source_cast_and_match_transformers(dtype, conver
     torch_model = hf_checkpoints["full"][0]
     truth = reference.logits(torch_model, PROMPTS)
     scale = np.abs(truth).max()
-    bound = 1e-4 if dtype == "float32" else 2 * np.abs(
-        reference.logits(copy.deepcopy(torch_model).to(getattr(torch, dtype)), PROMPTS) - truth).max() / scale
+    bound = (
+        1e-4
+        if dtype == "float32"
+        else 2
+        * np.abs(reference.logits(copy.deepcopy(torch_model).to(getattr(torch, dtype)), PROMPTS) - truth).max()
+        / scale
+    )
     assert np.abs(ours - truth).max() / scale < bound
     assert converted[dtype].bits_per_weight == pytest.approx({"float32": 32, "float16": 16, "bfloat16": 16}[dtype])
 
@@ -202,12 +209,15 @@ def test_convert_demo_needs_no_source_and_converts_like_the_source(demo_home, tm
     assert error(quantized) < 6 * error(source)
 
 
-@pytest.mark.parametrize("options, message", [
-    (Options(quantize=True, dequantize=True), "either --quantize or --dequantize"),
-    (Options(quantize=True, q_mode="mxfp4", q_bits=8), "--q-mode mxfp4 means 4 bits"),
-    (Options(quantize=True, q_mode="mxfp4", quant_recipe="mixed-6-4"), "affine only"),
-    (Options(dtype="int8"), "--dtype must be one of"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (Options(quantize=True, dequantize=True), "either --quantize or --dequantize"),
+        (Options(quantize=True, q_mode="mxfp4", q_bits=8), "--q-mode mxfp4 means 4 bits"),
+        (Options(quantize=True, q_mode="mxfp4", quant_recipe="mixed-6-4"), "affine only"),
+        (Options(dtype="int8"), "--dtype must be one of"),
+    ],
+)
 def test_contradicting_flags_are_refused_before_the_source_is_fetched(options, message, tmp_path, monkeypatch):
     monkeypatch.setattr("mlx_gemma4u.convert.converter.resolve", lambda path: pytest.fail(f"{path} was fetched"))
     with pytest.raises(InputError, match=message):
@@ -269,8 +279,9 @@ class FakeHub(BaseHTTPRequestHandler):
         repo, action = f"{parts[3]}/{parts[4]}", parts[5]
         if action == "preupload":
             files = json.loads(body)["files"]
-            return self.reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                         for f in files]})
+            return self.reply(
+                {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
         for line in body.splitlines():
             item = json.loads(line)
             if item["key"] == "file":

@@ -202,6 +202,6 @@ def test_a_cut_model_gives_the_plain_models_logits_bit_for_bit_on_any_thread(
 
 
 def test_the_drafter_is_cut_when_loaded(demo_home, three_cores):
-    drafter = load_draft_model(ensure_demo_drafter(demo_home / "drafter"))
+    drafter = load_draft_model(ensure_demo_drafter(demo_home / "demo-drafter-v1"))
     assert isinstance(drafter.pre_projection, cpu_cores.CutLinear)
     assert isinstance(drafter.model.layers[0].mlp, cpu_cores.CutMLP)

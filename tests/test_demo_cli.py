@@ -10,15 +10,16 @@ import pytest
 import torch
 from transformers import Gemma4UnifiedForConditionalGeneration
 
-from mlx_gemma4u.weights import demo
 from mlx_gemma4u.cli.main import main, parse_args
+from mlx_gemma4u.weights import demo
 from mlx_gemma4u.weights.loading import load_model
 
 
 def cli(*args, home):
     env = {**os.environ, "MLX_GEMMA4U_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "mlx_gemma4u", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_gemma4u", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_demo_is_a_real_transformers_checkpoint(demo_home):
@@ -73,16 +74,22 @@ def test_cli_errors_are_one_line(tmp_path, demo_home):
     assert "Traceback" not in run.stderr
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--temp", "-1", "temperature must be 0 (greedy) or more"), ("--top-p", "2", "top_p must be in [0, 1]"),
-    ("--min-p", "1", "min_p must be in [0, 1)"), ("--top-k", "-1", "top_k must be 0 (off) or a positive integer"),
-    ("--max-tokens", "0", "max_tokens must be a positive integer"),
-    ("--seed", "-1", "seed must be a whole number from 0 to 2**64 - 1, got -1"),
-    ("--seed", str(2**64), "seed must be a whole number from 0"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--temp", "-1", "temperature must be 0 (greedy) or more"),
+        ("--top-p", "2", "top_p must be in [0, 1]"),
+        ("--min-p", "1", "min_p must be in [0, 1)"),
+        ("--top-k", "-1", "top_k must be 0 (off) or a positive integer"),
+        ("--max-tokens", "0", "max_tokens must be a positive integer"),
+        ("--seed", "-1", "seed must be a whole number from 0 to 2**64 - 1, got -1"),
+        ("--seed", str(2**64), "seed must be a whole number from 0"),
+    ],
+)
 @pytest.mark.parametrize("command", [["generate", "--demo", "--prompt", "Hi"], ["chat", "--demo"]])
-def test_bad_settings_are_refused_as_the_engine_refuses_them_before_anything_loads(command, flag, value, message,
-                                                                                    monkeypatch, capsys):
+def test_bad_settings_are_refused_as_the_engine_refuses_them_before_anything_loads(
+    command, flag, value, message, monkeypatch, capsys
+):
     """The flags build a SamplingParams, whose check is the engine's: the same bounds and words as
     Python's keywords and the server's JSON, in one line, exit 1, before the model loads."""
     monkeypatch.setattr("mlx_gemma4u.cli.flags.load_from_args", no_loading)
@@ -91,11 +98,16 @@ def test_bad_settings_are_refused_as_the_engine_refuses_them_before_anything_loa
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--max-tokens", "x", "--max-tokens: must be a whole number, got 'x'"), ("--seed", "1.5", "--seed: must be a whole"),
-    ("--temp", "hot", "--temp: must be a number, got 'hot'"), ("--kv-bits", "3", "--kv-bits: invalid choice: 3"),
-    ("--num-draft-tokens", "-1", "--num-draft-tokens: must be an integer >= 0"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--max-tokens", "x", "--max-tokens: must be a whole number, got 'x'"),
+        ("--seed", "1.5", "--seed: must be a whole"),
+        ("--temp", "hot", "--temp: must be a number, got 'hot'"),
+        ("--kv-bits", "3", "--kv-bits: invalid choice: 3"),
+        ("--num-draft-tokens", "-1", "--num-draft-tokens: must be an integer >= 0"),
+    ],
+)
 @pytest.mark.parametrize("command", [["generate", "--demo", "--prompt", "Hi"], ["chat", "--demo"]])
 def test_unreadable_flags_are_argparse_usage_errors(command, flag, value, message, monkeypatch, capsys):
     monkeypatch.setattr("mlx_gemma4u.cli.flags.load_from_args", no_loading)
@@ -135,10 +147,16 @@ def test_debug_after_the_subcommand_shows_the_traceback(demo_home):
     assert run.returncode == 1 and "Traceback" in run.stderr and "InputError: " in run.stderr
 
 
-@pytest.mark.parametrize("line, expected", [
-    (["generate", "--demo", "--prompt", "Hi"], 32), (["generate", "--model", "m", "--prompt", "Hi"], 256),
-    (["chat", "--demo"], 32), (["chat", "--model", "m"], 1024), (["generate", "--demo", "--prompt", "Hi",
-                                                                  "--max-tokens", "100"], 100)])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        (["generate", "--demo", "--prompt", "Hi"], 32),
+        (["generate", "--model", "m", "--prompt", "Hi"], 256),
+        (["chat", "--demo"], 32),
+        (["chat", "--model", "m"], 1024),
+        (["generate", "--demo", "--prompt", "Hi", "--max-tokens", "100"], 100),
+    ],
+)
 def test_max_tokens_defaults(line, expected):
     assert parse_args(line).max_tokens == expected
 
@@ -151,9 +169,19 @@ def test_the_first_command_prints_the_warning_first_and_a_short_reply(demo_home)
 
 
 def test_generate_takes_media_files(demo_home, fixtures_dir):
-    run = cli("generate", "--demo", "--prompt", "Describe both.", "--max-tokens", "3",
-              "--image", str(fixtures_dir / "images/tiny_coffee_40x27.png"),
-              "--audio", str(fixtures_dir / "audio/speech_tiny_25ms_16k.wav"), home=demo_home)
+    run = cli(
+        "generate",
+        "--demo",
+        "--prompt",
+        "Describe both.",
+        "--max-tokens",
+        "3",
+        "--image",
+        str(fixtures_dir / "images/tiny_coffee_40x27.png"),
+        "--audio",
+        str(fixtures_dir / "audio/speech_tiny_25ms_16k.wav"),
+        home=demo_home,
+    )
     assert run.returncode == 0, run.stderr
     prompt_tokens = int(run.stderr.split("prompt: ")[1].split()[0])
     assert prompt_tokens > 260  # 260 image soft tokens plus the audio token and the text

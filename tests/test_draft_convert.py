@@ -10,18 +10,17 @@ keeping the projections and the centroid scorer float is a choice of the convert
 import json
 import shutil
 
+import draft_reference as dr
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-
-import draft_reference as dr
 import reference
+
 from mlx_gemma4u.cli.main import main
 from mlx_gemma4u.convert.converter import Options, convert
-from mlx_gemma4u.weights.loading import load_draft_model
 from mlx_gemma4u.errors import InputError
-from mlx_gemma4u.weights.loading import load_model
+from mlx_gemma4u.weights.loading import load_draft_model, load_model
 
 TARGET = reference.TEXT_CONFIGS["plain"]
 HEADS = {"tied": dict(seed=5), "ordered": dict(seed=6, ordered=True)}
@@ -50,8 +49,11 @@ def sources(tmp_path_factory):
 def converted(sources, tmp_path_factory):
     """(head, conversion name) -> the converted folder."""
     root = tmp_path_factory.mktemp("draft-converted")
-    return {(head, name): convert(src, root / f"{head}-{name}", options, quiet=True).path
-            for head, src in sources[1].items() for name, options in CONVERSIONS.items()}
+    return {
+        (head, name): convert(src, root / f"{head}-{name}", options, quiet=True).path
+        for head, src in sources[1].items()
+        for name, options in CONVERSIONS.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +107,11 @@ def test_quantized_assistant_keeps_projections_centroids_norms_and_ordering_floa
     assert all(isinstance(layer, nn.Linear) and layer.weight.dtype == mx.float32 for layer in kept)  # not quantized
     assert drafter.model.norm.weight.dtype == mx.float32
     stored = mx.load(str(converted[head, name] / "model.safetensors"))
-    assert not any(k.startswith(("pre_projection.", "post_projection.", "masked_embedding.centroids.")) and
-                   not k.endswith(".weight") for k in stored)
+    assert not any(
+        k.startswith(("pre_projection.", "post_projection.", "masked_embedding.centroids."))
+        and not k.endswith(".weight")
+        for k in stored
+    )
     quantization = json.loads((converted[head, name] / "config.json").read_text())["quantization"]
     assert (quantization["group_size"], quantization["bits"]) == (group, int(name[1:]))
     if head == "ordered":
@@ -144,8 +149,24 @@ def test_cli_converts_an_assistant_folder(sources, tmp_path):
     """`mlx-gemma4u convert --hf-path <assistant folder>`; the model card says how to use the drafter."""
     folders = sources[1]
     out = tmp_path / "assistant-8bit"
-    assert main(["convert", "--hf-path", str(folders["ordered"]), "--mlx-path", str(out), "-q", "--q-bits", "8",
-                 "--q-group-size", "32", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--hf-path",
+                str(folders["ordered"]),
+                "--mlx-path",
+                str(out),
+                "-q",
+                "--q-bits",
+                "8",
+                "--q-group-size",
+                "32",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "config.json").read_text())["model_type"] == "gemma4_unified_assistant"
     assert (out / "generation_config.json").is_file() and not (out / "processor_config.json").exists()
     card = (out / "README.md").read_text()
@@ -168,8 +189,9 @@ def test_qat_assistant_gets_the_qat_recipe(sources, tmp_path):
 def test_layers_the_group_size_does_not_divide_stay_float(sources, states, tmp_path):
     """Groups of 128 on a 64-wide assistant: only the MLP's down projection (128 inputs) is quantized."""
     target, folders = sources
-    drafter = load_draft_model(convert(folders["tied"], tmp_path / "g128", Options(quantize=True, q_group_size=128),
-                                       quiet=True).path)
+    drafter = load_draft_model(
+        convert(folders["tied"], tmp_path / "g128", Options(quantize=True, q_group_size=128), quiet=True).path
+    )
     layer = drafter.model.layers[0]
     assert isinstance(layer.mlp.down_proj, nn.QuantizedLinear)
     assert all(isinstance(m, nn.Linear) for m in (layer.mlp.up_proj, layer.self_attn.q_proj, layer.self_attn.o_proj))
@@ -180,8 +202,9 @@ def test_layers_the_group_size_does_not_divide_stay_float(sources, states, tmp_p
 def test_dequantize_round_trips(converted, sources, states, tmp_path):
     target, _ = sources
     quantized = load_draft_model(converted["ordered", "q8"])
-    floats = load_draft_model(convert(converted["ordered", "q8"], tmp_path / "float", Options(dequantize=True),
-                                      quiet=True).path)
+    floats = load_draft_model(
+        convert(converted["ordered", "q8"], tmp_path / "float", Options(dequantize=True), quiet=True).path
+    )
     layer = quantized.model.layers[1].mlp.down_proj
     restored = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
     assert mx.array_equal(floats.model.layers[1].mlp.down_proj.weight, restored)

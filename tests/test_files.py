@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import pytest
-
 from killing import kill_mid_write
+
 from mlx_gemma4u.files import replacing_folder, write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,8 +70,7 @@ WRITERS = {
         "cache.safetensors",
     ),
     "demo checkpoint": (
-        STALL_TENSORS + "from mlx_gemma4u.weights.demo import ensure_demo\n"
-        "ensure_demo(pathlib.Path(sys.argv[1]))\n",
+        STALL_TENSORS + "from mlx_gemma4u.weights.demo import ensure_demo\nensure_demo(pathlib.Path(sys.argv[1]))\n",
         "demo/",
     ),
     "saved chat": (

@@ -15,8 +15,12 @@ DTYPES = st.sampled_from([np.uint8, np.uint16, np.int32, np.float16, np.float32,
 
 
 @FUZZ
-@given(shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=70), dtype=DTYPES,
-       budget=st.sampled_from([70, 140, 0, 71]), data=st.data())
+@given(
+    shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=70),
+    dtype=DTYPES,
+    budget=st.sampled_from([70, 140, 0, 71]),
+    data=st.data(),
+)
 def test_image_processor_on_random_arrays(shape, dtype, budget, data):
     floats = st.floats(-2, 2, width=32) | st.sampled_from([np.nan, np.inf])
     array = data.draw(hnp.arrays(dtype, shape, elements=floats if dtype is np.float32 else None))
@@ -33,8 +37,13 @@ def test_image_processor_on_random_arrays(shape, dtype, budget, data):
 
 
 @FUZZ
-@given(samples=st.integers(0, 5000), channels=st.sampled_from([None, 1, 2, 3]), rate=st.sampled_from([8000, 16000, 44100, 0, -1]),
-       dtype=st.sampled_from([np.float32, np.float64, np.int16, np.int32]), special=st.sampled_from([None, np.nan, np.inf]))
+@given(
+    samples=st.integers(0, 5000),
+    channels=st.sampled_from([None, 1, 2, 3]),
+    rate=st.sampled_from([8000, 16000, 44100, 0, -1]),
+    dtype=st.sampled_from([np.float32, np.float64, np.int16, np.int32]),
+    special=st.sampled_from([None, np.nan, np.inf]),
+)
 def test_audio_extractor_on_random_clips(samples, channels, rate, dtype, special):
     shape = (samples,) if channels is None else (samples, channels)
     clip = (np.random.default_rng(samples).standard_normal(shape) * 1000).astype(dtype)
@@ -49,14 +58,22 @@ def test_audio_extractor_on_random_clips(samples, channels, rate, dtype, special
     assert mask.shape == features.shape[:2] and mask.all() and mask.shape[1] >= 1
 
 
-JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-                       max_leaves=8)
-ITEMS = st.fixed_dictionaries({"type": st.sampled_from(["text", "image", "audio", "video", "blob"])},
-                              optional={"text": JSONISH, "path": JSONISH, "url": JSONISH})
-MESSAGES = st.lists(st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "assistant", "system", "robot", 3])},
-    optional={"content": st.one_of(st.text(max_size=10), st.lists(ITEMS | JSONISH, max_size=3), JSONISH)}), max_size=4)
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+ITEMS = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image", "audio", "video", "blob"])},
+    optional={"text": JSONISH, "path": JSONISH, "url": JSONISH},
+)
+MESSAGES = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "robot", 3])},
+        optional={"content": st.one_of(st.text(max_size=10), st.lists(ITEMS | JSONISH, max_size=3), JSONISH)},
+    ),
+    max_size=4,
+)
 
 
 @FUZZ

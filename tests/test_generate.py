@@ -6,12 +6,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gemma4u import load, stream_generate
-from mlx_gemma4u import generate
+from mlx_gemma4u import generate, load, stream_generate
 from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.generation.inputs import prepare_inputs
 from mlx_gemma4u.generation.prompt_cache import PromptCache
 from mlx_gemma4u.generation.steps import prefill_chunks
-from mlx_gemma4u.generation.inputs import prepare_inputs
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +24,7 @@ def tokens(model, processor, prompt, **kwargs):
 
 def test_prompt_forms_have_bos_exactly_once(demo):
     model, processor = demo
-    for prompt in ("Hello", "<bos>Hello", [2, 9259], [9259],
-                   [{"role": "user", "content": "Hello"}]):
+    for prompt in ("Hello", "<bos>Hello", [2, 9259], [9259], [{"role": "user", "content": "Hello"}]):
         ids = prepare_inputs(processor, prompt)["input_ids"][0].tolist()
         assert ids[0] == 2 and ids.count(2) == 1, prompt
     chat = prepare_inputs(processor, [{"role": "user", "content": "Hello"}])["input_ids"][0].tolist()
@@ -66,8 +64,9 @@ def test_prompt_cache_round_trips_through_a_file(demo, tmp_path):
     loaded = PromptCache.load(tmp_path / "chat.safetensors", model)
     assert loaded.tokens == cache.tokens
     follow = prompt + [{"role": "assistant", "content": "Once"}, {"role": "user", "content": "Go on."}]
-    assert tokens(model, processor, follow, max_tokens=5, prompt_cache=loaded) == \
-        tokens(model, processor, follow, max_tokens=5)
+    assert tokens(model, processor, follow, max_tokens=5, prompt_cache=loaded) == tokens(
+        model, processor, follow, max_tokens=5
+    )
 
 
 @pytest.mark.parametrize("name", ["conv", "conv.bin", "deeper/folder/conv.safetensors"])
@@ -130,12 +129,15 @@ class CraftedModel:
         return mx.broadcast_to(self.logits, (1, 1, self.logits.shape[0]))
 
 
-@pytest.mark.parametrize("option, allowed", [
-    ({"top_k": 2}, {10, 11}),
-    ({"top_p": 0.6}, {10, 11}),      # probabilities 0.4, 0.3, 0.2, 0.1: 0.4 + 0.3 covers 0.6
-    ({"min_p": 0.6}, {10, 11}),      # 0.3 / 0.4 >= 0.6, 0.2 / 0.4 < 0.6
-    ({}, {10, 11, 12, 13}),
-])
+@pytest.mark.parametrize(
+    "option, allowed",
+    [
+        ({"top_k": 2}, {10, 11}),
+        ({"top_p": 0.6}, {10, 11}),  # probabilities 0.4, 0.3, 0.2, 0.1: 0.4 + 0.3 covers 0.6
+        ({"min_p": 0.6}, {10, 11}),  # 0.3 / 0.4 >= 0.6, 0.2 / 0.4 < 0.6
+        ({}, {10, 11, 12, 13}),
+    ],
+)
 def test_sampling_options_bound_the_tokens_drawn(demo, option, allowed):
     _, processor = demo
     probs = np.zeros(20)
@@ -151,7 +153,7 @@ def test_stop_strings_and_eos(demo):
     full = generate(model, processor, prompt, max_tokens=12)
     stop = full[4:7]
     out = list(stream_generate(model, processor, prompt, max_tokens=12, stop=[stop]))
-    assert "".join(r.text for r in out) == full[:full.index(stop)]
+    assert "".join(r.text for r in out) == full[: full.index(stop)]
     assert out[-1].finish_reason == "stop"
     eos = CraftedModel(np.where(np.arange(20) == 1, 0.0, -1e9))  # always <eos>
     out = list(stream_generate(eos, processor, [5], max_tokens=5))
@@ -164,14 +166,17 @@ def test_prefill_chunks_never_split_a_vision_block():
     assert prefill_chunks(4, 11, 100, blocks) == [(4, 11)]
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"temperature": -1.0}, "temperature"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"top_k": -2}, "top_k"),
-    ({"min_p": 1.0}, "min_p"),
-    ({"kv_bits": 3}, "kv_bits"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.0}, "min_p"),
+        ({"kv_bits": 3}, "kv_bits"),
+    ],
+)
 def test_bad_generation_arguments(demo, kwargs, needle):
     model, processor = demo
     with pytest.raises(InputError, match=needle):

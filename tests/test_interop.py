@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from mlx_gemma4u import load
-from mlx_gemma4u.models import layouts as checkpoints
 from mlx_gemma4u.convert.converter import Options, convert
 from mlx_gemma4u.errors import CheckpointError, InputError
+from mlx_gemma4u.models import layouts as checkpoints
 from mlx_gemma4u.weights.loading import load_model
 
 mlx_vlm_utils = pytest.importorskip("mlx_vlm.utils", reason="mlx-vlm (the test extra) is not installed")
@@ -75,13 +75,21 @@ def prompts(demo, fixtures_dir) -> dict[str, dict]:
     _, processor = load(demo)
     made = {
         "text": processor(text="<bos>Hello there, how are you today?", return_tensors="mlx"),
-        "image": processor(text="<bos>Describe <|image|>", images=[str(fixtures_dir / "images/tiny_coffee_40x27.png")],
-                           return_tensors="mlx"),
-        "audio": processor(text="<bos>Transcribe <|audio|>", audio=[str(fixtures_dir / "audio/speech_16k_mono.wav")],
-                           return_tensors="mlx"),
+        "image": processor(
+            text="<bos>Describe <|image|>",
+            images=[str(fixtures_dir / "images/tiny_coffee_40x27.png")],
+            return_tensors="mlx",
+        ),
+        "audio": processor(
+            text="<bos>Transcribe <|audio|>",
+            audio=[str(fixtures_dir / "audio/speech_16k_mono.wav")],
+            return_tensors="mlx",
+        ),
     }
-    return {name: {k: v for k, v in inputs.items() if k not in ("attention_mask", "mm_token_type_ids")}
-            for name, inputs in made.items()}
+    return {
+        name: {k: v for k, v in inputs.items() if k not in ("attention_mask", "mm_token_type_ids")}
+        for name, inputs in made.items()
+    }
 
 
 def _check_same_as_mlx_vlm(folder: Path, prompts: dict) -> None:
@@ -95,8 +103,10 @@ def _check_same_as_mlx_vlm(folder: Path, prompts: dict) -> None:
             assert np.array_equal(_np(ours(ids, logits_to_keep=KEEP)), _np(theirs(ids, logits_to_keep=KEEP).logits))
             continue
         embeds = ours.embed(ids, **inputs)
-        assert np.array_equal(_np(ours(ids, inputs_embeds=embeds, logits_to_keep=KEEP)),
-                              _np(theirs.language_model(None, inputs_embeds=embeds, logits_to_keep=KEEP).logits))
+        assert np.array_equal(
+            _np(ours(ids, inputs_embeds=embeds, logits_to_keep=KEEP)),
+            _np(theirs.language_model(None, inputs_embeds=embeds, logits_to_keep=KEEP).logits),
+        )
         if name == "image":
             mine = ours.embed_vision(inputs["pixel_values"], inputs["image_position_ids"])
             peer = theirs.get_image_features(inputs["pixel_values"], inputs["image_position_ids"])
@@ -166,13 +176,20 @@ def test_mlx_vlm_folder_round_trips_through_our_converter(peer_folders, tmp_path
     layers = [k.removesuffix(".scales") for k in original if k.endswith(".scales")]
     assert len(layers) == 43  # 41 decoder projections, the token embedding, the audio projection
     for layer in layers:
-        before, after = (mx.dequantize(w[f"{layer}.weight"], w[f"{layer}.scales"], w[f"{layer}.biases"], 64, 4)
-                         for w in (original, requantized))
+        before, after = (
+            mx.dequantize(w[f"{layer}.weight"], w[f"{layer}.scales"], w[f"{layer}.biases"], 64, 4)
+            for w in (original, requantized)
+        )
         step = mx.repeat(original[f"{layer}.scales"], 64, axis=-1)
         assert (mx.abs(before - after) <= mx.abs(step)).all().item(), layer
     dequantized = mx.load(str(floats / "model.safetensors"))
-    assert all(mx.array_equal(dequantized[f"{layer}.weight"], mx.dequantize(
-        original[f"{layer}.weight"], original[f"{layer}.scales"], original[f"{layer}.biases"], 64, 4)) for layer in layers)
+    assert all(
+        mx.array_equal(
+            dequantized[f"{layer}.weight"],
+            mx.dequantize(original[f"{layer}.weight"], original[f"{layer}.scales"], original[f"{layer}.biases"], 64, 4),
+        )
+        for layer in layers
+    )
 
 
 def test_text_only_mlx_lm_conversion_loads_and_refuses_media(demo, prompts, tmp_path):
@@ -200,7 +217,9 @@ def test_our_earlier_layout_still_loads(our_folders, prompts, tmp_path):
     config["quantization"] = checkpoints.quantization_in_our_names(config["quantization"], checkpoints.COMMUNITY)
     (folder / "config.json").write_text(json.dumps(config))
     weights = mx.load(str(folder / "model.safetensors"))
-    mx.save_safetensors(str(folder / "model.safetensors"), {checkpoints.COMMUNITY.ours(k): v for k, v in weights.items()})
+    mx.save_safetensors(
+        str(folder / "model.safetensors"), {checkpoints.COMMUNITY.ours(k): v for k, v in weights.items()}
+    )
     (folder / "model.safetensors.index.json").unlink()
     assert checkpoints.detect(mx.load(str(folder / "model.safetensors"))) is checkpoints.OURS_V1
     ids = prompts["text"]["input_ids"]
@@ -226,8 +245,9 @@ def _float64(layer) -> np.ndarray:
     """A (possibly quantized) layer's weight as float64."""
     weight = layer.weight
     if hasattr(layer, "scales"):
-        weight = mx.dequantize(weight, layer.scales, getattr(layer, "biases", None), layer.group_size, layer.bits,
-                               mode=layer.mode)
+        weight = mx.dequantize(
+            weight, layer.scales, getattr(layer, "biases", None), layer.group_size, layer.bits, mode=layer.mode
+        )
     return _np(weight).astype(np.float64)
 
 

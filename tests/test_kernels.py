@@ -15,19 +15,21 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_gemma4u.models.config import ModelConfig
-from mlx_gemma4u.weights.demo import CONFIG
 from mlx_gemma4u.kernels import dispatch
+from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.models.model import Model
 from mlx_gemma4u.models.rope import RoPE
+from mlx_gemma4u.weights.demo import CONFIG
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 # The references against float64 numpy: |Δ| <= bound * (1 + |expected|).
 NUMPY_BOUND = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 6e-2}
 SLIDING_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 FULL_ROPE = {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0}
-needs_metal = pytest.mark.skipif(not mx.metal.is_available(), reason="no Metal on this machine, so the Metal "
-                                 "kernels cannot run; their MLX references are tested here instead")
+needs_metal = pytest.mark.skipif(
+    not mx.metal.is_available(),
+    reason="no Metal on this machine, so the Metal kernels cannot run; their MLX references are tested here instead",
+)
 
 
 def rand(shape, dtype, seed, scale=1.0) -> mx.array:
@@ -61,18 +63,31 @@ def position_norm_args(dt, positions, table_rows, D):
 PADDED = mx.array([[[0, 0], [8, 1], [2, 7], [-1, -1], [-1, -1]], [[1, 2]] * 5])
 DIAGONAL = mx.array([[[i % 4, 3 - i % 4] for i in range(7)]])
 CASES = {
-    "norm_rope": [lambda dt: norm_rope_args(dt, 256, 1, 17), lambda dt: norm_rope_args(dt, 512, 7, mx.array([3, 40])),
-                  lambda dt: norm_rope_args(dt, 512, 1, 9)],
-    "residual_norm": [lambda dt: residual_norm_args(dt, (2, 1, 3840), True),
-                      lambda dt: residual_norm_args(dt, (3, 7, 200), False)],
-    "gelu_mul": [lambda dt: (rand((2, 1, 15360), dt, 1, 3), rand((2, 1, 15360), dt, 2)),
-                 lambda dt: (rand((3, 7, 301), dt, 1, 3), rand((3, 7, 301), dt, 2))],
+    "norm_rope": [
+        lambda dt: norm_rope_args(dt, 256, 1, 17),
+        lambda dt: norm_rope_args(dt, 512, 7, mx.array([3, 40])),
+        lambda dt: norm_rope_args(dt, 512, 1, 9),
+    ],
+    "residual_norm": [
+        lambda dt: residual_norm_args(dt, (2, 1, 3840), True),
+        lambda dt: residual_norm_args(dt, (3, 7, 200), False),
+    ],
+    "gelu_mul": [
+        lambda dt: (rand((2, 1, 15360), dt, 1, 3), rand((2, 1, 15360), dt, 2)),
+        lambda dt: (rand((3, 7, 301), dt, 1, 3), rand((3, 7, 301), dt, 2)),
+    ],
     "softcap": [lambda dt: (rand((2, 1, 4099), dt, 1, 40), 30.0), lambda dt: (rand((1, 5, 262), dt, 2, 40), 30.0)],
-    "position_norm": [lambda dt: position_norm_args(dt, PADDED, 9, 3840),
-                      lambda dt: position_norm_args(dt, DIAGONAL, 4, 48)],
+    "position_norm": [
+        lambda dt: position_norm_args(dt, PADDED, 9, 3840),
+        lambda dt: position_norm_args(dt, DIAGONAL, 4, 48),
+    ],
 }
-PARAMS = [pytest.param(name, make, dt, id=f"{name}-{i}-{dt}".replace("mlx.core.", ""))
-          for name, makers in CASES.items() for i, make in enumerate(makers) for dt in DTYPES]
+PARAMS = [
+    pytest.param(name, make, dt, id=f"{name}-{i}-{dt}".replace("mlx.core.", ""))
+    for name, makers in CASES.items()
+    for i, make in enumerate(makers)
+    for dt in DTYPES
+]
 
 
 def np_rms(x, w, eps):
@@ -89,7 +104,7 @@ def np_norm_rope(x, w, eps, rope, offset):
     positions = np.broadcast_to(np.asarray(offset), (B,))[:, None] + np.arange(T)
     angle = (positions[..., None] * inverse)[:, :, None]  # (B, T, 1, D/2)
     n = np_rms(x, w, eps)
-    a, c = n[..., :D // 2], n[..., D // 2:]
+    a, c = n[..., : D // 2], n[..., D // 2 :]
     out = np.concatenate([a * np.cos(angle) - c * np.sin(angle), a * np.sin(angle) + c * np.cos(angle)], -1)
     return out.transpose(0, 2, 1, 3)
 
@@ -103,13 +118,13 @@ def np_position_norm(h, table, positions, weight, bias, eps):
     p = np.asarray(positions)
     v = h + np.where(p[..., :1] >= 0, table[p[..., 0], 0], 0) + np.where(p[..., 1:] >= 0, table[p[..., 1], 1], 0)
     centered = v - v.mean(-1, keepdims=True)
-    return centered / np.sqrt((centered ** 2).mean(-1, keepdims=True) + eps) * weight + bias
+    return centered / np.sqrt((centered**2).mean(-1, keepdims=True) + eps) * weight + bias
 
 
 NUMPY = {
     "norm_rope": np_norm_rope,
     "residual_norm": np_residual_norm,
-    "gelu_mul": lambda g, u: 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3))) * u,
+    "gelu_mul": lambda g, u: 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3))) * u,
     "softcap": lambda x, cap: cap * np.tanh(x / cap),
     "position_norm": np_position_norm,
 }
@@ -136,17 +151,28 @@ def test_metal_kernel_equals_reference(name, make, dtype):
 
 # --- The dispatcher, with stand-ins for the Metal call --------------------------------------------
 
+
 def tiny_model() -> Model:
     """The demo's layout (a proportional-RoPE full layer, vision) at vocab 1024, all weights random."""
     config = copy.deepcopy(CONFIG)
     config["text_config"]["vocab_size"] = 1024
-    special = ["image_token_id", "video_token_id", "audio_token_id", "boi_token_id", "eoi_token_id",
-               "boa_token_id", "eoa_token_index"]
+    special = [
+        "image_token_id",
+        "video_token_id",
+        "audio_token_id",
+        "boi_token_id",
+        "eoi_token_id",
+        "boa_token_id",
+        "eoa_token_index",
+    ]
     config.update({name: 1000 + i for i, name in enumerate(special)})
     model = Model(ModelConfig.from_dict(config))
     params = tree_flatten(model.parameters())
-    model.update(tree_unflatten([(k, rand(v.shape, mx.float32, i, 0.5 if v.ndim > 1 else 1.0))
-                                 for i, (k, v) in enumerate(params)]))
+    model.update(
+        tree_unflatten(
+            [(k, rand(v.shape, mx.float32, i, 0.5 if v.ndim > 1 else 1.0)) for i, (k, v) in enumerate(params)]
+        )
+    )
     return model
 
 
@@ -188,10 +214,12 @@ def reference_outputs(model):
 
 def stand_in(kernel, calls: list, wrong: bool = False):
     """A builder whose "Metal" function is the reference (times 1.1 if wrong), counting its calls."""
+
     def run(*args):
         calls.append(kernel.name)
         out = kernel.reference(*args)
         return tuple(o * 1.1 for o in out) if wrong and isinstance(out, tuple) else out * 1.1 if wrong else out
+
     return lambda: run
 
 
@@ -216,9 +244,13 @@ def test_a_passing_kernel_is_used_and_the_model_is_unchanged(fake_metal, model, 
 def compile_error(name, inputs, outputs, source, header=""):
     """Stands in for mx.fast.metal_kernel where the source does not compile: the error comes on the
     first call, as Metal's does."""
+
     def call(**kwargs):
-        raise RuntimeError(f"[metal::Device] Unable to build metal library from source\n"
-                           f"program_source:3:5: error: expected ';' in {name}")
+        raise RuntimeError(
+            f"[metal::Device] Unable to build metal library from source\n"
+            f"program_source:3:5: error: expected ';' in {name}"
+        )
+
     return call
 
 

@@ -34,7 +34,7 @@ def test_the_import_graph_has_no_cycle():
         state[module] = 1
         for imported in sorted(graph.find_modules_directly_imported_by(module)):
             if state.get(imported) == 1:
-                return path[path.index(imported):] + [imported] if imported in path else [module, imported]
+                return path[path.index(imported) :] + [imported] if imported in path else [module, imported]
             if imported not in state:
                 cycle = visit(imported, path + [imported])
                 if cycle:
@@ -53,8 +53,9 @@ def test_no_private_name_is_imported_from_another_module():
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlx_gemma4u"):
-                found += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
-                          if a.name.startswith("_")]
+                found += [
+                    f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")
+                ]
     assert found == []
 
 

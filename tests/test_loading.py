@@ -61,7 +61,9 @@ def test_wrong_shape_is_named(checkpoint):
     config = json.loads((checkpoint / "config.json").read_text())
     config["text_config"]["intermediate_size"] = 96
     (checkpoint / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"'language_model\.layers\.0\.mlp\.gate_proj\.weight' has shape \(128, 64\)"):
+    with pytest.raises(
+        CheckpointError, match=r"'language_model\.layers\.0\.mlp\.gate_proj\.weight' has shape \(128, 64\)"
+    ):
         load_model(checkpoint)
 
 
@@ -91,11 +93,11 @@ def test_overlapping_tensors(checkpoint):
     path = checkpoint / "model.safetensors"
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     first, second = [k for k in header if k != "__metadata__"][:2]
     header[second]["data_offsets"] = [header[first]["data_offsets"][0], header[second]["data_offsets"][1]]
     blob = json.dumps(header).encode().ljust(n)
-    path.write_bytes(data[:8] + blob + data[8 + n:])
+    path.write_bytes(data[:8] + blob + data[8 + n :])
     with pytest.raises(CheckpointError, match="overlap"):
         load_model(checkpoint)
 
@@ -117,8 +119,8 @@ def test_repo_id_offline_is_one_clear_sentence(tmp_path):
 
 
 def test_memory_guard_refuses_weights_larger_than_the_machine(checkpoint, monkeypatch):
-    from mlx_gemma4u.weights import loading
     from mlx_gemma4u.errors import MemoryLimitError
+    from mlx_gemma4u.weights import loading
 
     size = (checkpoint / "model.safetensors").stat().st_size
     monkeypatch.setattr(loading, "machine_memory", lambda: size)  # 90% of it is less than the weights
@@ -134,10 +136,10 @@ def test_tensor_size_that_disagrees_with_its_shape(checkpoint):
     path = checkpoint / "model.safetensors"
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     name = next(k for k in header if k != "__metadata__")
     header[name]["shape"] = [10**12]
     blob = json.dumps(header).encode()
-    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + n:])
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + n :])
     with pytest.raises(CheckpointError, match="claims shape"):
         load_model(checkpoint)

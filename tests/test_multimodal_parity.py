@@ -21,15 +21,15 @@ too (LN1 divides by sqrt(var + 1e-5) ~ 3e-3), so the prompts use photographs wit
 """
 
 import mlx.core as mx
+import multimodal_inputs as mi
 import numpy as np
 import pytest
+import reference
 import torch
 from mlx.utils import tree_flatten
 
-import multimodal_inputs as mi
-import reference
-from mlx_gemma4u.models.config import SLIDING
 from mlx_gemma4u.errors import CheckpointError, InputError
+from mlx_gemma4u.models.config import SLIDING
 from mlx_gemma4u.weights.loading import load_model, read_weights
 
 SEMANTICS = ("gemma4", "hf-forward")
@@ -73,13 +73,22 @@ def theirs(model, semantics: str, ids, types, mask, media: dict, keep: int = 0) 
         attention, position_ids = t(mask), t(np.clip(mask.cumsum(1) - 1, 0, None))
     if semantics == "gemma4":
         attention = model.create_masks_for_generate(
-            config=model.config, inputs_embeds=torch.zeros(B, T, 1), past_key_values=None,
+            config=model.config,
+            inputs_embeds=torch.zeros(B, T, 1),
+            past_key_values=None,
             attention_mask=attention if attention is not None else torch.ones(B, T, dtype=torch.long),
             position_ids=position_ids if position_ids is not None else torch.arange(T)[None],
-            mm_token_type_ids=t(types))
+            mm_token_type_ids=t(types),
+        )
     with torch.no_grad():
-        out = model(input_ids=t(ids), attention_mask=attention, position_ids=position_ids,
-                    mm_token_type_ids=t(types), logits_to_keep=keep, **kwargs)
+        out = model(
+            input_ids=t(ids),
+            attention_mask=attention,
+            position_ids=position_ids,
+            mm_token_type_ids=t(types),
+            logits_to_keep=keep,
+            **kwargs,
+        )
     return out.logits.float().numpy()
 
 
@@ -88,8 +97,13 @@ def mx_media(media: dict) -> dict:
 
 
 def mine(model, ids, types, mask, media: dict, cache=None) -> mx.array:
-    return model(mx.array(ids, dtype=mx.int32), cache=cache, mm_token_type_ids=mx.array(types),
-                 attention_mask=None if mask is None else mx.array(mask), **mx_media(media))
+    return model(
+        mx.array(ids, dtype=mx.int32),
+        cache=cache,
+        mm_token_type_ids=mx.array(types),
+        attention_mask=None if mask is None else mx.array(mask),
+        **mx_media(media),
+    )
 
 
 def real_positions(case: dict) -> np.ndarray:
@@ -141,8 +155,11 @@ def test_greedy_tokens_with_cache(name, semantics, checkpoint, ours, cases):
         ids = np.concatenate([ids, token[:, None]], axis=1)
         types = np.pad(types, [(0, 0), (0, 1)])
         mask = None if mask is None else np.pad(mask, [(0, 0), (0, 1)], constant_values=1)
-        logits = model(mx.array(token[:, None], dtype=mx.int32), cache=cache,
-                       attention_mask=None if mask is None else mx.array(mask))
+        logits = model(
+            mx.array(token[:, None], dtype=mx.int32),
+            cache=cache,
+            attention_mask=None if mask is None else mx.array(mask),
+        )
     assert got == expected
 
 
@@ -163,14 +180,17 @@ def test_one_patch_reaches_earlier_image_tokens_but_not_earlier_text(semantics, 
     image = np.flatnonzero(case["input_ids"][0] == mi.IMAGE)
     changed = {**case["media"], "pixel_values": case["media"]["pixel_values"].copy()}
     changed["pixel_values"][0, len(image) - 1] = np.random.default_rng(0).random(6912)
-    layer_gap = np.abs(first_sliding_layer(model, ids, types, changed)
-                       - first_sliding_layer(model, ids, types, case["media"])).max(-1)
+    layer_gap = np.abs(
+        first_sliding_layer(model, ids, types, changed) - first_sliding_layer(model, ids, types, case["media"])
+    ).max(-1)
     assert layer_gap[image[:-1]].min() > 1e-4
-    assert layer_gap[:image[0]].max() == 0
-    logit_gap = np.abs(np.array(model(ids, mm_token_type_ids=types, **mx_media(changed)))
-                       - np.array(model(ids, mm_token_type_ids=types, **mx_media(case["media"])))).max(-1)[0]
+    assert layer_gap[: image[0]].max() == 0
+    logit_gap = np.abs(
+        np.array(model(ids, mm_token_type_ids=types, **mx_media(changed)))
+        - np.array(model(ids, mm_token_type_ids=types, **mx_media(case["media"])))
+    ).max(-1)[0]
     assert logit_gap[image[:-1]].min() > 1e-4
-    assert logit_gap[:image[0]].max() == 0
+    assert logit_gap[: image[0]].max() == 0
 
 
 @pytest.mark.parametrize("semantics", SEMANTICS)
@@ -187,8 +207,10 @@ def test_chunked_prefill_between_blocks_equals_one_pass(name, semantics, ours, c
     whole = np.array(model(ids, mm_token_type_ids=types, **mx_media(case["media"])))
     embeds = model.embed(ids, **mx_media(case["media"]))
     cache = model.make_cache()
-    parts = [np.array(model(ids[:, a:b], cache=cache, inputs_embeds=embeds[:, a:b], mm_token_type_ids=types[:, a:b]))
-             for a, b in zip(cuts, cuts[1:])]
+    parts = [
+        np.array(model(ids[:, a:b], cache=cache, inputs_embeds=embeds[:, a:b], mm_token_type_ids=types[:, a:b]))
+        for a, b in zip(cuts, cuts[1:])
+    ]
     assert np.abs(np.concatenate(parts, axis=1) - whole).max() <= bound(whole)
 
 
@@ -213,26 +235,41 @@ def test_rebuilt_patches_equal_the_golden_rows(golden_dir):
 
 # ---- bad inputs -------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def image_case(ours, cases):
     case = cases["one_image"]
     return ours["gemma4"], mx.array(case["input_ids"], dtype=mx.int32), dict(case["media"])
 
 
-@pytest.mark.parametrize("pixels, message", [
-    (np.zeros((1, 70, 6911), np.float32), r"pixel_values must have shape \(images, patches, 6912\), got \(1, 70, 6911\)"),
-    (np.zeros((70, 6912), np.float32), r"pixel_values must have shape \(images, patches, 6912\), got \(70, 6912\)"),
-    (np.zeros((1, 70, 6912), np.uint8), r"pixel_values must be floating point \(pixels scaled to \[0, 1\]\), got .*uint8"),
-    (np.zeros((1, 69, 6912), np.float32), r"position ids must have shape \(1, 69, 2\)"),
-])
+@pytest.mark.parametrize(
+    "pixels, message",
+    [
+        (
+            np.zeros((1, 70, 6911), np.float32),
+            r"pixel_values must have shape \(images, patches, 6912\), got \(1, 70, 6911\)",
+        ),
+        (np.zeros((70, 6912), np.float32), r"pixel_values must have shape \(images, patches, 6912\), got \(70, 6912\)"),
+        (
+            np.zeros((1, 70, 6912), np.uint8),
+            r"pixel_values must be floating point \(pixels scaled to \[0, 1\]\), got .*uint8",
+        ),
+        (np.zeros((1, 69, 6912), np.float32), r"position ids must have shape \(1, 69, 2\)"),
+    ],
+)
 def test_bad_pixel_values(pixels, message, image_case):
     model, ids, media = image_case
     with pytest.raises(InputError, match=message):
         model(ids, pixel_values=mx.array(pixels), image_position_ids=mx.array(media["image_position_ids"]))
 
 
-@pytest.mark.parametrize("value, message", [(64, r"must lie in \[0, 64\) \(or be -1 for padding\); got values from -1 to 64"),
-                                            (-2, r"must lie in \[0, 64\) .*got values from -2 to")])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (64, r"must lie in \[0, 64\) \(or be -1 for padding\); got values from -1 to 64"),
+        (-2, r"must lie in \[0, 64\) .*got values from -2 to"),
+    ],
+)
 def test_position_ids_outside_the_table(value, message, image_case):
     model, ids, media = image_case
     positions = media["image_position_ids"].copy()
@@ -267,23 +304,36 @@ def test_audio_frames_of_the_wrong_size_or_count(ours, cases):
 
 # ---- checkpoint keys --------------------------------------------------------------------------
 
+
 def test_sanitize_maps_every_saved_and_in_memory_key(checkpoint, ours):
     model = ours["gemma4"]
     saved = read_weights(checkpoint[1])
-    assert {"model.embed_vision.embedding_projection.weight", "model.embed_audio.embedding_projection.weight",
-            "model.vision_embedder.pos_embedding", "model.vision_embedder.patch_dense.weight"} <= set(saved)
+    assert {
+        "model.embed_vision.embedding_projection.weight",
+        "model.embed_audio.embedding_projection.weight",
+        "model.vision_embedder.pos_embedding",
+        "model.vision_embedder.patch_dense.weight",
+    } <= set(saved)
     expected = set(dict(tree_flatten(model.parameters())))
     mapped = model.sanitize(saved)
     assert len(mapped) == len(saved) and set(mapped) == expected
-    assert mapped["embed_vision.multimodal_embedder.embedding_projection.weight"] is \
-        saved["model.embed_vision.embedding_projection.weight"]
+    assert (
+        mapped["embed_vision.multimodal_embedder.embedding_projection.weight"]
+        is saved["model.embed_vision.embedding_projection.weight"]
+    )
     assert mapped["embed_vision.pos_embedding"] is saved["model.vision_embedder.pos_embedding"]
     in_memory = {k: mx.array(v.numpy()) for k, v in checkpoint[0].state_dict().items()}
     assert set(model.sanitize(in_memory)) == expected  # tied lm_head.weight dropped
 
 
-@pytest.mark.parametrize("key", ["model.vision_embedder.patch_ln3.weight", "model.embed_audio.extra.weight",
-                                 "model.embed_vision.embedding_projection.bias"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "model.vision_embedder.patch_ln3.weight",
+        "model.embed_audio.extra.weight",
+        "model.embed_vision.embedding_projection.bias",
+    ],
+)
 def test_sanitize_names_an_unknown_key(key, checkpoint, ours):
     saved = {**read_weights(checkpoint[1]), key: mx.zeros((3,))}
     with pytest.raises(CheckpointError, match=f"'{key}'".replace(".", r"\.")):

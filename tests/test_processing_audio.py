@@ -89,7 +89,7 @@ def test_mp3_is_read(fixtures_dir, tmp_path):
     assert abs(len(mp3) - len(wav)) <= 2304  # at most two 1152-sample mp3 frames of padding
     n = min(len(mp3), len(wav))
     lag = int(np.argmax(np.correlate(mp3[:n], wav[: n - 2304], mode="valid")))
-    aligned = mp3[lag:lag + n - 2304]
+    aligned = mp3[lag : lag + n - 2304]
     assert np.corrcoef(aligned, wav[: n - 2304])[0, 1] > 0.95
     assert "mp3" in FORMATS
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]

@@ -7,13 +7,13 @@ off by up to 2/255 (also measured), which the test would catch.
 
 import numpy as np
 import pytest
+from patch_images import reassemble
 from PIL import Image
 from safetensors.numpy import load_file
 
 from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.processing import Gemma4UImageProcessor
 from mlx_gemma4u.processing.patches import target_size
-from patch_images import reassemble
 
 MAX_PIXEL_DIFF = 0.0  # measured: bit-identical to transformers' torchvision output
 
@@ -29,9 +29,15 @@ def test_every_image_and_budget_matches_transformers(fixtures_dir, golden_dir, g
     for stem in stems:
         case = golden_index["images"][stem]
         golden = load_file(golden_dir / "images" / f"{stem}.safetensors")
-        out = processor(images=Image.open(fixtures_dir / case["source"]), max_soft_tokens=case["max_soft_tokens"], return_tensors="np")
+        out = processor(
+            images=Image.open(fixtures_dir / case["source"]),
+            max_soft_tokens=case["max_soft_tokens"],
+            return_tensors="np",
+        )
         pixels, positions = out["pixel_values"][0], out["image_position_ids"][0]
-        assert out["pixel_values"].shape == (1, case["max_soft_tokens"], 6912) and out["pixel_values"].dtype == np.float32
+        assert (
+            out["pixel_values"].shape == (1, case["max_soft_tokens"], 6912) and out["pixel_values"].dtype == np.float32
+        )
         assert positions.dtype == np.int64
         np.testing.assert_array_equal(positions, golden["image_position_ids"], err_msg=stem)
         assert int(out["num_soft_tokens_per_image"][0]) == case["num_soft_tokens"], stem
@@ -72,15 +78,23 @@ def test_exif_orientation_is_applied_to_files(tmp_path):
 def test_mlx_output(fixtures_dir):
     import mlx.core as mx
 
-    out = Gemma4UImageProcessor(max_soft_tokens=70)(str(fixtures_dir / "images" / "tiny_coffee_40x27.png"), return_tensors="mlx")
+    out = Gemma4UImageProcessor(max_soft_tokens=70)(
+        str(fixtures_dir / "images" / "tiny_coffee_40x27.png"), return_tensors="mlx"
+    )
     assert isinstance(out["pixel_values"], mx.array) and out["pixel_values"].shape == (1, 70, 6912)
     assert out["image_position_ids"].dtype == mx.int64
 
 
 @pytest.mark.parametrize(
     "hw, budget, expected",
-    [((480, 640), 280, (672, 912)), ((1080, 1920), 560, (816, 1488)), ((100, 2000), 70, (48, 1776)),
-     ((1024, 1024), 1120, (1584, 1584)), ((200, 300), 70, (288, 480)), ((1, 100000), 70, (48, 3360))],
+    [
+        ((480, 640), 280, (672, 912)),
+        ((1080, 1920), 560, (816, 1488)),
+        ((100, 2000), 70, (48, 1776)),
+        ((1024, 1024), 1120, (1584, 1584)),
+        ((200, 300), 70, (288, 480)),
+        ((1, 100000), 70, (48, 3360)),
+    ],
 )
 def test_target_size_table_from_the_spec(hw, budget, expected):
     assert target_size(*hw, budget) == expected

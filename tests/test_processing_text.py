@@ -8,13 +8,13 @@ import json
 import subprocess
 import sys
 
+import bare_package
 import numpy as np
 import pytest
 import soundfile
 from PIL import Image
 from safetensors.numpy import load_file
 
-import bare_package
 from mlx_gemma4u.errors import InputError
 
 
@@ -26,12 +26,18 @@ def _prompt_cases(processor, fixtures_dir):
     return {
         "text_only": dict(text=["Hello there, how are you?"]),
         "one_image": dict(text=[f"What is in this picture? {it}"], images=[[image("landscape_rocket_640x427.jpg")]]),
-        "two_images": dict(text=[f"{it} Compare with {it} please."],
-                           images=[[image("portrait_grace_hopper_512x600.jpg"), image("panorama_hubble_1000x100.webp")]]),
-        "image_and_audio": dict(text=[f"{it} Listen: {at} What do you see and hear?"],
-                                images=[[image("rgba_chelsea_451x300.png")]], audio=[wave]),
-        "batch_padded": dict(text=["Short.", f"A longer prompt with an image {it} in it."],
-                             images=[[], [image("tiny_coffee_40x27.png")]]),
+        "two_images": dict(
+            text=[f"{it} Compare with {it} please."],
+            images=[[image("portrait_grace_hopper_512x600.jpg"), image("panorama_hubble_1000x100.webp")]],
+        ),
+        "image_and_audio": dict(
+            text=[f"{it} Listen: {at} What do you see and hear?"],
+            images=[[image("rgba_chelsea_451x300.png")]],
+            audio=[wave],
+        ),
+        "batch_padded": dict(
+            text=["Short.", f"A longer prompt with an image {it} in it."], images=[[], [image("tiny_coffee_40x27.png")]]
+        ),
     }
 
 
@@ -51,7 +57,9 @@ def test_full_calls_match_transformers(processor, fixtures_dir, golden_dir, gold
 def test_audio_prompts_match_transformers(processor, fixtures_dir, golden_dir, golden_index):
     for name, case in golden_index["audio"].items():
         golden = load_file(golden_dir / "audio" / f"{name}.safetensors")
-        out = processor(text=f"Transcribe: {processor.audio_token}", audio=str(fixtures_dir / "audio" / name), return_tensors="np")
+        out = processor(
+            text=f"Transcribe: {processor.audio_token}", audio=str(fixtures_dir / "audio" / name), return_tensors="np"
+        )
         np.testing.assert_array_equal(out["input_ids"][0], golden["input_ids"], err_msg=name)
         np.testing.assert_array_equal(out["mm_token_type_ids"][0], golden["mm_token_type_ids"], err_msg=name)
         assert (out["input_ids"][0] == processor.audio_token_id).sum() == case["audio_tokens"]
@@ -62,8 +70,12 @@ def test_video_prompts_match_transformers(processor, fixtures_dir, golden_dir, g
         if "error" in case:
             continue
         golden = load_file(golden_dir / "videos" / f"{stem}.safetensors")
-        out = processor(text=[f"Describe this video. {processor.video_token}"], videos=[str(fixtures_dir / case["source"])],
-                        return_tensors="np", **case["kwargs"])
+        out = processor(
+            text=[f"Describe this video. {processor.video_token}"],
+            videos=[str(fixtures_dir / case["source"])],
+            return_tensors="np",
+            **case["kwargs"],
+        )
         np.testing.assert_array_equal(out["input_ids"][0], golden["input_ids"], err_msg=stem)
         np.testing.assert_array_equal(out["mm_token_type_ids"][0], golden["mm_token_type_ids"], err_msg=stem)
         assert out["num_frames_per_video"].tolist() == [case["frames"]]
@@ -80,12 +92,24 @@ def test_chat_templates_match_transformers(processor, golden_dir):
 
 
 def test_chat_template_tokenize_loads_media_and_skips_a_second_bos(processor, fixtures_dir):
-    messages = [{"role": "user", "content": [
-        {"type": "image", "path": str(fixtures_dir / "images" / "tiny_coffee_40x27.png")},
-        {"type": "audio", "url": str(fixtures_dir / "audio" / "speech_tiny_25ms_16k.wav")},
-        {"type": "text", "text": "What is this?"}]}]
-    out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                        return_tensors="mlx", processor_kwargs={"max_soft_tokens": 70})
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "path": str(fixtures_dir / "images" / "tiny_coffee_40x27.png")},
+                {"type": "audio", "url": str(fixtures_dir / "audio" / "speech_tiny_25ms_16k.wav")},
+                {"type": "text", "text": "What is this?"},
+            ],
+        }
+    ]
+    out = processor.apply_chat_template(
+        messages,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="mlx",
+        processor_kwargs={"max_soft_tokens": 70},
+    )
     ids = np.array(out["input_ids"])[0]
     assert ids[0] == 2 and ids[1] == 105  # one <bos>, then <|turn>
     assert (ids == processor.image_token_id).sum() == 60 and (ids == processor.audio_token_id).sum() == 1
@@ -107,7 +131,9 @@ def test_image_and_audio_processing_do_not_import_torch(fixtures_dir):
     # torch is installed in the test environment, and the package's own __init__ imports mlx-lm,
     # whose transformers import pulls torch in whenever it is installed. So this run registers a
     # bare `mlx_gemma4u` package to skip that __init__ and checks what the processing code imports.
-    script = bare_package.PRELUDE + """
+    script = (
+        bare_package.PRELUDE
+        + """
 from mlx_gemma4u.processing.image import Gemma4UImageProcessor
 from mlx_gemma4u.processing.audio import Gemma4UAudioFeatureExtractor
 Gemma4UImageProcessor()(sys.argv[1], return_tensors="mlx")
@@ -115,7 +141,12 @@ Gemma4UAudioFeatureExtractor()(sys.argv[2], return_tensors="mlx")
 assert "torch" not in sys.modules and "transformers" not in sys.modules, "torch or transformers was imported"
 print("ok")
 """
-    result = _run(script, str(fixtures_dir / "images" / "tiny_coffee_40x27.png"), str(fixtures_dir / "audio" / "speech_48k_stereo.wav"))
+    )
+    result = _run(
+        script,
+        str(fixtures_dir / "images" / "tiny_coffee_40x27.png"),
+        str(fixtures_dir / "audio" / "speech_48k_stereo.wav"),
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
@@ -132,7 +163,8 @@ from mlx_gemma4u.processing import Gemma4UProcessor
 processor = Gemma4UProcessor.from_pretrained(sys.argv[1])
 media = sys.argv[2]
 out = processor(text="<|image|> <|audio|> <|video|>", images=media + "/images/tiny_coffee_40x27.png",
-                audio=media + "/audio/speech_48k_stereo.wav", videos=media + "/video/pan_coffee_240x160_15fps_2s_vp9.webm",
+                audio=media + "/audio/speech_48k_stereo.wav",
+                videos=media + "/video/pan_coffee_240x160_15fps_2s_vp9.webm",
                 num_frames=2, return_tensors="mlx")
 assert sys.modules["torch"] is None and sys.modules["torchvision"] is None
 print("ok", out["input_ids"].shape[1])
@@ -161,8 +193,11 @@ def test_processing_sources_never_import_torch_or_transformers():
 
     for source in Path(processing.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(source.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             assert not [n for n in names if n.split(".")[0] in ("torch", "torchvision", "transformers")], source.name
 
 

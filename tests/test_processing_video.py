@@ -6,13 +6,13 @@ on the first and last frame of every golden clip and on rows 0 and n-1 of every 
 
 import numpy as np
 import pytest
+from patch_images import reassemble
 from PIL import Image
 from safetensors.numpy import load_file
 
 from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.processing import Gemma4UVideoProcessor
 from mlx_gemma4u.processing.video import sample_indices
-from patch_images import reassemble
 
 MAX_PIXEL_DIFF = 0.0  # measured
 
@@ -41,7 +41,10 @@ def test_every_golden_clip_matches_transformers(fixtures_dir, golden_dir, golden
 
 
 def test_short_clip_takes_every_frame_where_transformers_refuses(fixtures_dir, golden_index):
-    assert "exceeds total_num_frames=30" in golden_index["videos"]["pan_coffee_240x160_15fps_2s_vp9.webm__default"]["error"]
+    assert (
+        "exceeds total_num_frames=30"
+        in golden_index["videos"]["pan_coffee_240x160_15fps_2s_vp9.webm__default"]["error"]
+    )
     out = Gemma4UVideoProcessor()(str(fixtures_dir / "video" / "pan_coffee_240x160_15fps_2s_vp9.webm"))
     assert out["num_frames_per_video"].tolist() == [30]
     assert out["video_metadata"][0].frames_indices == list(range(30))

@@ -37,8 +37,11 @@ STAND_INS = {
     "mlx-community/gemma-4-12B-it-8bit": ["-q", "--q-bits", "8"],
     "google/gemma-4-12B-it-assistant": "drafter",
 }
-MEDIA = {"photo.jpg": "images/landscape_rocket_640x427.jpg", "speech.wav": "audio/speech_16k_mono.wav",
-         "clip.mp4": "video/kenburns_astronaut_320x240_24fps_3s_h264_aac.mp4"}
+MEDIA = {
+    "photo.jpg": "images/landscape_rocket_640x427.jpg",
+    "speech.wav": "audio/speech_16k_mono.wav",
+    "clip.mp4": "video/kenburns_astronaut_320x240_24fps_3s_h264_aac.mp4",
+}
 
 
 def section(title: str) -> str:
@@ -125,7 +128,7 @@ def scratch(demo_home, fixtures_dir, tmp_path_factory) -> Path:
     from mlx_gemma4u.weights.demo import ensure_demo_drafter
 
     root = tmp_path_factory.mktemp("readme")
-    demo, drafter = demo_home / "demo-v1", ensure_demo_drafter(demo_home / "demo-drafter")
+    demo, drafter = demo_home / "demo-v1", ensure_demo_drafter(demo_home / "demo-drafter-v1")
     for name, source in MEDIA.items():
         shutil.copy(fixtures_dir / source, root / name)
     for repo, stand_in in STAND_INS.items():
@@ -142,8 +145,15 @@ def scratch(demo_home, fixtures_dir, tmp_path_factory) -> Path:
 
 def cli(*args: str, home: Path, cwd: Path, stdin: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "MLX_GEMMA4U_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "mlx_gemma4u", *args], cwd=cwd, env=env, input=stdin,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "mlx_gemma4u", *args],
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, f"mlx-gemma4u {shlex.join(args)} failed:\n{done.stderr[-2000:]}"
     return done
 
@@ -206,8 +216,13 @@ def test_serve_and_the_client_example(scratch, demo_home, tmp_path):
         env = {**os.environ, "MLX_GEMMA4U_HOME": str(demo_home), "HF_HUB_OFFLINE": "1"}
         log = tmp_path / f"serve-{port}.log"
         with open(log, "wb") as out:
-            process = subprocess.Popen([sys.executable, "-m", "mlx_gemma4u", *shortened(argv), "--port", str(port)], cwd=scratch,
-                                       env=env, stdout=out, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "mlx_gemma4u", *shortened(argv), "--port", str(port)],
+                cwd=scratch,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         try:
             wait_for(f"http://127.0.0.1:{port}/health", process, log)
             for example in clients:

@@ -15,17 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serving import post, running
+
+from mlx_gemma4u import generate, load, stream_generate
+from mlx_gemma4u.generation.reply import Reply
+from mlx_gemma4u.processing.text import load_tokenizer
+from mlx_gemma4u.serve.media import MediaLimits, MediaReader
+from mlx_gemma4u.serve.messages import openai_messages
 
 openai = pytest.importorskip("openai", reason="the openai client (test extra) is not installed")
 anthropic = pytest.importorskip("anthropic", reason="the anthropic client (test extra) is not installed")
-
-from mlx_gemma4u import load, stream_generate
-from mlx_gemma4u import generate  # noqa: E402
-from serving import post, running  # noqa: E402
-from mlx_gemma4u.processing.text import load_tokenizer  # noqa: E402
-from mlx_gemma4u.serve.media import MediaLimits, MediaReader  # noqa: E402
-from mlx_gemma4u.serve.messages import openai_messages  # noqa: E402
-from mlx_gemma4u.generation.reply import Reply  # noqa: E402
 
 KEY = "test-key"
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -59,8 +58,9 @@ def _openai(url: str, key: str = KEY):
 
 
 def _ask(url: str, content, max_tokens: int = 12, **kwargs):
-    return _openai(url).chat.completions.create(model="demo", messages=[{"role": "user", "content": content}],
-                                                max_tokens=max_tokens, **kwargs)
+    return _openai(url).chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": content}], max_tokens=max_tokens, **kwargs
+    )
 
 
 def _health(url: str) -> bool:
@@ -89,19 +89,41 @@ def _data_uri(path: Path, kind: str) -> str:
 
 def test_image_audio_and_video_inputs(server, local):
     text_only = _ask(server, "Describe it.", max_tokens=4).usage.prompt_tokens
-    image = _ask(server, [{"type": "image_url", "image_url": {"url": _data_uri(FIXTURES / "images/tiny_coffee_40x27.png",
-                                                                               "image/png")}},
-                          {"type": "text", "text": "Describe it."}], max_tokens=4)
-    audio = {"type": "input_audio", "input_audio": {
-        "data": base64.b64encode((FIXTURES / "audio/speech_16k_mono.wav").read_bytes()).decode(), "format": "wav"}}
+    image = _ask(
+        server,
+        [
+            {
+                "type": "image_url",
+                "image_url": {"url": _data_uri(FIXTURES / "images/tiny_coffee_40x27.png", "image/png")},
+            },
+            {"type": "text", "text": "Describe it."},
+        ],
+        max_tokens=4,
+    )
+    audio = {
+        "type": "input_audio",
+        "input_audio": {
+            "data": base64.b64encode((FIXTURES / "audio/speech_16k_mono.wav").read_bytes()).decode(),
+            "format": "wav",
+        },
+    }
     heard = _ask(server, [audio, {"type": "text", "text": "Describe it."}], max_tokens=4)
-    video = {"type": "video_url", "video_url": {"url": _data_uri(
-        FIXTURES / "video/pan_coffee_240x160_15fps_2s_vp9.webm", "video/webm")}}
+    video = {
+        "type": "video_url",
+        "video_url": {"url": _data_uri(FIXTURES / "video/pan_coffee_240x160_15fps_2s_vp9.webm", "video/webm")},
+    }
     seen = _ask(server, [video, {"type": "text", "text": "Describe it."}], max_tokens=4)
     for reply in (image, heard, seen):  # the media's soft tokens are in the prompt
         assert reply.usage.prompt_tokens > text_only + 10 and reply.choices[0].message.content
-    messages = [{"role": "user", "content": [{"type": "image", "path": str(FIXTURES / "images/tiny_coffee_40x27.png")},
-                                             {"type": "text", "text": "Describe it."}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "path": str(FIXTURES / "images/tiny_coffee_40x27.png")},
+                {"type": "text", "text": "Describe it."},
+            ],
+        }
+    ]
     assert image.choices[0].message.content == generate(*local, messages, max_tokens=4)
 
 
@@ -140,26 +162,70 @@ def _malformed() -> list[tuple[str, bytes]]:
     """100 bad requests, each with what it gets wrong."""
     chat = lambda **body: json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **body})  # noqa: E731
     cases = [
-        ("/v1/chat/completions", b"{not json"), ("/v1/chat/completions", b""), ("/v1/chat/completions", b"[]"),
+        ("/v1/chat/completions", b"{not json"),
+        ("/v1/chat/completions", b""),
+        ("/v1/chat/completions", b"[]"),
         ("/v1/chat/completions", json.dumps({"messages": "hi"}).encode()),
         ("/v1/chat/completions", json.dumps({"messages": []}).encode()),
-        ("/v1/chat/completions", chat(n=2).encode()), ("/v1/chat/completions", chat(max_tokens=0).encode()),
-        ("/v1/chat/completions", chat(temperature="hot").encode()), ("/v1/chat/completions", chat(top_p=3).encode()),
-        ("/v1/chat/completions", chat(max_tokens=10 ** 9).encode()),
+        ("/v1/chat/completions", chat(n=2).encode()),
+        ("/v1/chat/completions", chat(max_tokens=0).encode()),
+        ("/v1/chat/completions", chat(temperature="hot").encode()),
+        ("/v1/chat/completions", chat(top_p=3).encode()),
+        ("/v1/chat/completions", chat(max_tokens=10**9).encode()),
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "wizard", "content": "Hi"}]}).encode()),
-        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}]}).encode()),
-        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}).encode()),
-        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}).encode()),
-        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": [
-            {"type": "hologram"}]}]}).encode()),
+        (
+            "/v1/chat/completions",
+            json.dumps(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}],
+                        }
+                    ]
+                }
+            ).encode(),
+        ),
+        (
+            "/v1/chat/completions",
+            json.dumps(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}],
+                        }
+                    ]
+                }
+            ).encode(),
+        ),
+        (
+            "/v1/chat/completions",
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}
+                    ]
+                }
+            ).encode(),
+        ),
+        (
+            "/v1/chat/completions",
+            json.dumps({"messages": [{"role": "user", "content": [{"type": "hologram"}]}]}).encode(),
+        ),
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "tool", "content": "42"}]}).encode()),
-        ("/v1/completions", json.dumps({"prompt": 5}).encode()), ("/v1/completions", b"{}"),
+        ("/v1/completions", json.dumps({"prompt": 5}).encode()),
+        ("/v1/completions", b"{}"),
         ("/v1/messages", json.dumps({"messages": [{"role": "user", "content": "Hi"}]}).encode()),
-        ("/v1/messages", json.dumps({"max_tokens": 2, "messages": [{"role": "user", "content": [
-            {"type": "image", "source": {"type": "file"}}]}]}).encode()),
+        (
+            "/v1/messages",
+            json.dumps(
+                {
+                    "max_tokens": 2,
+                    "messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file"}}]}],
+                }
+            ).encode(),
+        ),
     ]
     return [cases[i % len(cases)] for i in range(100)]
 
@@ -177,10 +243,15 @@ def test_malformed_requests_get_4xx_json_and_the_server_stays_up(server):
 
 def test_the_api_key_is_enforced(server):
     with pytest.raises(openai.AuthenticationError):
-        _openai(server, "wrong").chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}],
-                                                          max_tokens=1)
-    status, payload = _post(server, "/v1/messages", json.dumps(
-        {"max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}).encode(), {"authorization": ""})
+        _openai(server, "wrong").chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=1
+        )
+    status, payload = _post(
+        server,
+        "/v1/messages",
+        json.dumps({"max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}).encode(),
+        {"authorization": ""},
+    )
     assert status == 401 and payload["error"]["type"] == "authentication_error"
     assert _health(server)  # /health needs no key
 
@@ -202,8 +273,9 @@ def test_a_full_queue_answers_429_and_the_rest_are_served(demo_home, tmp_path):
 
         def ask(i: int):
             try:
-                return client.chat.completions.create(model="demo", max_tokens=48,
-                                                      messages=[{"role": "user", "content": f"Story {i}"}])
+                return client.chat.completions.create(
+                    model="demo", max_tokens=48, messages=[{"role": "user", "content": f"Story {i}"}]
+                )
             except openai.RateLimitError:
                 return "429"
 
@@ -219,8 +291,9 @@ def test_a_drafting_server_answers_what_plain_generation_does(demo_home, local, 
     messages = [{"role": "user", "content": "Name a planet."}]
     with _running(demo_home, tmp_path / "log", "--draft-model", "demo") as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=12, logprobs=True,
-                                               top_logprobs=2)
+        reply = client.chat.completions.create(
+            model="demo", messages=messages, max_tokens=12, logprobs=True, top_logprobs=2
+        )
     expected = list(stream_generate(*local, messages, max_tokens=12))
     assert reply.choices[0].message.content == "".join(r.text for r in expected)
     served = [entry.logprob for entry in reply.choices[0].logprobs.content]
@@ -231,13 +304,17 @@ def test_a_drafting_server_answers_what_plain_generation_does(demo_home, local, 
 
 def test_cors_origins_and_the_request_timeout(demo_home, tmp_path):
     with _running(demo_home, tmp_path / "log", "--allowed-origins", "http://app.localhost", "--timeout", "1") as url:
-        preflight = urllib.request.Request(f"{url}/v1/chat/completions", method="OPTIONS", headers={
-            "Origin": "http://app.localhost", "Access-Control-Request-Method": "POST"})
+        preflight = urllib.request.Request(
+            f"{url}/v1/chat/completions",
+            method="OPTIONS",
+            headers={"Origin": "http://app.localhost", "Access-Control-Request-Method": "POST"},
+        )
         with urllib.request.urlopen(preflight, timeout=30) as response:
             assert response.headers["access-control-allow-origin"] == "http://app.localhost"
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        reply = client.chat.completions.create(model="demo", max_tokens=4000,
-                                               messages=[{"role": "user", "content": "Go on and on."}])
+        reply = client.chat.completions.create(
+            model="demo", max_tokens=4000, messages=[{"role": "user", "content": "Go on and on."}]
+        )
     assert reply.choices[0].finish_reason == "timeout" and reply.usage.completion_tokens < 4000  # not a length stop
 
 
@@ -271,18 +348,37 @@ def test_tool_turns_round_trip_through_the_template(tokenizer, hf_tokenizer_dir,
         (folder / name).write_bytes((hf_tokenizer_dir / name).read_bytes())
     (folder / "chat_template.jinja").write_text((FIXTURES / "chat_template/gemma4.jinja").read_text())
     processor = Gemma4UProcessor.from_pretrained(folder)
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
-                                               "parameters": {"type": "object", "properties": {
-                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
-    conversation = openai_messages([
-        {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
-            "name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temperature": 21})},
-    ], MediaReader(MediaLimits()))
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    ]
+    conversation = openai_messages(
+        [
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temperature": 21})},
+        ],
+        MediaReader(MediaLimits()),
+    )
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tools=tools)
     assert "<|tool>declaration:get_weather" in text
-    call = text[text.index("<|tool_call>"):text.index("<tool_call|>") + len("<tool_call|>")]
+    call = text[text.index("<|tool_call>") : text.index("<tool_call|>") + len("<tool_call|>")]
     assert "response:get_weather{temperature:21}" in text
     parsed = _scripted(tokenizer, call).tool_calls  # what the model wrote parses back to the same call
     assert [(c.name, c.arguments) for c in parsed] == [("get_weather", {"city": "Paris"})]

@@ -13,31 +13,29 @@ import json
 import sys
 from pathlib import Path
 
+import draft_reference as dr
 import mlx.core as mx
+import multimodal_inputs as mi
 import numpy as np
 import pytest
+import reference
 import torch
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 from transformers.generation import candidate_generator
 
-import draft_reference as dr
-import multimodal_inputs as mi
-import reference
-from mlx_gemma4u.weights import demo
-from mlx_gemma4u.generation.api import batch_generate
 from mlx_gemma4u.cli.main import main
-from mlx_gemma4u.models.config import ModelConfig
-from mlx_gemma4u.weights.demo import ensure_demo_drafter
-from mlx_gemma4u.weights.loading import load_draft_model
 from mlx_gemma4u.errors import ConfigError, InputError
-from mlx_gemma4u.generation.prompt_cache import PromptCache
-from mlx_gemma4u.generation.steps import TokenSampler, prefill
-from mlx_gemma4u.generation.api import stream_generate, stream_inputs
+from mlx_gemma4u.generation.api import batch_generate, stream_generate, stream_inputs
 from mlx_gemma4u.generation.params import SamplingParams
-from mlx_gemma4u.weights.loading import load, load_model
-from mlx_gemma4u.models.model import Model
+from mlx_gemma4u.generation.prompt_cache import PromptCache
 from mlx_gemma4u.generation.speculative import DraftLength, DraftStats, draft_and_verify, settle, verify
+from mlx_gemma4u.generation.steps import TokenSampler, prefill
+from mlx_gemma4u.models.config import ModelConfig
+from mlx_gemma4u.models.model import Model
+from mlx_gemma4u.weights import demo
+from mlx_gemma4u.weights.demo import ensure_demo_drafter
+from mlx_gemma4u.weights.loading import load, load_draft_model, load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.speculative import ReplayDrafter, assistant_config, random_drafter  # noqa: E402
@@ -74,8 +72,11 @@ def repetitive_target(text: dict):
 def torch_models():
     with dr.kv_sharing_5_24():
         target = repetitive_target(TARGET)
-        drafters = {"tied": dr.build_assistant(TARGET, seed=5), "ordered": dr.build_assistant(TARGET, seed=6, ordered=True),
-                    "passthrough": dr.build_assistant(TARGET, seed=7, hidden=reference.BASE_TEXT["hidden_size"])}
+        drafters = {
+            "tied": dr.build_assistant(TARGET, seed=5),
+            "ordered": dr.build_assistant(TARGET, seed=6, ordered=True),
+            "passthrough": dr.build_assistant(TARGET, seed=7, hidden=reference.BASE_TEXT["hidden_size"]),
+        }
         passthrough(drafters["passthrough"], target)
     return target, drafters
 
@@ -89,12 +90,17 @@ def models(torch_models, tmp_path_factory):
 
 
 def text_prompt(n: int = 13, seed: int = 2) -> dict:
-    return {"input_ids": mx.array(np.random.default_rng(seed).integers(3, reference.V - 20, size=(1, n)), dtype=mx.int32)}
+    return {
+        "input_ids": mx.array(np.random.default_rng(seed).integers(3, reference.V - 20, size=(1, n)), dtype=mx.int32)
+    }
 
 
 def mlx_case(case: dict) -> dict:
-    return {"input_ids": mx.array(case["input_ids"], dtype=mx.int32), "mm_token_type_ids": mx.array(case["mm_token_type_ids"]),
-            **{k: mx.array(v) for k, v in case["media"].items()}}
+    return {
+        "input_ids": mx.array(case["input_ids"], dtype=mx.int32),
+        "mm_token_type_ids": mx.array(case["mm_token_type_ids"]),
+        **{k: mx.array(v) for k, v in case["media"].items()},
+    }
 
 
 def run(model, inputs, cache, drafter=None, k=K, max_tokens=STEPS, stats=None, **sampling) -> list[int]:
@@ -121,9 +127,12 @@ def test_first_draft_steps_equal_transformers(head, torch_models, models):
         out = target(input_ids=torch.from_numpy(ids), output_hidden_states=True, return_shared_kv_states=True)
         token, hidden = out.logits[0, -1].argmax()[None, None], out.hidden_states[-1][:, -1:]
         for _ in range(3):
-            a = drafters[head](inputs_embeds=torch.cat([target.get_input_embeddings()(token), hidden], -1),
-                               position_ids=torch.tensor([[L]]), attention_mask=torch.ones(1, L + 1, dtype=torch.long),
-                               shared_kv_states=out.shared_kv_states)
+            a = drafters[head](
+                inputs_embeds=torch.cat([target.get_input_embeddings()(token), hidden], -1),
+                position_ids=torch.tensor([[L]]),
+                attention_mask=torch.ones(1, L + 1, dtype=torch.long),
+                shared_kv_states=out.shared_kv_states,
+            )
             expected.append((a.logits.numpy(), a.last_hidden_state.numpy()))
             token, hidden = a.logits.argmax(-1), a.last_hidden_state
     cache = model.make_cache()
@@ -146,7 +155,9 @@ def test_greedy_speculative_equals_plain(name, models, golden_dir):
     model, drafters = models
     inputs = text_prompt() if name == "text" else mlx_case(mi.build_case(golden_dir, name))
     stats = DraftStats()
-    assert run(model, inputs, PromptCache(model), drafters["passthrough"], stats=stats) == run(model, inputs, PromptCache(model))
+    assert run(model, inputs, PromptCache(model), drafters["passthrough"], stats=stats) == run(
+        model, inputs, PromptCache(model)
+    )
     assert {0, K} <= set(stats.rounds) and any(0 < n < K for n in stats.rounds), stats.rounds
     assert stats.accepted == sum(stats.rounds) and stats.drafted <= K * len(stats.rounds)
 
@@ -154,7 +165,9 @@ def test_greedy_speculative_equals_plain(name, models, golden_dir):
 @pytest.mark.parametrize("drafter", ["tied", "ordered"])
 def test_rejected_drafts_leave_output_unchanged(drafter, models):
     model, drafters = models
-    assert run(model, text_prompt(), PromptCache(model), drafters[drafter], k=3) == run(model, text_prompt(), PromptCache(model))
+    assert run(model, text_prompt(), PromptCache(model), drafters[drafter], k=3) == run(
+        model, text_prompt(), PromptCache(model)
+    )
 
 
 def test_two_prompt_cache_turns(models):
@@ -166,8 +179,11 @@ def test_two_prompt_cache_turns(models):
     turns = [(run(model, first, plain_cache), run(model, first, spec_cache, drafters["passthrough"]))]
     assert turns[0][0] == turns[0][1]
     assert spec_cache.tokens == plain_cache.tokens
-    follow = {"input_ids": mx.concatenate([first["input_ids"][0], mx.array(turns[0][0], dtype=mx.int32),
-                                           text_prompt(5, seed=9)["input_ids"][0]])[None]}
+    follow = {
+        "input_ids": mx.concatenate(
+            [first["input_ids"][0], mx.array(turns[0][0], dtype=mx.int32), text_prompt(5, seed=9)["input_ids"][0]]
+        )[None]
+    }
     second = run(model, follow, spec_cache, drafters["passthrough"])
     assert spec_cache.reused > first["input_ids"].shape[1]
     assert second == run(model, follow, plain_cache)
@@ -178,8 +194,15 @@ def test_stopping_mid_round_keeps_cache_consistent(models):
     PromptCache.tokens, and the next turn on them decodes as a cold start does."""
     model, drafters = models
     cache = PromptCache(model)
-    steps = stream_inputs(model, None, text_prompt(), SamplingParams(max_tokens=STEPS), cache,
-                          draft_model=drafters["passthrough"], num_draft_tokens=K)
+    steps = stream_inputs(
+        model,
+        None,
+        text_prompt(),
+        SamplingParams(max_tokens=STEPS),
+        cache,
+        draft_model=drafters["passthrough"],
+        num_draft_tokens=K,
+    )
     for n, response in enumerate(steps):
         if response.from_draft and n > 20:
             break
@@ -208,12 +231,18 @@ def test_accepted_counts_equal_transformers(torch_models, models, monkeypatch):
     drafters["passthrough"].generation_config.num_assistant_tokens_schedule = "constant"
     ids = torch.from_numpy(np.array(prompt["input_ids"]).astype(np.int64))
     with dr.kv_sharing_5_24(), torch.no_grad():
-        out = target.generate(input_ids=ids, assistant_model=drafters["passthrough"], max_new_tokens=40,
-                              do_sample=False, eos_token_id=None, pad_token_id=0)
+        out = target.generate(
+            input_ids=ids,
+            assistant_model=drafters["passthrough"],
+            max_new_tokens=40,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     stats = DraftStats()
     tokens = run(model, prompt, PromptCache(model), ours["passthrough"], max_tokens=40, stats=stats)
-    assert tokens == out[0, ids.shape[1]:].tolist()
-    assert stats.rounds[:len(matches)] == matches and len(matches) >= len(stats.rounds) - 1
+    assert tokens == out[0, ids.shape[1] :].tolist()
+    assert stats.rounds[: len(matches)] == matches and len(matches) >= len(stats.rounds) - 1
     assert any(0 < n < K for n in matches) and K in matches
 
 
@@ -232,8 +261,9 @@ def test_sampled_speculative_equals_plain_sampled_for_the_same_seed(seed, k, mod
     sampling = {"temperature": 0.1, "seed": seed}  # cool enough that the greedy drafter is often accepted
     plain = run(model, text_prompt(), PromptCache(model), max_tokens=32, **sampling)
     stats = DraftStats()
-    drafted = run(model, text_prompt(), PromptCache(model), drafters["passthrough"], k=k, max_tokens=32, stats=stats,
-                  **sampling)
+    drafted = run(
+        model, text_prompt(), PromptCache(model), drafters["passthrough"], k=k, max_tokens=32, stats=stats, **sampling
+    )
     assert drafted == plain and (stats.accepted > 0 if k else stats.plain > 0), stats.rounds
     assert plain != run(model, text_prompt(), PromptCache(model), max_tokens=32)  # it did sample: not the greedy text
 
@@ -292,7 +322,7 @@ def test_adaptive_k_decodes_plainly_where_drafting_does_not_pay():
         ks = simulate(pass_cost, 0.3, acceptance)
         assert ks.count(0) > 5 and set(ks[3:]) <= {0, 1} and ks.count(1) <= ks.count(0), ks
     length = DraftLength(draft_cost=0.3)
-    for n in range(12):
+    for _ in range(12):
         if length.next() == 0:
             length.decoded(length.stretch, float(length.stretch))
         else:
@@ -390,8 +420,9 @@ def test_speculative_sampling_preserves_the_target_distribution(models):
     for seed in range(draws):
         prompt_cache.keep(n)
         sample = TokenSampler(make_sampler(temperature), None, inputs["input_ids"][0], seed=seed)
-        proposed, verify_logits, _, _, _ = draft_and_verify(model, drafter, [prompt_cache.caches],
-                                                            mx.array([token], dtype=mx.int32), hidden, 1)
+        proposed, verify_logits, _, _, _ = draft_and_verify(
+            model, drafter, [prompt_cache.caches], mx.array([token], dtype=mx.int32), hidden, 1
+        )
         out = verify(sample, verify_logits, proposed[0])
         settle(prompt_cache, token, proposed[0], len(out) - 1)
         firsts[out[0][0]] += 1
@@ -431,18 +462,21 @@ def test_batched_speculative_rows_keep_their_own_accepted_lengths(k, models, pro
     (max_tokens 9, mid-round) leaves its PromptCache holding exactly what it handed out."""
     model, drafters = models
     bos = processor.tokenizer.bos_token_id  # batch_generate, as stream_generate, starts every prompt with it
-    prompts = [[bos, *text_prompt(n, seed=s)["input_ids"][0].tolist()] for n, s in ((13, 2), (5, 3), (21, 4), (9, 5),
-                                                                                    (16, 6))]
+    prompts = [
+        [bos, *text_prompt(n, seed=s)["input_ids"][0].tolist()] for n, s in ((13, 2), (5, 3), (21, 4), (9, 5), (16, 6))
+    ]
     early = PromptCache(model)
     requests = [*prompts, {"prompt": prompts[0], "max_tokens": 9, "prompt_cache": early}]
-    responses = batch_generate(model, processor, requests, max_tokens=40, draft_model=drafters["passthrough"],
-                               num_draft_tokens=k)
+    responses = batch_generate(
+        model, processor, requests, max_tokens=40, draft_model=drafters["passthrough"], num_draft_tokens=k
+    )
     for prompt, response in zip(prompts, responses):
-        assert response.tokens == run(model, {"input_ids": mx.array([prompt], dtype=mx.int32)}, PromptCache(model),
-                                      max_tokens=40)
+        assert response.tokens == run(
+            model, {"input_ids": mx.array([prompt], dtype=mx.int32)}, PromptCache(model), max_tokens=40
+        )
     assert responses[5].tokens == responses[0].tokens[:9]
-    kept = early.tokens[len(prompts[0]):]  # the handed-out tokens in the caches (the last one may not be)
-    assert all(c.offset == len(early.tokens) for c in early.caches) and kept == responses[5].tokens[:len(kept)]
+    kept = early.tokens[len(prompts[0]) :]  # the handed-out tokens in the caches (the last one may not be)
+    assert all(c.offset == len(early.tokens) for c in early.caches) and kept == responses[5].tokens[: len(kept)]
     assert len(kept) >= 8
     stats = [r.draft for r in responses[:5]]
     assert sum(s.accepted for s in stats) > 0
@@ -480,20 +514,27 @@ def test_the_demo_drafter_is_an_assistant_checkpoint_transformers_runs_alike(dem
     with dr.kv_sharing_5_24(), torch.no_grad():
         target = Gemma4UnifiedForConditionalGeneration.from_pretrained(demo_home / "demo-v1", dtype=torch.float32)
         assistant, info = Gemma4UnifiedAssistantForCausalLM.from_pretrained(
-            demo_home / "demo-drafter-v1", dtype=torch.float32, output_loading_info=True)
+            demo_home / "demo-drafter-v1", dtype=torch.float32, output_loading_info=True
+        )
         out = target.eval()(input_ids=torch.tensor([ids]), output_hidden_states=True, return_shared_kv_states=True)
         token, hidden = out.logits[0, -1].argmax()[None, None], out.hidden_states[-1][:, -1:]
-        want = assistant.eval()(inputs_embeds=torch.cat([target.get_input_embeddings()(token), hidden], -1),
-                                position_ids=torch.tensor([[len(ids)]]), shared_kv_states=out.shared_kv_states,
-                                attention_mask=torch.ones(1, len(ids) + 1, dtype=torch.long)).logits.numpy()
+        want = assistant.eval()(
+            inputs_embeds=torch.cat([target.get_input_embeddings()(token), hidden], -1),
+            position_ids=torch.tensor([[len(ids)]]),
+            shared_kv_states=out.shared_kv_states,
+            attention_mask=torch.ones(1, len(ids) + 1, dtype=torch.long),
+        ).logits.numpy()
     assert not any(info.values()), info
     model = load_model(demo_home / "demo-v1", dtype="float32")
     drafter = load_draft_model(demo_home / "demo-drafter-v1", dtype="float32")
     cache = model.make_cache()
     logits, ours_hidden = model(mx.array([ids], dtype=mx.int32), cache=cache, return_hidden=True)
     first = mx.argmax(logits[0, -1:], axis=-1).astype(mx.int32)
-    got, _ = drafter(model.language_model.embed(first[None]), ours_hidden[:, -1:],
-                     drafter.attend_to(model.shared_kv(cache), len(ids)))
+    got, _ = drafter(
+        model.language_model.embed(first[None]),
+        ours_hidden[:, -1:],
+        drafter.attend_to(model.shared_kv(cache), len(ids)),
+    )
     assert first.item() == token.item()
     np.testing.assert_allclose(np.array(got), want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=0)
 
@@ -504,8 +545,7 @@ def test_greedy_with_the_demo_drafter_equals_plain(k, demo_pair):
     step a plain one): the reply is plain greedy's, token for token."""
     (model, processor), drafter = demo_pair
     plain = [r.token for r in stream_generate(model, processor, "Hello", max_tokens=24)]
-    responses = list(stream_generate(model, processor, "Hello", max_tokens=24, draft_model=drafter,
-                                     num_draft_tokens=k))
+    responses = list(stream_generate(model, processor, "Hello", max_tokens=24, draft_model=drafter, num_draft_tokens=k))
     assert [r.token for r in responses] == plain
     stats = responses[-1].draft
     assert (stats.drafted == 0 and stats.plain == len(plain) - 1) if k == 0 else stats.drafted > 0
@@ -519,9 +559,10 @@ def test_a_drafter_for_another_model_is_refused_in_one_line(demo_pair, demo_home
     """`--draft-model demo` with a model it was not made for: one sentence, before any prompt, instead
     of a shape error deep in a matmul."""
     _, drafter = demo_pair
-    wider, other_heads = (Model(ModelConfig.from_dict({**demo.CONFIG, "text_config": {**demo.CONFIG["text_config"],
-                                                                                       **change}}))
-                          for change in ({"hidden_size": 128}, {"head_dim": 32}))
+    wider, other_heads = (
+        Model(ModelConfig.from_dict({**demo.CONFIG, "text_config": {**demo.CONFIG["text_config"], **change}}))
+        for change in ({"hidden_size": 128}, {"head_dim": 32})
+    )
     with pytest.raises(InputError, match="made for a hidden size of 64, the model's is 128"):
         drafter.check_target(wider)
     with pytest.raises(InputError, match="sliding_attention queries .4 heads of 16. cannot attend"):

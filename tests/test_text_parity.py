@@ -11,9 +11,9 @@ import copy
 import mlx.core as mx
 import numpy as np
 import pytest
+import reference
 import torch
 
-import reference
 from mlx_gemma4u.weights.loading import load_model
 
 CHECKPOINTS = [n for n in reference.TEXT_CONFIGS] + [f"{n}-published" for n in reference.TEXT_CONFIGS]
@@ -86,7 +86,7 @@ def test_chunked_prefill_equals_one_pass(loaded):
     ids = mx.array(prompt(1, 4 * WINDOW + 1), dtype=mx.int32)
     whole = np.array(model(ids))
     cache = model.make_cache()
-    parts = [np.array(model(ids[:, i:i + 5], cache=cache)) for i in range(0, ids.shape[1], 5)]
+    parts = [np.array(model(ids[:, i : i + 5], cache=cache)) for i in range(0, ids.shape[1], 5)]
     assert np.abs(np.concatenate(parts, axis=1) - whole).max() < 1e-4
 
 
@@ -96,8 +96,11 @@ def test_sliding_cache_stays_within_window(loaded):
     model(mx.array(prompt(1, 50), dtype=mx.int32), cache=cache)
     for _ in range(5):
         model(mx.array([[7]], dtype=mx.int32), cache=cache)
-    sliding = [c for c, spec in zip(cache, [s for s in model.config.text.layers if s.kv_mode != "reuse"])
-               if spec.layer_type == "sliding_attention"]
+    sliding = [
+        c
+        for c, spec in zip(cache, [s for s in model.config.text.layers if s.kv_mode != "reuse"])
+        if spec.layer_type == "sliding_attention"
+    ]
     # the window plus as many tokens again, which a conversation may take back (cache.rewind)
     assert sliding and all(c.keys.shape[2] <= 2 * WINDOW for c in sliding)
     # Two layers reuse others' keys and values, so they own no cache.
@@ -112,8 +115,9 @@ def test_left_padded_batch_equals_transformers_generate_positions(hf_checkpoints
     mask = np.ones_like(ids)
     mask[1, :6] = 0
     positions = np.clip(mask.cumsum(1) - 1, 0, None)
-    ref = reference.logits(torch_model, ids, attention_mask=torch.from_numpy(mask),
-                           position_ids=torch.from_numpy(positions))
+    ref = reference.logits(
+        torch_model, ids, attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(positions)
+    )
     ours = np.array(loaded["full"](mx.array(ids, dtype=mx.int32), attention_mask=mx.array(mask)))
     real = mask.astype(bool)
     assert np.abs(ours[real] - ref[real]).max() <= bound(ref[real])
@@ -137,7 +141,7 @@ def test_rewinding_a_wrapped_cache_equals_a_cold_run(loaded):
     tail = [40, 41, 42, 43, 44]
     warm = np.array(model(mx.array([tail], dtype=mx.int32), cache=cache))
     whole = ids + [20 + t for t in range(6)] + tail
-    cold = np.array(model(mx.array([whole], dtype=mx.int32)))[:, -len(tail):]
+    cold = np.array(model(mx.array([whole], dtype=mx.int32)))[:, -len(tail) :]
     assert np.abs(warm - cold).max() < 1e-4
     step = np.array(model(mx.array([[45]], dtype=mx.int32), cache=cache))
     cold = np.array(model(mx.array([whole + [45]], dtype=mx.int32)))[:, -1:]
@@ -159,7 +163,7 @@ def test_keeping_the_last_positions_equals_slicing_all_of_them(name, keep, loade
     runs = []
     for logits_to_keep in (keep, 0):
         cache = model.make_cache()
-        model(past, cache=cache, attention_mask=mask[:, :WINDOW + 3])
+        model(past, cache=cache, attention_mask=mask[:, : WINDOW + 3])
         out = model(ids, cache=cache, attention_mask=mask, mm_token_type_ids=types, logits_to_keep=logits_to_keep)
         runs.append((np.array(out[:, -keep:]), [np.array(a) for c in cache for a in c.state]))
     (kept, kept_caches), (whole, whole_caches) = runs

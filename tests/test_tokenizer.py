@@ -16,7 +16,7 @@ TEXTS = [
     "<bos><|turn>user\nDescribe <|image|> and <|audio|> and <|video|><turn|>\n<|turn>model\n",
     "Unicode: café, naïve, 日本語のテキスト, русский, עברית, emoji 🦙🚀👩‍👩‍👧",
     "code:\n    def f(x):\n        return x ** 2  # squared\n",
-    "<|channel>thought<channel|><|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>}<tool_call|>",
+    '<|channel>thought<channel|><|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>',
     "ᚠᛇᚻ᛫ᛒᛦᚦ ⠊⠀⠉⠁⠝ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \u200b zero-width",
     "",
 ]
@@ -42,7 +42,11 @@ def test_special_tokens_and_template_equal_transformers(pair):
     ours, theirs = pair
     assert ours.all_special_ids == sorted(theirs.all_special_ids)
     assert (ours.bos_token, ours.bos_token_id, ours.pad_token_id, ours.unk_token_id) == (
-        theirs.bos_token, theirs.bos_token_id, theirs.pad_token_id, theirs.unk_token_id)
+        theirs.bos_token,
+        theirs.bos_token_id,
+        theirs.pad_token_id,
+        theirs.unk_token_id,
+    )
     assert ours.padding_side == theirs.padding_side
     assert ours.chat_template == theirs.chat_template
     tokens = ["<|image|>", "<|video|>", "<turn|>", "<|channel>"]
@@ -80,15 +84,19 @@ def test_import_pays_for_neither_transformers_nor_torch():
 
 
 def test_generation_never_imports_torch(demo_home):
-    code = (f"import os; os.environ['MLX_GEMMA4U_HOME'] = {str(demo_home)!r}\n"
-            "import mlx_gemma4u\nmodel, processor = mlx_gemma4u.load('demo')\n"
-            "mlx_gemma4u.generate(model, processor, [{'role': 'user', 'content': 'Hi'}], max_tokens=3)\n" + MODULES)
+    code = (
+        f"import os; os.environ['MLX_GEMMA4U_HOME'] = {str(demo_home)!r}\n"
+        "import mlx_gemma4u\nmodel, processor = mlx_gemma4u.load('demo')\n"
+        "mlx_gemma4u.generate(model, processor, [{'role': 'user', 'content': 'Hi'}], max_tokens=3)\n" + MODULES
+    )
     assert _fresh_python(code) == {"torch": False, "transformers": False}
 
 
 def test_mlx_lm_still_imports_as_usual_after_us():
-    code = ("import mlx_gemma4u.generation.api, mlx_lm, json\n"
-            "from mlx_lm import load\nimport mlx_lm.models.cache as cache\n"
-            "print(json.dumps({'load': callable(load), 'cache': mlx_lm.models.cache is cache, "
-            "'version': bool(mlx_lm.__version__)}))")
+    code = (
+        "import mlx_gemma4u.generation.api, mlx_lm, json\n"
+        "from mlx_lm import load\nimport mlx_lm.models.cache as cache\n"
+        "print(json.dumps({'load': callable(load), 'cache': mlx_lm.models.cache is cache, "
+        "'version': bool(mlx_lm.__version__)}))"
+    )
     assert _fresh_python(code) == {"load": True, "cache": True, "version": True}

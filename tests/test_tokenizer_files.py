@@ -13,18 +13,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bare_package
 import pytest
 from tokenizers import Tokenizer
 
 from mlx_gemma4u.errors import CheckpointError
 from mlx_gemma4u.weights.tokenizer_files import write_tokenizer_files
-import bare_package
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIAL_IDS = {
-    "<pad>": 0, "<eos>": 1, "<bos>": 2, "<|turn>": 105, "<turn|>": 106, "<|image|>": 258880,
-    "<|audio|>": 258881, "<|video|>": 258884, "<|image>": 255999, "<image|>": 258882,
-    "<|audio>": 256000, "<audio|>": 258883,
+    "<pad>": 0,
+    "<eos>": 1,
+    "<bos>": 2,
+    "<|turn>": 105,
+    "<turn|>": 106,
+    "<|image|>": 258880,
+    "<|audio|>": 258881,
+    "<|video|>": 258884,
+    "<|image>": 255999,
+    "<image|>": 258882,
+    "<|audio>": 256000,
+    "<audio|>": 258883,
 }
 
 TEXTS = [
@@ -38,7 +47,7 @@ TEXTS = [
     "a<unused5>b [multimodal] <table><tr>x</tr></table> <unused6227><mask>",
     "Hello <|image|> world\n\n<|audio|> <|video|> <unused2968>",
     "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n<|channel>thought\n"
-    "x<channel|>ok<|tool><tool|><|tool_call>call:f{a:<|\"|>s<|\"|>}<tool_call|>"
+    'x<channel|>ok<|tool><tool|><|tool_call>call:f{a:<|"|>s<|"|>}<tool_call|>'
     "<|tool_response><tool_response|><|image><image|><|audio><audio|><eos><pad><unk>",
     "",
     " ",
@@ -116,8 +125,12 @@ def test_same_ids_and_round_trip(ours, ref, wrapper, text):
 
 
 def test_same_ids_on_project_documents(ours, ref, fixtures_dir):
-    docs = [fixtures_dir.parent / "reference" / "SPEC.md", fixtures_dir.parent / "ARCHITECTURE.md",
-            fixtures_dir / "README.md", *REPO.glob("README*")]
+    docs = [
+        fixtures_dir.parent / "reference" / "SPEC.md",
+        fixtures_dir.parent / "ARCHITECTURE.md",
+        fixtures_dir / "README.md",
+        *REPO.glob("README*"),
+    ]
     texts = [p.read_text(encoding="utf-8") for p in docs]
     ours_ids = [e.ids for e in ours.encode_batch(texts, add_special_tokens=False)]
     assert ours_ids == [e.ids for e in ref.encode_batch(texts, add_special_tokens=False)]
@@ -169,8 +182,7 @@ def test_chat_template_strips_thought_and_trims(wrapper):
     ]
     rendered = wrapper.apply_chat_template(messages, tokenize=False, enable_thinking=True)
     assert rendered == (
-        "<bos><|turn>system\n<|think|>\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n"
-        "<|turn>model\nHello.<turn|>\n"
+        "<bos><|turn>system\n<|think|>\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\nHello.<turn|>\n"
     )
 
 

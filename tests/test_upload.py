@@ -44,6 +44,7 @@ def fake_hub(monkeypatch):
         api.calls.clear()
         monkeypatch.setattr("huggingface_hub.HfApi", api)
         return api.calls
+
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.test")
     return use
 
@@ -51,15 +52,20 @@ def fake_hub(monkeypatch):
 def test_upload_goes_through_the_resumable_upload_large_folder(fake_hub, tmp_path):
     calls = fake_hub(HubBefore2)
     assert upload(tmp_path, "me/model", "hf_x") == "https://hub.test/me/model"
-    assert calls == [("HfApi", "https://hub.test", "hf_x"), ("create_repo", "me/model", True),
-                     ("upload_large_folder", {"repo_id": "me/model", "folder_path": tmp_path, "repo_type": "model"})]
+    assert calls == [
+        ("HfApi", "https://hub.test", "hf_x"),
+        ("create_repo", "me/model", True),
+        ("upload_large_folder", {"repo_id": "me/model", "folder_path": tmp_path, "repo_type": "model"}),
+    ]
 
 
 def test_upload_uses_upload_folder_where_it_resumes_itself(fake_hub, tmp_path):
     calls = fake_hub(Hub2)
     upload(tmp_path, "me/model", "hf_x")
-    assert calls[-1] == ("upload_folder", {"repo_id": "me/model", "folder_path": tmp_path,
-                                           "commit_message": COMMIT_MESSAGE})
+    assert calls[-1] == (
+        "upload_folder",
+        {"repo_id": "me/model", "folder_path": tmp_path, "commit_message": COMMIT_MESSAGE},
+    )
 
 
 def test_installed_hub_upload_folder_resumes():
@@ -80,8 +86,21 @@ def test_a_broken_upload_says_how_to_resume(fake_hub, tmp_path):
 
 def test_convert_prints_no_hub_log_lines(demo_home, tmp_path):
     """The demo's card has no metadata block; huggingface_hub's warning about that stays out of convert."""
-    run = subprocess.run([sys.executable, "-m", "mlx_gemma4u", "convert", "--hf-path", str(demo_home / "demo-v1"),
-                          "--mlx-path", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "MLX_GEMMA4U_HOME": str(demo_home)})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_gemma4u",
+            "convert",
+            "--hf-path",
+            str(demo_home / "demo-v1"),
+            "--mlx-path",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLX_GEMMA4U_HOME": str(demo_home)},
+    )
     assert run.returncode == 0, run.stderr
     assert "metadata block" not in run.stderr and "bits per weight" in run.stderr

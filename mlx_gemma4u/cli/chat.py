@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -25,8 +25,17 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from mlx_gemma4u.cli.chat_session import (HELP, Conversation, media_item, parse_command,
-                           pull_media_paths, SET_NAMES, set_param, split_paths, status_line)
+from mlx_gemma4u.cli.chat_session import (
+    HELP,
+    SET_NAMES,
+    Conversation,
+    media_item,
+    parse_command,
+    pull_media_paths,
+    set_param,
+    split_paths,
+    status_line,
+)
 from mlx_gemma4u.errors import Gemma4UError, InputError
 from mlx_gemma4u.generation.api import stream_generate
 from mlx_gemma4u.generation.params import SamplingParams
@@ -63,8 +72,16 @@ def run(args: argparse.Namespace) -> None:
 class Chat:
     """The read-command-or-message loop on a console; every state change goes through Conversation."""
 
-    def __init__(self, console: Console, model, processor, conversation: Conversation, params: SamplingParams,
-                 show_thinking: bool = True, draft: dict | None = None):
+    def __init__(
+        self,
+        console: Console,
+        model,
+        processor,
+        conversation: Conversation,
+        params: SamplingParams,
+        show_thinking: bool = True,
+        draft: dict | None = None,
+    ):
         self.console, self.model, self.processor = console, model, processor
         self.draft = draft or {}  # stream_generate's draft_model / num_draft_tokens, if drafting
         self.conversation, self.params, self.show_thinking = conversation, params, show_thinking
@@ -127,12 +144,19 @@ class Chat:
         """Stream one reply into a live view, then print it whole with its status line."""
         view = ReplyView(Reply(self.processor.tokenizer), self.show_thinking)
         last = None
-        with _sigint_as_flag() as stop, _no_autowrap(self.console), Live(view, console=self.console, transient=True,
-                                                                         refresh_per_second=8, vertical_overflow="crop"):
-            for last in stream_generate(self.model, self.processor, self.conversation.prompt(),
-                                        prompt_cache=self.cache,
-                                        params=self.params.replace(enable_thinking=self.conversation.thinking),
-                                        **self.draft):
+        with (
+            _sigint_as_flag() as stop,
+            _no_autowrap(self.console),
+            Live(view, console=self.console, transient=True, refresh_per_second=8, vertical_overflow="crop"),
+        ):
+            for last in stream_generate(
+                self.model,
+                self.processor,
+                self.conversation.prompt(),
+                prompt_cache=self.cache,
+                params=self.params.replace(enable_thinking=self.conversation.thinking),
+                **self.draft,
+            ):
                 view.add(last.token, last.text)
                 if stop.requested:
                     break
@@ -206,8 +230,10 @@ class Chat:
 
     def cmd_stats(self, _: str) -> None:
         messages = self.conversation.messages
-        self.say(f"{len(messages)} messages · context {len(self.cache.tokens):,} of {self.context_size():,} tokens · "
-                 f"thinking {'on' if self.conversation.thinking else 'off'} · settings {_shown(self.params)}")
+        self.say(
+            f"{len(messages)} messages · context {len(self.cache.tokens):,} of {self.context_size():,} tokens · "
+            f"thinking {'on' if self.conversation.thinking else 'off'} · settings {_shown(self.params)}"
+        )
         if self.last is not None:
             self.say("last reply: " + status_line(self.last, len(self.cache.tokens), self.context_size()))
 
@@ -249,7 +275,7 @@ class ReplyView:
     def __rich_console__(self, console, options):
         label = " thinking…" if self.reply.in_thought else " reading the prompt…"
         lines = console.render_lines(self._render(Spinner("dots", text=Text(label, style="dim"))), options, pad=False)
-        for line in lines[-max(1, console.size.height - 2):]:
+        for line in lines[-max(1, console.size.height - 2) :]:
             yield from line
             yield Segment.line()
 

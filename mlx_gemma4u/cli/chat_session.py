@@ -1,11 +1,11 @@
 """The terminal chat's state and commands, free of any terminal so they can be tested directly.
 
-    typed line -> parse_command()     "/image a.png" -> ("image", "a.png"); anything else is a message
-               -> pull_media_paths()  file paths dragged into the message become attachments
-    Conversation   system prompt, thinking flag, messages (transformers' content-list format) and the
-                   attachments waiting for the next message; prompt() is what stream_generate reads;
-                   save()/load() keep it as JSON, written atomically, media referenced by path
-    Settings       the sampling options, changeable mid-chat with /set
+typed line -> parse_command()     "/image a.png" -> ("image", "a.png"); anything else is a message
+           -> pull_media_paths()  file paths dragged into the message become attachments
+Conversation   system prompt, thinking flag, messages (transformers' content-list format) and the
+               attachments waiting for the next message; prompt() is what stream_generate reads;
+               save()/load() keep it as JSON, written atomically, media referenced by path
+Settings       the sampling options, changeable mid-chat with /set
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def parse_command(line: str) -> tuple[str, str] | None:
 
 
 def media_kind(path: str | Path) -> str | None:
-    """"image", "audio" or "video" from the file name's suffix; None for anything else."""
+    """ "image", "audio" or "video" from the file name's suffix; None for anything else."""
     suffix = Path(path).suffix.lower()
     return next((kind for kind, suffixes in MEDIA_SUFFIXES.items() if suffix in suffixes), None)
 
@@ -101,14 +101,20 @@ def pull_media_paths(text: str) -> tuple[str, list[dict[str, str]]]:
         kind = media_kind(path)
         if kind and Path(path).expanduser().is_file():
             items.append(media_item(path, kind))
-            rest.append(text[last:match.start()])
+            rest.append(text[last : match.start()])
             last = match.end()
     rest.append(text[last:])
     return " ".join(" ".join(rest).split()), items
 
 
-SET_NAMES = {"max-tokens": "max_tokens", "temp": "temperature", "top-p": "top_p", "top-k": "top_k",
-             "min-p": "min_p", "seed": "seed"}  # /set's names (the command line's) -> SamplingParams'
+SET_NAMES = {
+    "max-tokens": "max_tokens",
+    "temp": "temperature",
+    "top-p": "top_p",
+    "top-k": "top_k",
+    "min-p": "min_p",
+    "seed": "seed",
+}  # /set's names (the command line's) -> SamplingParams'
 
 
 def set_param(params: SamplingParams, argument: str) -> tuple[SamplingParams, str]:
@@ -122,8 +128,9 @@ def set_param(params: SamplingParams, argument: str) -> tuple[SamplingParams, st
     try:
         parsed = kind(value.strip())
     except ValueError:
-        raise InputError(f"{name} takes {'a whole number' if kind is int else 'a number'}, "
-                         f"not {value.strip()!r}.") from None
+        raise InputError(
+            f"{name} takes {'a whole number' if kind is int else 'a number'}, not {value.strip()!r}."
+        ) from None
     return params.replace(**{attr: parsed}), attr
 
 
@@ -165,15 +172,20 @@ class Conversation:
         self.messages, self.pending = [], []
 
     def save(self, path: str | Path) -> None:
-        data = {"format": FORMAT, "version": 1, "system": self.system, "thinking": self.thinking,
-                "messages": self.messages}
+        data = {
+            "format": FORMAT,
+            "version": 1,
+            "system": self.system,
+            "thinking": self.thinking,
+            "messages": self.messages,
+        }
         try:
             write_text(Path(path).expanduser(), json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         except OSError as exc:
             raise InputError(f"Could not write {path} ({exc.strerror}).") from None
 
     @classmethod
-    def load(cls, path: str | Path) -> "Conversation":
+    def load(cls, path: str | Path) -> Conversation:
         """Read a file written by save(); a broken one raises InputError naming what is wrong."""
         try:
             data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
@@ -207,8 +219,10 @@ def _check_media_exist(messages: list[dict[str, Any]], path: str | Path) -> None
 
 def status_line(response: Any, context_tokens: int, context_size: int) -> str:
     """One line of figures after a reply, from its last GenerationResponse."""
-    return (f"{response.generation_tokens} tokens at {response.generation_tps:.1f} tokens/s · "
-            f"prompt {response.prompt_tokens} tokens ({response.prefilled_tokens} new) at "
-            f"{response.prompt_tps:.0f} tokens/s · context {context_tokens:,} of {context_size:,} · "
-            f"peak memory {response.peak_memory:.2f} GB"
-            + (f" · draft acceptance {draft.rate:.0%} (K {draft.k})" if (draft := getattr(response, "draft", None)) else ""))
+    return (
+        f"{response.generation_tokens} tokens at {response.generation_tps:.1f} tokens/s · "
+        f"prompt {response.prompt_tokens} tokens ({response.prefilled_tokens} new) at "
+        f"{response.prompt_tps:.0f} tokens/s · context {context_tokens:,} of {context_size:,} · "
+        f"peak memory {response.peak_memory:.2f} GB"
+        + (f" · draft acceptance {draft.rate:.0%} (K {draft.k})" if (draft := getattr(response, "draft", None)) else "")
+    )

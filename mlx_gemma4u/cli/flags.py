@@ -15,25 +15,39 @@ DEMO_MAX_TOKENS = 32  # the demo's replies are nonsense: a first run shows a lin
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a local model folder or a Hugging Face repo id")
-    source.add_argument("--demo", action="store_true",
-                        help="the built-in demo checkpoint (random weights: nonsense output, no download)")
-    parser.add_argument("--vision-mask", choices=["gemma4", "hf-forward"], default="gemma4",
-                        help="attention of image/video tokens: Gemma 4's design (default) or transformers' "
-                             "plain forward pass")
-    parser.add_argument("--no-memory-check", action="store_true",
-                        help="load even if the weights look larger than this machine's memory")
+    source.add_argument(
+        "--demo",
+        action="store_true",
+        help="the built-in demo checkpoint (random weights: nonsense output, no download)",
+    )
+    parser.add_argument(
+        "--vision-mask",
+        choices=["gemma4", "hf-forward"],
+        default="gemma4",
+        help="attention of image/video tokens: Gemma 4's design (default) or transformers' plain forward pass",
+    )
+    parser.add_argument(
+        "--no-memory-check", action="store_true", help="load even if the weights look larger than this machine's memory"
+    )
 
 
 def add_draft_args(parser: argparse.ArgumentParser) -> None:
     """Speculative decoding with an MTP assistant (generate and chat)."""
-    parser.add_argument("--draft-model", metavar="PATH",
-                        help="a Gemma 4 assistant (drafter) folder or repo id, e.g. google/gemma-4-12B-it-assistant; "
-                             "'demo': the built-in demo drafter for --demo (random weights: nonsense drafts, which "
-                             "only show the flag at work; the reply stays the same)")
-    parser.add_argument("--num-draft-tokens", metavar="K", type=checked(int, lambda v: v >= 0, "an integer >= 0"),
-                        help="tokens drafted per round, fixed: 0 drafts none (every step a plain one) (default: "
-                             "chosen each round from the measured acceptance and costs, down to none where "
-                             "drafting does not pay)")
+    parser.add_argument(
+        "--draft-model",
+        metavar="PATH",
+        help="a Gemma 4 assistant (drafter) folder or repo id, e.g. google/gemma-4-12B-it-assistant; "
+        "'demo': the built-in demo drafter for --demo (random weights: nonsense drafts, which "
+        "only show the flag at work; the reply stays the same)",
+    )
+    parser.add_argument(
+        "--num-draft-tokens",
+        metavar="K",
+        type=checked(int, lambda v: v >= 0, "an integer >= 0"),
+        help="tokens drafted per round, fixed: 0 drafts none (every step a plain one) (default: "
+        "chosen each round from the measured acceptance and costs, down to none where "
+        "drafting does not pay)",
+    )
 
 
 def draft_kwargs(args: argparse.Namespace, model) -> dict:
@@ -50,17 +64,26 @@ def draft_kwargs(args: argparse.Namespace, model) -> dict:
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """The sampling options generate, chat and serve share (mlx-lm's samplers; 0 switches one off)."""
-    parser.add_argument("--max-tokens", type=WHOLE, metavar="N",
-                        help=f"most tokens per reply (default {max_tokens}; {DEMO_MAX_TOKENS} with --demo)")
+    parser.add_argument(
+        "--max-tokens",
+        type=WHOLE,
+        metavar="N",
+        help=f"most tokens per reply (default {max_tokens}; {DEMO_MAX_TOKENS} with --demo)",
+    )
     parser.set_defaults(model_max_tokens=max_tokens)
     parser.add_argument("--temp", type=NUMBER, default=0.0, help="sampling temperature; 0 is greedy (default)")
     parser.add_argument("--top-p", type=NUMBER, default=0.0, help="nucleus sampling threshold (0 = off)")
     parser.add_argument("--top-k", type=WHOLE, default=0, help="sample from the k most likely tokens (0 = off)")
-    parser.add_argument("--min-p", type=NUMBER, default=0.0,
-                        help="minimum probability relative to the top token, in [0, 1) (0 = off)")
+    parser.add_argument(
+        "--min-p", type=NUMBER, default=0.0, help="minimum probability relative to the top token, in [0, 1) (0 = off)"
+    )
     parser.add_argument("--seed", type=WHOLE, help="random seed, for reproducible sampling")
-    parser.add_argument("--kv-bits", type=int, choices=[4, 8],
-                        help="quantize the KV cache of the full-attention layers to 4 or 8 bits (default: off)")
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=[4, 8],
+        help="quantize the KV cache of the full-attention layers to 4 or 8 bits (default: off)",
+    )
 
 
 def sampling_params(args: argparse.Namespace, **more):
@@ -68,12 +91,21 @@ def sampling_params(args: argparse.Namespace, **more):
     before the model loads."""
     from mlx_gemma4u.generation.params import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
-                          min_p=args.min_p, seed=args.seed, kv_bits=args.kv_bits, **more)
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        kv_bits=args.kv_bits,
+        **more,
+    )
 
 
 def checked(kind: type, ok, what: str):
     """An argparse type: `kind` whose value passes `ok`, else argparse's one-line usage error."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -97,8 +129,9 @@ def load_from_args(args: argparse.Namespace):
 
     if args.demo:
         print(WARNING, file=sys.stderr)
-    return load(ensure_demo() if args.demo else args.model, vision_mask=args.vision_mask,
-                check_memory=not args.no_memory_check)
+    return load(
+        ensure_demo() if args.demo else args.model, vision_mask=args.vision_mask, check_memory=not args.no_memory_check
+    )
 
 
 def check_media_files(args: argparse.Namespace) -> None:

@@ -19,8 +19,9 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--system", help="a system prompt")
     gen.add_argument("--image", action="append", metavar="PATH", help="an image file or URL (repeatable)")
     gen.add_argument("--video", action="append", metavar="PATH", help="a video file (repeatable)")
-    gen.add_argument("--audio", action="append", metavar="PATH",
-                     help=f"an audio file or URL: {AUDIO_FORMATS} (repeatable)")
+    gen.add_argument(
+        "--audio", action="append", metavar="PATH", help=f"an audio file or URL: {AUDIO_FORMATS} (repeatable)"
+    )
     add_sampling_args(gen, max_tokens=256)
     add_draft_args(gen)
 
@@ -35,12 +36,15 @@ def run(args: argparse.Namespace) -> None:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     last = None
-    for last in stream_generate(model, processor, messages, images=args.image, videos=args.video, audio=args.audio,
-                                params=params, **draft):
+    for last in stream_generate(
+        model, processor, messages, images=args.image, videos=args.video, audio=args.audio, params=params, **draft
+    ):
         print(last.text, end="", flush=True)
     print()
     if last is not None:
-        print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | "
-              f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | "
-              f"peak memory: {last.peak_memory:.2f} GB" + (f" | {draft_line(last.draft)}" if last.draft else ""),
-              file=sys.stderr)
+        print(
+            f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | "
+            f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | "
+            f"peak memory: {last.peak_memory:.2f} GB" + (f" | {draft_line(last.draft)}" if last.draft else ""),
+            file=sys.stderr,
+        )

@@ -16,27 +16,41 @@ from mlx_gemma4u.errors import Gemma4UError
 # name -> (module with add_arguments(parser) and run(args), help, description). Only the module of
 # the subcommand on the command line is imported, so `--help` and a bad flag cost milliseconds.
 SUBCOMMANDS = {
-    "generate": ("mlx_gemma4u.cli.generate", "answer one prompt, streaming the reply to stdout",
-                 "Answer one prompt (with any images, videos and audio clips) through the chat template, "
-                 "streaming the reply to stdout and the statistics to stderr."),
-    "chat": ("mlx_gemma4u.cli.chat", "chat in the terminal, with images, audio and video",
-             "Chat with the model in the terminal. Type /help inside for commands."),
-    "serve": ("mlx_gemma4u.cli.serve", "an OpenAI- and Anthropic-compatible HTTP server",
-              "Serve the model over HTTP: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, "
-              "Anthropic's /v1/messages, with images, audio, video, thinking and tools."),
-    "convert": ("mlx_gemma4u.cli.convert", "convert a Hugging Face checkpoint to MLX, quantize, upload",
-                "Convert a Gemma 4 Unified checkpoint (Hugging Face or MLX) to an MLX folder in the "
-                "mlx-community layout (cast, quantize, requantize or dequantize), optionally uploading it."),
+    "generate": (
+        "mlx_gemma4u.cli.generate",
+        "answer one prompt, streaming the reply to stdout",
+        "Answer one prompt (with any images, videos and audio clips) through the chat template, "
+        "streaming the reply to stdout and the statistics to stderr.",
+    ),
+    "chat": (
+        "mlx_gemma4u.cli.chat",
+        "chat in the terminal, with images, audio and video",
+        "Chat with the model in the terminal. Type /help inside for commands.",
+    ),
+    "serve": (
+        "mlx_gemma4u.cli.serve",
+        "an OpenAI- and Anthropic-compatible HTTP server",
+        "Serve the model over HTTP: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, "
+        "Anthropic's /v1/messages, with images, audio, video, thinking and tools.",
+    ),
+    "convert": (
+        "mlx_gemma4u.cli.convert",
+        "convert a Hugging Face checkpoint to MLX, quantize, upload",
+        "Convert a Gemma 4 Unified checkpoint (Hugging Face or MLX) to an MLX folder in the "
+        "mlx-community layout (cast, quantize, requantize or dequantize), optionally uploading it.",
+    ),
 }
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; with `command`, only that subcommand's flags are built (and its
     module imported), the others answer to their name and help line."""
-    parser = argparse.ArgumentParser(prog="mlx-gemma4u",
-                                     description="Run Gemma 4 12B Unified (text, images, video, audio) with MLX.")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of errors (also accepted after the subcommand)")
+    parser = argparse.ArgumentParser(
+        prog="mlx-gemma4u", description="Run Gemma 4 12B Unified (text, images, video, audio) with MLX."
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of errors (also accepted after the subcommand)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_line, description) in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=help_line, description=description)
@@ -48,8 +62,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The parsed command line. `--debug` is the main parser's, but a subcommand leaves it unparsed wherever it stands, so it is
-    taken from the leftovers too.
+    """The parsed command line. `--debug` is the main parser's, but a subcommand leaves it unparsed
+    wherever it stands, so it is taken from the leftovers too.
     """
     words = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((w for w in words if w in SUBCOMMANDS), ""))

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from mlx_gemma4u.cli.flags import DEMO_MAX_TOKENS, checked, add_model_args, load_from_args
+from mlx_gemma4u.cli.flags import DEMO_MAX_TOKENS, add_model_args, checked, load_from_args
 from mlx_gemma4u.serve.fetch import FetchPolicy
 from mlx_gemma4u.serve.guards import allowed_hosts
 from mlx_gemma4u.serve.media import MediaLimits
@@ -18,68 +18,146 @@ POSITIVE_NUMBER = checked(float, lambda v: v > 0, "a positive number")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The serve subcommand's flags."""
     add_model_args(parser)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
-    parser.add_argument("--port", type=checked(int, lambda v: 0 < v < 65536, "a port number"), default=8080,
-                        help="port (default 8080)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)",
+    )
+    parser.add_argument(
+        "--port", type=checked(int, lambda v: 0 < v < 65536, "a port number"), default=8080, help="port (default 8080)"
+    )
     parser.add_argument("--api-key", help="require this key (Authorization: Bearer KEY, or x-api-key: KEY)")
-    parser.add_argument("--allowed-origins", nargs="*", metavar="ORIGIN", default=[],
-                        help="browser origins allowed to call the API (CORS); none by default")
-    parser.add_argument("--allowed-hosts", nargs="*", metavar="HOST", default=[],
-                        help="Host header names to answer besides the bound address (and localhost when bound to "
-                             "loopback); a server bound to 0.0.0.0 answers any unless some are named")
-    parser.add_argument("--draft-model", metavar="PATH",
-                        help="a Gemma 4 MTP assistant for speculative decoding (the batch drafts together, each "
-                             "request keeping its own accepted drafts); 'demo' for a random one to try the flag")
-    parser.add_argument("--max-tokens", type=POSITIVE, metavar="N",
-                        help="a chat reply's length when the request sets none (default 1024; 32 with --demo)")
-    parser.add_argument("--kv-bits", type=int, choices=[4, 8],
-                        help="quantize the KV cache of the full-attention layers to 4 or 8 bits (default: off)")
-    parser.add_argument("--max-concurrency", type=POSITIVE, default=8,
-                        help="requests decoded together (batched; default 8); more wait in the queue")
-    parser.add_argument("--max-queue", type=POSITIVE, default=16,
-                        help="requests that may wait to be prepared, and again to be decoded; more get HTTP 429 "
-                             "(default 16)")
-    parser.add_argument("--timeout", type=POSITIVE_NUMBER, default=600.0,
-                        help="seconds a request may generate before it is cut off (finish_reason 'timeout'; "
-                             "default 600)")
+    parser.add_argument(
+        "--allowed-origins",
+        nargs="*",
+        metavar="ORIGIN",
+        default=[],
+        help="browser origins allowed to call the API (CORS); none by default",
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        nargs="*",
+        metavar="HOST",
+        default=[],
+        help="Host header names to answer besides the bound address (and localhost when bound to "
+        "loopback); a server bound to 0.0.0.0 answers any unless some are named",
+    )
+    parser.add_argument(
+        "--draft-model",
+        metavar="PATH",
+        help="a Gemma 4 MTP assistant for speculative decoding (the batch drafts together, each "
+        "request keeping its own accepted drafts); 'demo' for a random one to try the flag",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=POSITIVE,
+        metavar="N",
+        help="a chat reply's length when the request sets none (default 1024; 32 with --demo)",
+    )
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=[4, 8],
+        help="quantize the KV cache of the full-attention layers to 4 or 8 bits (default: off)",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=POSITIVE,
+        default=8,
+        help="requests decoded together (batched; default 8); more wait in the queue",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=POSITIVE,
+        default=16,
+        help="requests that may wait to be prepared, and again to be decoded; more get HTTP 429 (default 16)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=POSITIVE_NUMBER,
+        default=600.0,
+        help="seconds a request may generate before it is cut off (finish_reason 'timeout'; default 600)",
+    )
     limits = parser.add_argument_group("limits on what a request may bring")
-    limits.add_argument("--max-request-mb", type=POSITIVE_NUMBER, default=32.0, help="request body size (default 32 MB)")
-    limits.add_argument("--max-image-pixels", type=POSITIVE, default=MediaLimits.image_pixels,
-                        help=f"pixels of one image, read from its header before decoding "
-                             f"(default {MediaLimits.image_pixels:,})")
-    limits.add_argument("--max-audio-seconds", type=POSITIVE_NUMBER, default=MediaLimits.audio_seconds,
-                        help=f"length of one audio clip (default {MediaLimits.audio_seconds:g} s)")
-    limits.add_argument("--max-video-seconds", type=POSITIVE_NUMBER, default=MediaLimits.video_seconds,
-                        help=f"length of one video (default {MediaLimits.video_seconds:g} s)")
-    limits.add_argument("--max-video-frames", type=POSITIVE, default=MediaLimits.video_frames,
-                        help=f"frames of one video (default {MediaLimits.video_frames:,})")
-    limits.add_argument("--max-fetch-mb", type=POSITIVE_NUMBER, default=FetchPolicy.max_bytes / 1e6,
-                        help=f"bytes of one fetched URL or local file (default {FetchPolicy.max_bytes / 1e6:g} MB)")
-    limits.add_argument("--fetch-timeout", type=POSITIVE_NUMBER, default=FetchPolicy.seconds,
-                        help=f"seconds for one whole URL fetch, redirects included (default {FetchPolicy.seconds:g})")
-    limits.add_argument("--allow-private-urls", action="store_true",
-                        help="fetch media URLs on loopback, private and link-local addresses too (off: public "
-                             "addresses only, so that a request cannot reach this machine's or its network's services)")
-    limits.add_argument("--allow-local-files", action="store_true",
-                        help="let requests name media by local path (off: data: URIs and http(s) URLs only)")
+    limits.add_argument(
+        "--max-request-mb", type=POSITIVE_NUMBER, default=32.0, help="request body size (default 32 MB)"
+    )
+    limits.add_argument(
+        "--max-image-pixels",
+        type=POSITIVE,
+        default=MediaLimits.image_pixels,
+        help=f"pixels of one image, read from its header before decoding (default {MediaLimits.image_pixels:,})",
+    )
+    limits.add_argument(
+        "--max-audio-seconds",
+        type=POSITIVE_NUMBER,
+        default=MediaLimits.audio_seconds,
+        help=f"length of one audio clip (default {MediaLimits.audio_seconds:g} s)",
+    )
+    limits.add_argument(
+        "--max-video-seconds",
+        type=POSITIVE_NUMBER,
+        default=MediaLimits.video_seconds,
+        help=f"length of one video (default {MediaLimits.video_seconds:g} s)",
+    )
+    limits.add_argument(
+        "--max-video-frames",
+        type=POSITIVE,
+        default=MediaLimits.video_frames,
+        help=f"frames of one video (default {MediaLimits.video_frames:,})",
+    )
+    limits.add_argument(
+        "--max-fetch-mb",
+        type=POSITIVE_NUMBER,
+        default=FetchPolicy.max_bytes / 1e6,
+        help=f"bytes of one fetched URL or local file (default {FetchPolicy.max_bytes / 1e6:g} MB)",
+    )
+    limits.add_argument(
+        "--fetch-timeout",
+        type=POSITIVE_NUMBER,
+        default=FetchPolicy.seconds,
+        help=f"seconds for one whole URL fetch, redirects included (default {FetchPolicy.seconds:g})",
+    )
+    limits.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="fetch media URLs on loopback, private and link-local addresses too (off: public "
+        "addresses only, so that a request cannot reach this machine's or its network's services)",
+    )
+    limits.add_argument(
+        "--allow-local-files",
+        action="store_true",
+        help="let requests name media by local path (off: data: URIs and http(s) URLs only)",
+    )
 
 
 def _settings(args: argparse.Namespace):
     from mlx_gemma4u.generation.params import SamplingParams
     from mlx_gemma4u.serve.app import Settings
 
-    policy = FetchPolicy(allow_private=args.allow_private_urls, max_bytes=int(args.max_fetch_mb * 1e6),
-                         seconds=args.fetch_timeout)
-    media = MediaLimits(image_pixels=args.max_image_pixels, audio_seconds=args.max_audio_seconds,
-                        video_seconds=args.max_video_seconds, video_frames=args.max_video_frames,
-                        allow_local_files=args.allow_local_files, fetch=policy)
-    return Settings(model_name="demo" if args.demo else str(args.model), timeout=args.timeout,
-                    defaults=SamplingParams(max_tokens=args.max_tokens or (DEMO_MAX_TOKENS if args.demo else 1024),
-                                            kv_bits=args.kv_bits), media=media,
-                    api_key=args.api_key, allowed_origins=tuple(args.allowed_origins),
-                    allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
-                    max_body_bytes=int(args.max_request_mb * 1e6))
+    policy = FetchPolicy(
+        allow_private=args.allow_private_urls, max_bytes=int(args.max_fetch_mb * 1e6), seconds=args.fetch_timeout
+    )
+    media = MediaLimits(
+        image_pixels=args.max_image_pixels,
+        audio_seconds=args.max_audio_seconds,
+        video_seconds=args.max_video_seconds,
+        video_frames=args.max_video_frames,
+        allow_local_files=args.allow_local_files,
+        fetch=policy,
+    )
+    return Settings(
+        model_name="demo" if args.demo else str(args.model),
+        timeout=args.timeout,
+        defaults=SamplingParams(
+            max_tokens=args.max_tokens or (DEMO_MAX_TOKENS if args.demo else 1024), kv_bits=args.kv_bits
+        ),
+        media=media,
+        api_key=args.api_key,
+        allowed_origins=tuple(args.allowed_origins),
+        allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
+        max_body_bytes=int(args.max_request_mb * 1e6),
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -93,6 +171,10 @@ def run(args: argparse.Namespace) -> None:
 
         drafter = lambda: load_draft_model(args.draft_model, check_memory=not args.no_memory_check)  # noqa: E731
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    worker = Worker(lambda: load_from_args(args), max_queue=args.max_queue, max_concurrency=args.max_concurrency,
-                    load_drafter=drafter)
+    worker = Worker(
+        lambda: load_from_args(args),
+        max_queue=args.max_queue,
+        max_concurrency=args.max_concurrency,
+        load_drafter=drafter,
+    )
     serve(worker, settings, args.host, args.port, args.max_queue)

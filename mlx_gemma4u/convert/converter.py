@@ -32,41 +32,84 @@ from mlx.utils import tree_flatten
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mlx_gemma4u.models import layouts as checkpoints
 from mlx_gemma4u.convert import quantize as q
+from mlx_gemma4u.convert.upload import upload, upload_token, write_model_card
+from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.files import replacing_folder
+from mlx_gemma4u.models import layouts as checkpoints
 from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.models.drafter import MODEL_TYPE as ASSISTANT_TYPE
 from mlx_gemma4u.models.drafter import DraftConfig, DraftModel
-from mlx_gemma4u.errors import InputError
-from mlx_gemma4u.files import replacing_folder
-from mlx_gemma4u.weights.loading import DTYPES, check_complete, check_safetensors, quantize_like, resolve, weight_files
 from mlx_gemma4u.models.model import Model
-from mlx_gemma4u.convert.upload import upload, upload_token, write_model_card
+from mlx_gemma4u.weights.loading import DTYPES, check_complete, check_safetensors, quantize_like, resolve, weight_files
 
-EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-               "added_tokens.json", "chat_template.jinja", "chat_template.json", "processor_config.json",
-               "preprocessor_config.json", "video_preprocessor_config.json", "generation_config.json")
-_ST_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.uint8: "U8",
-              mx.int32: "I32", mx.int64: "I64", mx.uint16: "U16", mx.int8: "I8", mx.bool_: "BOOL"}
+EXTRA_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
+)
+_ST_DTYPES = {
+    mx.float32: "F32",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.uint32: "U32",
+    mx.uint8: "U8",
+    mx.int32: "I32",
+    mx.int64: "I64",
+    mx.uint16: "U16",
+    mx.int8: "I8",
+    mx.bool_: "BOOL",
+}
 _OWNER = ".convert-owner"
-LOADS_IN = ("The weights are in the mlx-community layout (as mlx-vlm writes them): this folder loads in mlx-gemma4u, "
-            "in mlx-vlm (tested with 0.7.10) and in the apps built on mlx-vlm.")
-ASSISTANT_LOADS_IN = ("This is a drafter for speculative decoding, not a model to run alone: it loads in mlx-gemma4u "
-                      "(`load_draft_model`, `--draft-model`) beside its target model.")
+LOADS_IN = (
+    "The weights are in the mlx-community layout (as mlx-vlm writes them): this folder loads in mlx-gemma4u, "
+    "in mlx-vlm (tested with 0.7.10) and in the apps built on mlx-vlm."
+)
+ASSISTANT_LOADS_IN = (
+    "This is a drafter for speculative decoding, not a model to run alone: it loads in mlx-gemma4u "
+    "(`load_draft_model`, `--draft-model`) beside its target model."
+)
 # transformers 5.23's Gemma4UnifiedProcessor settings, as its save_pretrained writes them.
 PROCESSOR_CONFIG = {
     "processor_class": "Gemma4UnifiedProcessor",
     "image_processor": {
-        "image_processor_type": "Gemma4UnifiedImageProcessor", "do_convert_rgb": True, "do_resize": True,
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": False, "image_mean": [0.5] * 3,
-        "image_std": [0.5] * 3, "resample": 3, "size": {"height": 224, "width": 224}, "patch_size": 16,
-        "pooling_kernel_size": 3, "model_patch_size": 48, "max_soft_tokens": 280,
+        "image_processor_type": "Gemma4UnifiedImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": False,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+        "resample": 3,
+        "size": {"height": 224, "width": 224},
+        "patch_size": 16,
+        "pooling_kernel_size": 3,
+        "model_patch_size": 48,
+        "max_soft_tokens": 280,
     },
     "video_processor": {
-        "video_processor_type": "Gemma4UnifiedVideoProcessor", "do_resize": True, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": False, "image_mean": [0.0] * 3, "image_std": [1.0] * 3,
-        "patch_size": 16, "pooling_kernel_size": 3, "model_patch_size": 48, "max_soft_tokens": 70,
-        "num_frames": 32, "default_fps": 2.0,
+        "video_processor_type": "Gemma4UnifiedVideoProcessor",
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": False,
+        "image_mean": [0.0] * 3,
+        "image_std": [1.0] * 3,
+        "patch_size": 16,
+        "pooling_kernel_size": 3,
+        "model_patch_size": 48,
+        "max_soft_tokens": 70,
+        "num_frames": 32,
+        "default_fps": 2.0,
     },
     "feature_extractor": {"feature_extractor_type": "Gemma4UnifiedAudioFeatureExtractor", "sampling_rate": 16000},
     "audio_ms_per_token": 40,
@@ -95,12 +138,21 @@ class Summary:
     url: str | None = None
 
     def __str__(self) -> str:
-        return (f"{self.path}: {self.bytes_on_disk / 1e9:.2f} GB on disk, {self.parameters / 1e6:.1f}M parameters, "
-                f"{self.bits_per_weight:.2f} bits per weight")
+        return (
+            f"{self.path}: {self.bytes_on_disk / 1e9:.2f} GB on disk, {self.parameters / 1e6:.1f}M parameters, "
+            f"{self.bits_per_weight:.2f} bits per weight"
+        )
 
 
-def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike, options: Options | None = None,
-            upload_repo: str | None = None, force: bool = False, quiet: bool = False, shard_gb: int = 5) -> Summary:
+def convert(
+    hf_path: str | os.PathLike,
+    mlx_path: str | os.PathLike,
+    options: Options | None = None,
+    upload_repo: str | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    shard_gb: int = 5,
+) -> Summary:
     """Convert `hf_path` (folder or repo id: a model in any layout checkpoints.py knows, or its MTP
     assistant) into the MLX folder `mlx_path`, written in the mlx-community layout (an assistant in
     its own) -> what was written."""
@@ -239,8 +291,15 @@ def _check_options(options: Options, recipe: str) -> q.Spec | None:
     return body
 
 
-def _convert(model: nn.Module, weights: dict, stored: dict | None, options: Options, recipe: str, body: q.Spec | None,
-             dtype: str | None) -> tuple[dict[str, mx.array], dict | None]:
+def _convert(
+    model: nn.Module,
+    weights: dict,
+    stored: dict | None,
+    options: Options,
+    recipe: str,
+    body: q.Spec | None,
+    dtype: str | None,
+) -> tuple[dict[str, mx.array], dict | None]:
     """Sanitized source tensors -> (lazy output tensors, config.json's "quantization" or None).
 
     `model` is a float model of the config (the recipe plans on it); `stored` the source's
@@ -270,8 +329,9 @@ def _convert(model: nn.Module, weights: dict, stored: dict | None, options: Opti
     return outputs, quantization
 
 
-def _write_weights(out: Path, outputs: dict, shard_gb: int, parameters: int, quantization: dict | None,
-                   bars: Progress) -> None:
+def _write_weights(
+    out: Path, outputs: dict, shard_gb: int, parameters: int, quantization: dict | None, bars: Progress
+) -> None:
     """Shards of at most `shard_gb` GiB (mlx-lm's make_shards) plus model.safetensors.index.json."""
     from mlx_lm.utils import make_shards  # here: mlx_lm.utils imports transformers
 
@@ -281,9 +341,10 @@ def _write_weights(out: Path, outputs: dict, shard_gb: int, parameters: int, qua
     names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     if len(shards) == 1:
         names = ["model.safetensors"]
-    index = {"metadata": {"total_size": sum(v.nbytes for s in shards for v in s.values()),
-                          "total_parameters": parameters},
-             "weight_map": {k: name for shard, name in zip(shards, names) for k in sorted(shard)}}
+    index = {
+        "metadata": {"total_size": sum(v.nbytes for s in shards for v in s.values()), "total_parameters": parameters},
+        "weight_map": {k: name for shard, name in zip(shards, names) for k in sorted(shard)},
+    }
     index["weight_map"] = dict(sorted(index["weight_map"].items()))
     sizes = {"quantizing": 0, "converting": 0}
     for shard in shards:
@@ -306,7 +367,11 @@ def write_safetensors(path: Path, tensors: dict[str, mx.array], done=lambda name
     dropping it after (the dict is emptied), so at most one tensor's data is held at a time."""
     header, offset = {}, 0
     for name, a in tensors.items():
-        header[name] = {"dtype": _ST_DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {
+            "dtype": _ST_DTYPES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         offset += a.nbytes
     header["__metadata__"] = {"format": "mlx"}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -343,8 +408,17 @@ def _copy_extras(src: Path, out: Path, processor: bool) -> None:
         (out / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2))
 
 
-def _card(out: Path, dst_name: str, src: Path, hf_path, options: Options, recipe: str, quantization: dict | None,
-          summary: Summary, assistant: bool) -> None:
+def _card(
+    out: Path,
+    dst_name: str,
+    src: Path,
+    hf_path,
+    options: Options,
+    recipe: str,
+    quantization: dict | None,
+    summary: Summary,
+    assistant: bool,
+) -> None:
     """The output's model card: its source, the command that made it, its size, where it loads; a
     conversion of the demo checkpoint says first that its weights are random."""
     demo = json.loads((src / "config.json").read_text()).get("mlx_gemma4u_demo")
@@ -366,7 +440,8 @@ def _card(out: Path, dst_name: str, src: Path, hf_path, options: Options, recipe
     stats = f"**{demo}**\n\n" if demo else ""
     stats += f"{summary.parameters / 1e9:.2f}B parameters, {summary.bits_per_weight:.2f} bits per weight."
     if quantization:
-        stats += f" Quantization (config.json): {json.dumps({k: v for k, v in quantization.items() if not isinstance(v, dict)})}."
+        overall = {k: v for k, v in quantization.items() if not isinstance(v, dict)}
+        stats += f" Quantization (config.json): {json.dumps(overall)}."
     stats += f"\n\n{ASSISTANT_LOADS_IN if assistant else LOADS_IN}"
     write_model_card(out, base, license_, made, stats, assistant)
 
@@ -409,5 +484,11 @@ def _alive(pid: int) -> bool:
 
 def _progress(quiet: bool) -> Progress:
     """rich progress bars on stderr, one per phase (none when quiet)."""
-    return Progress(TextColumn("{task.description:>10}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=quiet)
+    return Progress(
+        TextColumn("{task.description:>10}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=quiet,
+    )

@@ -68,11 +68,15 @@ def body_spec(bits: int | None, group_size: int | None, mode: str, recipe: str =
     default_group, default_bits = (QAT_SPEC.group_size, QAT_SPEC.bits) if recipe == "qat" else MODE_DEFAULTS[mode]
     spec = Spec(group_size or default_group, bits or default_bits, mode)
     if recipe == "qat" and spec != QAT_SPEC:
-        raise InputError("The qat recipe means 4-bit affine in groups of 32 (what QAT trained for); leave --q-bits, "
-                         "--q-group-size and --q-mode out, or choose another --quant-recipe.")
+        raise InputError(
+            "The qat recipe means 4-bit affine in groups of 32 (what QAT trained for); leave --q-bits, "
+            "--q-group-size and --q-mode out, or choose another --quant-recipe."
+        )
     if mode != "affine" and (spec.group_size, spec.bits) != (default_group, default_bits):
-        raise InputError(f"--q-mode {mode} means {default_bits} bits in groups of {default_group}; "
-                         f"leave --q-bits and --q-group-size out or use --q-mode affine.")
+        raise InputError(
+            f"--q-mode {mode} means {default_bits} bits in groups of {default_group}; "
+            f"leave --q-bits and --q-group-size out or use --q-mode affine."
+        )
     if mode == "affine" and spec.bits not in (2, 3, 4, 5, 6, 8):
         raise InputError(f"--q-bits must be one of 2, 3, 4, 5, 6, 8, got {spec.bits}.")
     if mode == "affine" and spec.group_size not in (32, 64, 128):
@@ -136,8 +140,14 @@ def quantize_weight(prefix: str, weight: mx.array, spec: Spec) -> dict[str, mx.a
 def dequantize_weight(prefix: str, weights: dict[str, mx.array], spec: Spec) -> mx.array:
     """Pop a stored quantized layer's tensors from `weights` -> its float weight (lazily)."""
     biases = weights.pop(f"{prefix}.biases", None)
-    return mx.dequantize(weights.pop(f"{prefix}.weight"), weights.pop(f"{prefix}.scales"), biases,
-                         group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+    return mx.dequantize(
+        weights.pop(f"{prefix}.weight"),
+        weights.pop(f"{prefix}.scales"),
+        biases,
+        group_size=spec.group_size,
+        bits=spec.bits,
+        mode=spec.mode,
+    )
 
 
 def stored_specs(quantization: dict, weights: dict) -> dict[str, Spec]:
@@ -149,8 +159,11 @@ def stored_specs(quantization: dict, weights: dict) -> dict[str, Spec]:
             path = name.removesuffix(".scales")
             override = quantization.get(path)
             if isinstance(override, dict):
-                specs[path] = Spec(override.get("group_size", body.group_size), override.get("bits", body.bits),
-                                   override.get("mode", body.mode))
+                specs[path] = Spec(
+                    override.get("group_size", body.group_size),
+                    override.get("bits", body.bits),
+                    override.get("mode", body.mode),
+                )
             else:
                 specs[path] = body
     return specs

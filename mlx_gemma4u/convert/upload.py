@@ -60,14 +60,20 @@ print(mlx_gemma4u.generate(model, processor, "Hello", draft_model=assistant, max
 ```"""
 
 
-def write_model_card(out: Path, base_model: str | None, license_: str | None, made_with: str, stats: str,
-                     assistant: bool = False) -> None:
+def write_model_card(
+    out: Path, base_model: str | None, license_: str | None, made_with: str, stats: str, assistant: bool = False
+) -> None:
     """README.md with the hub metadata block, how the folder was made, and how to run it (an
     `assistant`: beside its target model)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(library_name="mlx", pipeline_tag=None if assistant else "image-text-to-text",
-                         license=license_, base_model=base_model, tags=["mlx", "gemma4", "mlx-gemma4u"])
+    data = ModelCardData(
+        library_name="mlx",
+        pipeline_tag=None if assistant else "image-text-to-text",
+        license=license_,
+        base_model=base_model,
+        tags=["mlx", "gemma4", "mlx-gemma4u"],
+    )
     name = out.name if base_model is None else f"{base_model} for MLX"
     source = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a local checkpoint"
     text = f"""---
@@ -120,7 +126,9 @@ def upload(folder: Path, repo: str, token: str) -> str:
             api.upload_folder(repo_id=repo, folder_path=folder, commit_message=COMMIT_MESSAGE)
     except Exception as e:  # the hub client raises many types: offline, 401, 403, 5xx
         where = endpoint or "the Hugging Face hub"
-        raise UploadError(f"Could not upload {folder} to {repo} on {where} ({type(e).__name__}); check the network "
-                          f"and that your token may write there; the converted model stays in place, and "
-                          f"`hf upload {repo} {folder}` sends what did not get there.") from e
+        raise UploadError(
+            f"Could not upload {folder} to {repo} on {where} ({type(e).__name__}); check the network "
+            f"and that your token may write there; the converted model stays in place, and "
+            f"`hf upload {repo} {folder}` sends what did not get there."
+        ) from e
     return str(url)

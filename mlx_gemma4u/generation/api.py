@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from mlx_gemma4u.generation.engine import BatchGenerator, BatchResponse, GenerationResponse
 from mlx_gemma4u.generation.inputs import prepare_inputs
@@ -12,10 +12,20 @@ from mlx_gemma4u.generation.prompt_cache import PromptCache
 __all__ = ["generate", "stream_generate", "stream_inputs", "batch_generate", "GenerationResponse", "BatchResponse"]
 
 
-def stream_generate(model, processor, prompt, images=None, videos=None, audio=None,
-                    params: SamplingParams | None = None, prompt_cache: PromptCache | None = None,
-                    prefill_step_size: int = 512, draft_model=None, num_draft_tokens: int | None = None,
-                    **settings) -> Iterator[GenerationResponse]:
+def stream_generate(
+    model,
+    processor,
+    prompt,
+    images=None,
+    videos=None,
+    audio=None,
+    params: SamplingParams | None = None,
+    prompt_cache: PromptCache | None = None,
+    prefill_step_size: int = 512,
+    draft_model=None,
+    num_draft_tokens: int | None = None,
+    **settings,
+) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` (a string, token ids or chat messages), one GenerationResponse
     per new token.
 
@@ -30,13 +40,21 @@ def stream_generate(model, processor, prompt, images=None, videos=None, audio=No
     """
     params, processor_kwargs = SamplingParams.split(settings, params)
     inputs = prepare_inputs(processor, prompt, images, videos, audio, params.enable_thinking, **processor_kwargs)
-    yield from stream_inputs(model, processor, inputs, params, prompt_cache, prefill_step_size, draft_model,
-                             num_draft_tokens)
+    yield from stream_inputs(
+        model, processor, inputs, params, prompt_cache, prefill_step_size, draft_model, num_draft_tokens
+    )
 
 
-def stream_inputs(model, processor, inputs: dict, params: SamplingParams | None = None,
-                  prompt_cache: PromptCache | None = None, prefill_step_size: int = 512, draft_model=None,
-                  num_draft_tokens=None) -> Iterator[GenerationResponse]:
+def stream_inputs(
+    model,
+    processor,
+    inputs: dict,
+    params: SamplingParams | None = None,
+    prompt_cache: PromptCache | None = None,
+    prefill_step_size: int = 512,
+    draft_model=None,
+    num_draft_tokens=None,
+) -> Iterator[GenerationResponse]:
     """stream_generate for a prompt already through the processor (prepare_inputs' arrays: ids,
     token types, media). processor None: token ids only, no text, and no stop at end-of-turn ids
     (what a parity run against another implementation wants)."""
@@ -59,9 +77,17 @@ def generate(model, processor, prompt, verbose: bool = False, **kwargs) -> str:
     return text
 
 
-def batch_generate(model, processor, prompts: list, max_batch: int = 8, max_kv_bytes: int | None = None,
-                   prefill_step_size: int = 512, draft_model=None, num_draft_tokens: int | None = None,
-                   **settings) -> list[BatchResponse]:
+def batch_generate(
+    model,
+    processor,
+    prompts: list,
+    max_batch: int = 8,
+    max_kv_bytes: int | None = None,
+    prefill_step_size: int = 512,
+    draft_model=None,
+    num_draft_tokens: int | None = None,
+    **settings,
+) -> list[BatchResponse]:
     """The replies to `prompts`, in order, decoded together.
 
     Each prompt is a prompt as stream_generate takes it, or a dict {"prompt": ..., "images": ...,
@@ -70,8 +96,7 @@ def batch_generate(model, processor, prompts: list, max_batch: int = 8, max_kv_b
     others are unaffected. draft_model / num_draft_tokens: speculative decoding as in
     stream_generate, every row keeping its own accepted length (each response's .draft says how).
     """
-    engine = BatchGenerator(model, processor, max_batch, max_kv_bytes, prefill_step_size, draft_model,
-                            num_draft_tokens)
+    engine = BatchGenerator(model, processor, max_batch, max_kv_bytes, prefill_step_size, draft_model, num_draft_tokens)
     for prompt in prompts:
         own = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
         engine.submit(own.pop("prompt", None), **{**settings, **own})

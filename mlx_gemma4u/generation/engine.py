@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import mlx.core as mx
 
@@ -144,9 +144,21 @@ class Sequence:
         r.text += segment
         r.finish_reason, r.generation_tokens, r.latency = finish, len(r.tokens), now - self.submitted
         r.generation_tps = (len(r.tokens) - 1) / (now - self.first_at) if len(r.tokens) > 1 else 0.0
-        return GenerationResponse(segment, value, logprobs, r.prompt_tokens, r.prefilled_tokens, r.prompt_tps,
-                                  r.generation_tokens, r.generation_tps, mx.get_peak_memory() / 1e9, finish,
-                                  drafted, r.draft, uid)
+        return GenerationResponse(
+            segment,
+            value,
+            logprobs,
+            r.prompt_tokens,
+            r.prefilled_tokens,
+            r.prompt_tps,
+            r.generation_tokens,
+            r.generation_tps,
+            mx.get_peak_memory() / 1e9,
+            finish,
+            drafted,
+            r.draft,
+            uid,
+        )
 
     def _leave(self, extra: int) -> None:
         """The reply finished with `extra` accepted drafts after it still in the caches: drop them
@@ -173,8 +185,16 @@ class BatchGenerator:
         engine.responses[uid]
     """
 
-    def __init__(self, model, processor, max_batch: int = 8, max_kv_bytes: int | None = None,
-                 prefill_step_size: int = 512, draft_model=None, num_draft_tokens: int | None = None):
+    def __init__(
+        self,
+        model,
+        processor,
+        max_batch: int = 8,
+        max_kv_bytes: int | None = None,
+        prefill_step_size: int = 512,
+        draft_model=None,
+        num_draft_tokens: int | None = None,
+    ):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch must be a positive integer, got {max_batch!r}.")
         if max_kv_bytes is not None and max_kv_bytes <= 0:
@@ -194,15 +214,24 @@ class BatchGenerator:
     def done(self) -> bool:
         return not self._queue and not self._active
 
-    def submit(self, prompt, images=None, videos=None, audio=None, params: SamplingParams | None = None,
-               prompt_cache: PromptCache | None = None, **settings) -> int:
+    def submit(
+        self,
+        prompt,
+        images=None,
+        videos=None,
+        audio=None,
+        params: SamplingParams | None = None,
+        prompt_cache: PromptCache | None = None,
+        **settings,
+    ) -> int:
         """Queue one prompt in any form stream_generate takes -> its id. `settings`: SamplingParams'
         fields (over `params`), the rest go to the processor. A bad prompt or setting does not
         raise: its response is finished at once with the error."""
         try:
             params, processor_kwargs = SamplingParams.split(settings, params)
-            inputs = prepare_inputs(self.processor, prompt, images, videos, audio, params.enable_thinking,
-                                    **processor_kwargs)
+            inputs = prepare_inputs(
+                self.processor, prompt, images, videos, audio, params.enable_thinking, **processor_kwargs
+            )
             return self.add(inputs, params, prompt_cache)
         except Exception as error:  # a bad prompt or file's own message is worth showing
             uid = len(self.responses)
@@ -218,12 +247,16 @@ class BatchGenerator:
         check_context(self.model, n_prompt, params.max_tokens)
         cache = prompt_cache if prompt_cache is not None else PromptCache(self.model, params.kv_bits)
         if params.kv_bits is not None and cache.kv_bits != params.kv_bits:
-            raise InputError(f"kv_bits is {params.kv_bits} but the prompt cache was made with kv_bits "
-                             f"{cache.kv_bits}; make the PromptCache with the kv_bits you want.")
+            raise InputError(
+                f"kv_bits is {params.kv_bits} but the prompt cache was made with kv_bits "
+                f"{cache.kv_bits}; make the PromptCache with the kv_bits you want."
+            )
         need = 0 if self.max_kv_bytes is None else kv_bytes(self.model, n_prompt + params.max_tokens, cache.kv_bits)
         if need > (self.max_kv_bytes or need):
-            raise InputError(f"This prompt's KV caches need up to {need:,} bytes, more than max_kv_bytes "
-                             f"({self.max_kv_bytes:,}); lower max_tokens or raise the bound.")
+            raise InputError(
+                f"This prompt's KV caches need up to {need:,} bytes, more than max_kv_bytes "
+                f"({self.max_kv_bytes:,}); lower max_tokens or raise the bound."
+            )
         uid = len(self.responses)
         tokenizer = self.processor.tokenizer if self.processor is not None else None
         sequence = Sequence(inputs, params, cache, need, tokenizer)
@@ -311,11 +344,11 @@ class BatchGenerator:
         failed = {}
         for i, (uid, sequence) in enumerate(rows.items()):
             try:
-                token, logprobs = sequence.sampler(logits[i:i + 1, -1])
+                token, logprobs = sequence.sampler(logits[i : i + 1, -1])
             except Exception as error:
                 failed[uid] = error
                 continue
-            sequence.ahead = (token, logprobs, hidden[i:i + 1] if drafting else None)
+            sequence.ahead = (token, logprobs, hidden[i : i + 1] if drafting else None)
             if drafting:
                 sequence.response.draft.add_plain(1)
         mx.async_eval([s.ahead[0] for uid, s in rows.items() if uid not in failed])
@@ -328,19 +361,24 @@ class BatchGenerator:
         sequences = list(rows.values())
         last = mx.array([s.last for s in sequences], dtype=mx.int32)
         proposed, logits, hiddens, draft_seconds, pass_seconds = draft_and_verify(
-            self.model, self.drafter, [s.prompt_cache.caches for s in sequences], last,
-            mx.concatenate([s.hidden for s in sequences]), k)
+            self.model,
+            self.drafter,
+            [s.prompt_cache.caches for s in sequences],
+            last,
+            mx.concatenate([s.hidden for s in sequences]),
+            k,
+        )
         failed = {}
         for i, (uid, sequence) in enumerate(rows.items()):
             try:
-                out = verify(sequence.sampler, logits[i:i + 1], proposed[i])
+                out = verify(sequence.sampler, logits[i : i + 1], proposed[i])
             except Exception as error:
                 failed[uid] = error
                 continue
             n = len(out) - 1
             settle(sequence.prompt_cache, sequence.last, proposed[i], n)
             sequence.pending = [(value, logprobs, j < n) for j, (value, logprobs) in enumerate(out)]
-            sequence.hidden = hiddens[i:i + 1, n:n + 1]
+            sequence.hidden = hiddens[i : i + 1, n : n + 1]
             sequence.response.draft.add(k, n)
             self.draft_length.drafted(k, n, draft_seconds, pass_seconds)
         return failed
@@ -369,9 +407,21 @@ class BatchGenerator:
         _roll_back(self._active.pop(uid).prompt_cache)
         self._fail(uid, error)
         r = self.responses[uid]
-        events.append(GenerationResponse("", None, None, r.prompt_tokens, r.prefilled_tokens, r.prompt_tps,
-                                         r.generation_tokens, r.generation_tps, mx.get_peak_memory() / 1e9,
-                                         "error", uid=uid))
+        events.append(
+            GenerationResponse(
+                "",
+                None,
+                None,
+                r.prompt_tokens,
+                r.prefilled_tokens,
+                r.prompt_tps,
+                r.generation_tokens,
+                r.generation_tps,
+                mx.get_peak_memory() / 1e9,
+                "error",
+                uid=uid,
+            )
+        )
 
     def _fail(self, uid: int, error: Exception, told: tuple = (Gemma4UError,)) -> None:
         """Finish `uid`'s response with the error: its own message for the `told` kinds, else (a

@@ -13,15 +13,24 @@ from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.media import ARRAYS, KINDS
 
 
-def prepare_inputs(processor, prompt, images=None, videos=None, audio=None, enable_thinking: bool = False,
-                   **processor_kwargs) -> dict[str, mx.array]:
+def prepare_inputs(
+    processor, prompt, images=None, videos=None, audio=None, enable_thinking: bool = False, **processor_kwargs
+) -> dict[str, mx.array]:
     """The processor's arrays for one prompt (batch of 1) as MLX arrays: see prepare_arrays."""
     arrays = prepare_arrays(processor, prompt, images, videos, audio, enable_thinking, **processor_kwargs)
     return {k: mx.array(v) for k, v in arrays.items()}
 
 
-def prepare_arrays(processor, prompt, images=None, videos=None, audio=None, enable_thinking: bool = False,
-                   tools: list[dict] | None = None, **processor_kwargs) -> dict[str, np.ndarray]:
+def prepare_arrays(
+    processor,
+    prompt,
+    images=None,
+    videos=None,
+    audio=None,
+    enable_thinking: bool = False,
+    tools: list[dict] | None = None,
+    **processor_kwargs,
+) -> dict[str, np.ndarray]:
     """The processor's arrays for one prompt (batch of 1), with the BOS token exactly once, as
     numpy arrays: no MLX work, so any thread may prepare a prompt that another one generates from.
 
@@ -42,9 +51,16 @@ def prepare_arrays(processor, prompt, images=None, videos=None, audio=None, enab
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
         messages = _attach_media(list(prompt), media)
         template = {"tools": tools} if tools else {}
-        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                               return_tensors="np", enable_thinking=enable_thinking,
-                                               processor_kwargs=processor_kwargs, **template)
+        inputs = processor.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="np",
+            enable_thinking=enable_thinking,
+            processor_kwargs=processor_kwargs,
+            **template,
+        )
     else:
         raise InputError("prompt must be a non-empty string, list of token ids, or list of chat messages (dicts).")
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "mm_token_type_ids", *ARRAYS)}
@@ -52,8 +68,12 @@ def prepare_arrays(processor, prompt, images=None, videos=None, audio=None, enab
 
 
 def _attach_media(messages: list[dict], media: dict) -> list[dict]:
-    items = [{"type": kind.name, kind.name: item} for kind in KINDS if (value := media[kind.keyword]) is not None
-             for item in (value if isinstance(value, list) else [value])]
+    items = [
+        {"type": kind.name, kind.name: item}
+        for kind in KINDS
+        if (value := media[kind.keyword]) is not None
+        for item in (value if isinstance(value, list) else [value])
+    ]
     if not items:
         return messages
     users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
@@ -63,7 +83,7 @@ def _attach_media(messages: list[dict], media: dict) -> list[dict]:
     content = last.get("content")
     text = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
     last["content"] = items + text
-    return [*messages[:users[-1]], last, *messages[users[-1] + 1:]]
+    return [*messages[: users[-1]], last, *messages[users[-1] + 1 :]]
 
 
 def _with_bos(inputs: dict, bos: int) -> dict:
@@ -81,5 +101,7 @@ def check_context(model, n_prompt: int, max_tokens: int) -> None:
     """Refuse a prompt whose tokens plus max_tokens do not fit the model's context."""
     context = model.config.text.max_position_embeddings
     if n_prompt + max_tokens > context:
-        raise InputError(f"The prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
-                         f"context of {context} tokens; shorten the prompt or lower max_tokens.")
+        raise InputError(
+            f"The prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+            f"context of {context} tokens; shorten the prompt or lower max_tokens."
+        )

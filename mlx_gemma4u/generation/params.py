@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
@@ -41,8 +42,9 @@ class SamplingParams:
     enable_thinking: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str) or not (isinstance(self.stop, (list, tuple))
-                                              and all(isinstance(s, str) for s in self.stop)):
+        if isinstance(self.stop, str) or not (
+            isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) for s in self.stop)
+        ):
             raise InputError(f"stop must be a list of strings, got {self.stop!r}.")
         object.__setattr__(self, "stop", tuple(self.stop))
         if not _whole(self.max_tokens) or self.max_tokens < 1:
@@ -84,9 +86,11 @@ class SamplingParams:
         return make_sampler(temp=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p)
 
     def logits_processors(self) -> list:
-        return make_logits_processors(repetition_penalty=self.repetition_penalty,
-                                      presence_penalty=self.presence_penalty,
-                                      frequency_penalty=self.frequency_penalty)
+        return make_logits_processors(
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
 
 
 NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))

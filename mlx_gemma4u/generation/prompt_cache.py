@@ -45,11 +45,11 @@ class SoftTokens:
                 continue
             parts = []
             for i in range(values.shape[0]):  # one image, video frame or audio clip per row
-                row_extra = None if extra is None else extra[i:i + 1]
-                key = _digest(kind.name, values[i:i + 1], row_extra)
+                row_extra = None if extra is None else extra[i : i + 1]
+                key = _digest(kind.name, values[i : i + 1], row_extra)
                 if key not in rows:
                     kept = self._rows.get(key)
-                    rows[key] = kept if kept is not None else model.soft_tokens(kind.name, values[i:i + 1], row_extra)
+                    rows[key] = kept if kept is not None else model.soft_tokens(kind.name, values[i : i + 1], row_extra)
                 parts.append(rows[key])
             out[kind.name] = mx.concatenate(parts) if len(parts) > 1 else parts[0]
         self._rows = rows
@@ -112,7 +112,8 @@ class PromptCache:
             return
         self.caches = [
             c.to_quantized(group_size=64 if c.keys.shape[-1] % 64 == 0 else 32, bits=self.kv_bits)
-            if isinstance(c, KVCache) and c.keys is not None and c.keys.shape[-1] % 32 == 0 else c
+            if isinstance(c, KVCache) and c.keys is not None and c.keys.shape[-1] % 32 == 0
+            else c
             for c in self.caches
         ]
 
@@ -124,7 +125,9 @@ class PromptCache:
             raise InputError(f"{path} is a folder; give PromptCache.save a file name.")
         path.parent.mkdir(parents=True, exist_ok=True)
         with replacing(path, suffix=".safetensors") as tmp:
-            save_prompt_cache(str(tmp), self.caches, {**model_fingerprint(self._model), "tokens": json.dumps(self.tokens)})
+            save_prompt_cache(
+                str(tmp), self.caches, {**model_fingerprint(self._model), "tokens": json.dumps(self.tokens)}
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike, model) -> "PromptCache":
@@ -167,8 +170,10 @@ def _check_belongs(path: Path, wanted: dict[str, str]) -> None:
         raise InputError(f"{path} was not written by PromptCache.save of this version; make a new cache.")
     for key in FINGERPRINT:
         if saved.get(key) != wanted[key]:
-            raise InputError(f"{path} holds a prompt cache of another model (saved with {key.replace('_', ' ')} "
-                             f"{saved.get(key)}, this model has {wanted[key]}); start a new PromptCache.")
+            raise InputError(
+                f"{path} holds a prompt cache of another model (saved with {key.replace('_', ' ')} "
+                f"{saved.get(key)}, this model has {wanted[key]}); start a new PromptCache."
+            )
 
 
 def _read(path: Path) -> tuple[list, dict]:

@@ -49,11 +49,11 @@ class _StopText:
         self.pending += segment
         cuts = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if cuts:
-            out, self.pending = self.pending[:min(cuts)], ""
+            out, self.pending = self.pending[: min(cuts)], ""
             return out, True
         keep = 0 if final else self.hold
-        out = self.pending[:len(self.pending) - keep] if keep else self.pending
-        self.pending = self.pending[len(out):]
+        out = self.pending[: len(self.pending) - keep] if keep else self.pending
+        self.pending = self.pending[len(out) :]
         return out, False
 
 
@@ -158,5 +158,7 @@ def _parse_calls(text: str) -> list[ToolCall]:
         parsed = parse_tool_call(text)
     except ValueError:  # json.JSONDecodeError is one too
         return []
-    return [ToolCall(f"call_{uuid.uuid4().hex[:24]}", call["name"], call["arguments"])
-            for call in (parsed if isinstance(parsed, list) else [parsed])]
+    return [
+        ToolCall(f"call_{uuid.uuid4().hex[:24]}", call["name"], call["arguments"])
+        for call in (parsed if isinstance(parsed, list) else [parsed])
+    ]

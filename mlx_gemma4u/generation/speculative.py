@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
@@ -75,7 +76,7 @@ class DraftLength:
         self.probe = False  # a plain stretch just ended: try drafting once more
 
     @classmethod
-    def for_models(cls, model, drafter, fixed: "int | DraftLength | None" = None) -> "DraftLength":
+    def for_models(cls, model, drafter, fixed: int | DraftLength | None = None) -> DraftLength:
         """K for `drafter` on `model`: `fixed` (or that DraftLength itself), or adaptive with a
         drafter step first guessed at the drafter's share of the weights a decode step reads."""
         if isinstance(fixed, DraftLength):
@@ -107,7 +108,7 @@ class DraftLength:
             return 1 / self.passes[1]
         a = self.acceptance if acceptance is None else acceptance
         step = self.draft_step if self.draft_step is not None else self.draft_cost * self.passes[1]
-        return sum(a ** i for i in range(k + 1)) / (k * step + self.pass_cost(k + 1))
+        return sum(a**i for i in range(k + 1)) / (k * step + self.pass_cost(k + 1))
 
     def pass_cost(self, n: int) -> float:
         """Seconds of one target pass over n positions: measured, or read off the fitted line."""
@@ -134,8 +135,9 @@ def _blend(old: float | None, new: float, weight: float = 0.3) -> float:
     return new if old is None else (1 - weight) * old + weight * new
 
 
-def draft_and_verify(model, drafter, caches: list[list], last: mx.array, hidden: mx.array,
-                     k: int) -> tuple[list[list[int]], mx.array, mx.array, float, float]:
+def draft_and_verify(
+    model, drafter, caches: list[list], last: mx.array, hidden: mx.array, k: int
+) -> tuple[list[list[int]], mx.array, mx.array, float, float]:
     """B sequences' last tokens (B,), not in their caches yet ((B, 1, Dt) hidden: the states that
     predicted them): draft k tokens each, run the target once over the last token and the drafts ->
     (the drafts, B lists of k; the (B, k + 1, vocab) verify logits; the (B, k + 1, D) hidden

@@ -12,7 +12,7 @@ raw logits and leaves the log-probabilities lazy: they cost a pass over the voca
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -34,8 +34,9 @@ def prefill_chunks(start: int, n_tokens: int, step_size: int, blocks: np.ndarray
     return chunks
 
 
-def prefill(model, inputs: dict, prompt_cache: PromptCache, prefill_step_size: int = 512,
-            return_hidden: bool = False) -> mx.array | tuple[mx.array, mx.array]:
+def prefill(
+    model, inputs: dict, prompt_cache: PromptCache, prefill_step_size: int = 512, return_hidden: bool = False
+) -> mx.array | tuple[mx.array, mx.array]:
     """Run the (1, T) prompt's tokens that the prompt cache does not hold yet -> (1, vocab) logits of the
     last position (and its (1, 1, D) final hidden state if return_hidden: what a drafter starts from);
     the cache then holds the whole prompt (its full-attention layers quantized to its kv_bits).
@@ -52,8 +53,14 @@ def prefill(model, inputs: dict, prompt_cache: PromptCache, prefill_step_size: i
     embeds = model.embed(input_ids, soft_tokens=prompt_cache.media.of(model, inputs))
     extra = {"return_hidden": True} if return_hidden else {}
     for lo, hi in prefill_chunks(start, len(ids), prefill_step_size, blocks):
-        out = model(input_ids[:, lo:hi], cache=cache, inputs_embeds=embeds[:, lo:hi],
-                    mm_token_type_ids=None if types is None else types[:, lo:hi], logits_to_keep=1, **extra)
+        out = model(
+            input_ids[:, lo:hi],
+            cache=cache,
+            inputs_embeds=embeds[:, lo:hi],
+            mm_token_type_ids=None if types is None else types[:, lo:hi],
+            logits_to_keep=1,
+            **extra,
+        )
         logits, hidden = out if return_hidden else (out, None)
         if hi < len(ids):
             mx.eval([c.state for c in cache])

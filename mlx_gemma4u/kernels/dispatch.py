@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -25,7 +25,7 @@ ENV = "MLX_GEMMA4U_KERNELS"
 OFF_VALUES = ("reference", "0", "off")
 # |metal - reference| <= tol * (1 + |reference|): a few units in the last place of each dtype.
 TOLERANCE = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 3e-2}
-KERNELS: dict[str, "Kernel"] = {}
+KERNELS: dict[str, Kernel] = {}
 FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
 # Metal helper for the row kernels (one threadgroup of TG threads per row): the sum of every
@@ -56,8 +56,9 @@ def forced_reference() -> bool:
 
 def metal_kernel(name: str, inputs: list[str], outputs: list[str], source: str, header: str = "") -> Callable:
     """Create a Metal kernel object; the only place that does (compiling happens on its first call)."""
-    return mx.fast.metal_kernel(name=f"gemma4u_{name}", input_names=inputs, output_names=outputs,
-                                source=source, header=header)
+    return mx.fast.metal_kernel(
+        name=f"gemma4u_{name}", input_names=inputs, output_names=outputs, source=source, header=header
+    )
 
 
 def row_threads(n: int) -> int:
@@ -79,8 +80,14 @@ class Kernel:
     sample(*args) -> small random arguments like `args` (same dtype and row size) to check on.
     """
 
-    def __init__(self, name: str, reference: Callable, build: Callable[[], Callable],
-                 supports: Callable[..., bool], sample: Callable[..., tuple]):
+    def __init__(
+        self,
+        name: str,
+        reference: Callable,
+        build: Callable[[], Callable],
+        supports: Callable[..., bool],
+        sample: Callable[..., tuple],
+    ):
         self.name, self.reference, self.build, self.supports, self.sample = name, reference, build, supports, sample
         self.checked: set[tuple] = set()  # (dtype, row size) pairs the Metal version has matched on
         self.disabled = False
@@ -102,8 +109,12 @@ class Kernel:
             error = self._self_check(key, args)
             if error is not None:
                 self.disabled = True
-                warnings.warn(f"mlx-gemma4u: Metal kernel {self.name!r} switched off ({key[0]}, rows of "
-                              f"{key[1]}): {error}; using the MLX reference.", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"mlx-gemma4u: Metal kernel {self.name!r} switched off ({key[0]}, rows of "
+                    f"{key[1]}): {error}; using the MLX reference.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 return False
             self.checked.add(key)
         return True

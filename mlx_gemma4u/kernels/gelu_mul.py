@@ -46,8 +46,14 @@ def build():
     kernel = metal_kernel("gelu_mul", ["gate", "up"], ["out"], SOURCE)
 
     def run(gate, up):
-        return kernel(inputs=[gate, up], template=[("T", gate.dtype)], grid=(gate.size, 1, 1),
-                      threadgroup=(256, 1, 1), output_shapes=[gate.shape], output_dtypes=[gate.dtype])[0]
+        return kernel(
+            inputs=[gate, up],
+            template=[("T", gate.dtype)],
+            grid=(gate.size, 1, 1),
+            threadgroup=(256, 1, 1),
+            output_shapes=[gate.shape],
+            output_dtypes=[gate.dtype],
+        )[0]
 
     return run
 

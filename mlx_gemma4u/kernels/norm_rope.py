@@ -50,8 +50,15 @@ def reference(x: mx.array, w: mx.array, eps: float, rope, offset) -> mx.array:
 def supports(x, w, eps, rope, offset) -> bool:
     D = x.shape[-1]
     per_row = isinstance(offset, int) or (isinstance(offset, mx.array) and offset.shape in ((), (x.shape[0],)))
-    return (x.ndim == 4 and x.dtype in FLOATS and D % 2 == 0 and D == rope.head_dim
-            and w.shape == (D,) and w.dtype == x.dtype and per_row)
+    return (
+        x.ndim == 4
+        and x.dtype in FLOATS
+        and D % 2 == 0
+        and D == rope.head_dim
+        and w.shape == (D,)
+        and w.dtype == x.dtype
+        and per_row
+    )
 
 
 def sample(x, w, eps, rope, offset) -> tuple:
@@ -65,9 +72,14 @@ def build():
     def run(x, w, eps, rope, offset):
         B, T, H, D = x.shape
         offsets = mx.broadcast_to(mx.array(offset, mx.int32), (B,))
-        return kernel(inputs=[x, w, mx.array(eps, mx.float32), rope.inverse_frequencies(), offsets],
-                      template=[("T", x.dtype), ("D", D)], grid=(B * T * H * 32, 1, 1), threadgroup=(256, 1, 1),
-                      output_shapes=[(B, H, T, D)], output_dtypes=[x.dtype])[0]
+        return kernel(
+            inputs=[x, w, mx.array(eps, mx.float32), rope.inverse_frequencies(), offsets],
+            template=[("T", x.dtype), ("D", D)],
+            grid=(B * T * H * 32, 1, 1),
+            threadgroup=(256, 1, 1),
+            output_shapes=[(B, H, T, D)],
+            output_dtypes=[x.dtype],
+        )[0]
 
     return run
 

@@ -44,8 +44,9 @@ SOURCE = """
 """
 
 
-def reference(h: mx.array, table: mx.array, positions: mx.array, weight: mx.array, bias: mx.array,
-              eps: float) -> mx.array:
+def reference(
+    h: mx.array, table: mx.array, positions: mx.array, weight: mx.array, bias: mx.array, eps: float
+) -> mx.array:
     valid = (positions != -1)[..., None].astype(table.dtype)
     clamped = mx.maximum(positions, 0)
     embedded = table[clamped[..., 0], 0] * valid[..., 0, :] + table[clamped[..., 1], 1] * valid[..., 1, :]
@@ -54,27 +55,45 @@ def reference(h: mx.array, table: mx.array, positions: mx.array, weight: mx.arra
 
 def supports(h, table, positions, weight, bias, eps) -> bool:
     D = h.shape[-1]
-    return (h.dtype in FLOATS and h.ndim == 3 and positions.shape == (*h.shape[:2], 2)
-            and table.ndim == 3 and table.shape[1:] == (2, D) and weight.shape == bias.shape == (D,)
-            and all(a.dtype == h.dtype for a in (table, weight, bias)))
+    return (
+        h.dtype in FLOATS
+        and h.ndim == 3
+        and positions.shape == (*h.shape[:2], 2)
+        and table.ndim == 3
+        and table.shape[1:] == (2, D)
+        and weight.shape == bias.shape == (D,)
+        and all(a.dtype == h.dtype for a in (table, weight, bias))
+    )
 
 
 def sample(h, table, positions, weight, bias, eps) -> tuple:
     D, dt = h.shape[-1], h.dtype
-    return (normal((2, 3, D), dt, 1), normal((4, 2, D), dt, 2), mx.array([[[0, 1], [3, 2], [-1, -1]]] * 2),
-            normal((D,), dt, 3), normal((D,), dt, 4), eps)
+    return (
+        normal((2, 3, D), dt, 1),
+        normal((4, 2, D), dt, 2),
+        mx.array([[[0, 1], [3, 2], [-1, -1]]] * 2),
+        normal((D,), dt, 3),
+        normal((D,), dt, 4),
+        eps,
+    )
 
 
 def build():
-    kernel = metal_kernel("position_norm", ["h", "table", "positions", "weight", "bias", "eps"], ["out"],
-                          SOURCE, header=ROW_SUM)
+    kernel = metal_kernel(
+        "position_norm", ["h", "table", "positions", "weight", "bias", "eps"], ["out"], SOURCE, header=ROW_SUM
+    )
 
     def run(h, table, positions, weight, bias, eps):
         D = h.shape[-1]
         rows, tg = h.size // D, row_threads(D)
-        return kernel(inputs=[h, table, positions.astype(mx.int32), weight, bias, mx.array(eps, mx.float32)],
-                      template=[("T", h.dtype), ("D", D), ("TG", tg)], grid=(rows * tg, 1, 1),
-                      threadgroup=(tg, 1, 1), output_shapes=[h.shape], output_dtypes=[h.dtype])[0]
+        return kernel(
+            inputs=[h, table, positions.astype(mx.int32), weight, bias, mx.array(eps, mx.float32)],
+            template=[("T", h.dtype), ("D", D), ("TG", tg)],
+            grid=(rows * tg, 1, 1),
+            threadgroup=(tg, 1, 1),
+            output_shapes=[h.shape],
+            output_dtypes=[h.dtype],
+        )[0]
 
     return run
 

@@ -51,8 +51,9 @@ SOURCE = """
 """
 
 
-def reference(x: mx.array, y: mx.array, w_post: mx.array, w_next: mx.array, eps: float,
-              scale: mx.array | None) -> tuple[mx.array, mx.array]:
+def reference(
+    x: mx.array, y: mx.array, w_post: mx.array, w_next: mx.array, eps: float, scale: mx.array | None
+) -> tuple[mx.array, mx.array]:
     h = x + mx.fast.rms_norm(y, w_post, eps)
     if scale is not None:
         h = h * scale
@@ -61,29 +62,46 @@ def reference(x: mx.array, y: mx.array, w_post: mx.array, w_next: mx.array, eps:
 
 def supports(x, y, w_post, w_next, eps, scale) -> bool:
     D = x.shape[-1]
-    return (x.dtype in FLOATS and x.shape == y.shape and w_post.shape == w_next.shape == (D,)
-            and all(a.dtype == x.dtype for a in (y, w_post, w_next))
-            and (scale is None or (scale.size == 1 and scale.dtype == x.dtype)))
+    return (
+        x.dtype in FLOATS
+        and x.shape == y.shape
+        and w_post.shape == w_next.shape == (D,)
+        and all(a.dtype == x.dtype for a in (y, w_post, w_next))
+        and (scale is None or (scale.size == 1 and scale.dtype == x.dtype))
+    )
 
 
 def sample(x, y, w_post, w_next, eps, scale) -> tuple:
     D, dt = x.shape[-1], x.dtype
-    return (normal((2, 3, D), dt, 1), normal((2, 3, D), dt, 2), normal((D,), dt, 3), normal((D,), dt, 4),
-            eps, None if scale is None else normal((1,), dt, 5))
+    return (
+        normal((2, 3, D), dt, 1),
+        normal((2, 3, D), dt, 2),
+        normal((D,), dt, 3),
+        normal((D,), dt, 4),
+        eps,
+        None if scale is None else normal((1,), dt, 5),
+    )
 
 
 def build():
-    kernel = metal_kernel("residual_norm", ["x", "y", "w_post", "w_next", "eps", "scale"], ["h", "n"],
-                          SOURCE, header=ROW_SUM)
+    kernel = metal_kernel(
+        "residual_norm", ["x", "y", "w_post", "w_next", "eps", "scale"], ["h", "n"], SOURCE, header=ROW_SUM
+    )
 
     def run(x, y, w_post, w_next, eps, scale):
         D = x.shape[-1]
         rows, tg = x.size // D, row_threads(D)
         factor = mx.ones((1,), x.dtype) if scale is None else scale.reshape(1)
-        return tuple(kernel(inputs=[x, y, w_post, w_next, mx.array(eps, mx.float32), factor],
-                            template=[("T", x.dtype), ("D", D), ("TG", tg)], grid=(rows * tg, 1, 1),
-                            threadgroup=(tg, 1, 1), output_shapes=[x.shape, x.shape],
-                            output_dtypes=[x.dtype, x.dtype]))
+        return tuple(
+            kernel(
+                inputs=[x, y, w_post, w_next, mx.array(eps, mx.float32), factor],
+                template=[("T", x.dtype), ("D", D), ("TG", tg)],
+                grid=(rows * tg, 1, 1),
+                threadgroup=(tg, 1, 1),
+                output_shapes=[x.shape, x.shape],
+                output_dtypes=[x.dtype, x.dtype],
+            )
+        )
 
     return run
 

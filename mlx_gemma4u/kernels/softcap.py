@@ -43,8 +43,14 @@ def build():
     kernel = metal_kernel("softcap", ["x", "cap"], ["out"], SOURCE)
 
     def run(x, cap):
-        return kernel(inputs=[x, mx.array(cap, mx.float32)], template=[("T", x.dtype)], grid=(x.size, 1, 1),
-                      threadgroup=(256, 1, 1), output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+        return kernel(
+            inputs=[x, mx.array(cap, mx.float32)],
+            template=[("T", x.dtype)],
+            grid=(x.size, 1, 1),
+            threadgroup=(256, 1, 1),
+            output_shapes=[x.shape],
+            output_dtypes=[x.dtype],
+        )[0]
 
     return run
 

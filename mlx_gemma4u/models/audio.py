@@ -9,8 +9,8 @@ of time, and the per-frame RMS norm makes the result independent of loudness.
 import mlx.core as mx
 import numpy as np
 
-from mlx_gemma4u.models.config import AudioConfig
 from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.models.config import AudioConfig
 from mlx_gemma4u.models.multimodal import MultimodalEmbedder, kept_rows
 
 
@@ -22,9 +22,12 @@ class AudioEmbedder(MultimodalEmbedder):
     def __call__(self, input_features: mx.array, input_features_mask: mx.array) -> mx.array:
         """(N, F, 640) frames and (N, F) mask -> (M, D) soft tokens of the M frames the mask keeps."""
         if input_features.ndim != 3 or input_features.shape[-1] != self.frame_size:
-            raise InputError(f"input_features must have shape (clips, frames, {self.frame_size}), "
-                             f"got {tuple(input_features.shape)}.")
+            raise InputError(
+                f"input_features must have shape (clips, frames, {self.frame_size}), got {tuple(input_features.shape)}."
+            )
         if tuple(input_features_mask.shape) != tuple(input_features.shape[:2]):
-            raise InputError(f"input_features_mask must have shape {tuple(input_features.shape[:2])}, "
-                             f"got {tuple(input_features_mask.shape)}.")
+            raise InputError(
+                f"input_features_mask must have shape {tuple(input_features.shape[:2])}, "
+                f"got {tuple(input_features_mask.shape)}."
+            )
         return kept_rows(super().__call__(input_features), np.array(input_features_mask).astype(bool))

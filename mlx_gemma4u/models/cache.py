@@ -17,7 +17,8 @@ from mlx_gemma4u.models.config import SLIDING, TextConfig
 def make_cache(config: TextConfig) -> list:
     """One cache per layer that owns keys and values, in layer order."""
     return [
-        RotatingKVCache(max_size=config.sliding_window + rewind_room(config)) if spec.layer_type == SLIDING
+        RotatingKVCache(max_size=config.sliding_window + rewind_room(config))
+        if spec.layer_type == SLIDING
         else KVCache()
         for spec in config.layers
         if spec.kv_mode != "reuse"

@@ -33,8 +33,10 @@ def require(ok: bool, message: str) -> None:
 
 
 def require_positive(name: str, value: Any) -> None:
-    require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-           f"config.json: {name} must be a positive integer, got {value!r}.")
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"config.json: {name} must be a positive integer, got {value!r}.",
+    )
 
 
 def dataclass_from_dict(cls, params: dict, where: str):
@@ -96,22 +98,41 @@ class TextConfig:
     layers: list[LayerSpec] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
-                     "global_head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "sliding_window",
+            "global_head_dim",
+            "max_position_embeddings",
+        ):
             require_positive(name, getattr(self, name))
-        require(self.hidden_activation in ("gelu_pytorch_tanh", "gelu_new"),
-               f"config.json: hidden_activation {self.hidden_activation!r} is not supported "
-               "(Gemma 4 uses 'gelu_pytorch_tanh').")
-        require(self.use_bidirectional_attention in (None, "vision"),
-               f"config.json: use_bidirectional_attention={self.use_bidirectional_attention!r} "
-               "is not supported (only None and 'vision', which Gemma 4 12B uses).")
-        require(isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0,
-               f"config.json: rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}.")
-        require(self.final_logit_softcapping is None or self.final_logit_softcapping > 0,
-               "config.json: final_logit_softcapping must be positive or null.")
-        require(self.pad_token_id is not None and 0 <= self.pad_token_id < self.vocab_size,
-               f"config.json: pad_token_id {self.pad_token_id!r} is outside the vocabulary.")
+        require(
+            self.hidden_activation in ("gelu_pytorch_tanh", "gelu_new"),
+            f"config.json: hidden_activation {self.hidden_activation!r} is not supported "
+            "(Gemma 4 uses 'gelu_pytorch_tanh').",
+        )
+        require(
+            self.use_bidirectional_attention in (None, "vision"),
+            f"config.json: use_bidirectional_attention={self.use_bidirectional_attention!r} "
+            "is not supported (only None and 'vision', which Gemma 4 12B uses).",
+        )
+        require(
+            isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0,
+            f"config.json: rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}.",
+        )
+        require(
+            self.final_logit_softcapping is None or self.final_logit_softcapping > 0,
+            "config.json: final_logit_softcapping must be positive or null.",
+        )
+        require(
+            self.pad_token_id is not None and 0 <= self.pad_token_id < self.vocab_size,
+            f"config.json: pad_token_id {self.pad_token_id!r} is outside the vocabulary.",
+        )
         self._resolve_layer_types()
         self._resolve_rope()
         self.layers = self._layer_specs()
@@ -120,8 +141,10 @@ class TextConfig:
         n = self.num_hidden_layers
         if self.layer_types is None:
             self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n)]
-        require(isinstance(self.layer_types, list) and len(self.layer_types) == n,
-               f"config.json: layer_types must list {n} layer types (num_hidden_layers).")
+        require(
+            isinstance(self.layer_types, list) and len(self.layer_types) == n,
+            f"config.json: layer_types must list {n} layer types (num_hidden_layers).",
+        )
         bad = [t for t in self.layer_types if t not in (SLIDING, FULL)]
         require(not bad, f"config.json: unknown layer type {bad[:1]} in layer_types.")
         # transformers forces the last layer to full attention; so do we, to stay equal to it.
@@ -133,15 +156,21 @@ class TextConfig:
         for layer_type in set(self.layer_types):
             params = self.rope_parameters.get(layer_type)
             require(isinstance(params, dict), f"config.json: rope_parameters has no entry for {layer_type}.")
-            require(params.get("rope_type", "default") in ("default", "proportional"),
-                   f"config.json: rope_type {params.get('rope_type')!r} for {layer_type} is not supported "
-                   "(Gemma 4 uses 'default' and 'proportional').")
+            require(
+                params.get("rope_type", "default") in ("default", "proportional"),
+                f"config.json: rope_type {params.get('rope_type')!r} for {layer_type} is not supported "
+                "(Gemma 4 uses 'default' and 'proportional').",
+            )
             theta = params.get("rope_theta")
-            require(isinstance(theta, (int, float)) and theta > 1,
-                   f"config.json: rope_theta for {layer_type} must be a number above 1, got {theta!r}.")
+            require(
+                isinstance(theta, (int, float)) and theta > 1,
+                f"config.json: rope_theta for {layer_type} must be a number above 1, got {theta!r}.",
+            )
             p = params.get("partial_rotary_factor", 1.0)
-            require(isinstance(p, (int, float)) and 0 < p <= 1,
-                   f"config.json: partial_rotary_factor for {layer_type} must be in (0, 1], got {p!r}.")
+            require(
+                isinstance(p, (int, float)) and 0 < p <= 1,
+                f"config.json: partial_rotary_factor for {layer_type} must be in (0, 1], got {p!r}.",
+            )
 
     def _overrides(self, i: int) -> dict:
         """The per-layer overrides of layer i, from whichever config form was given."""
@@ -158,8 +187,10 @@ class TextConfig:
     def _kv_modes(self) -> tuple[list[str | None], list[int]]:
         """Which layers store and which reuse keys/values (transformers' kv_sharing_modes)."""
         n, shared = self.num_hidden_layers, self.num_kv_shared_layers
-        require(isinstance(shared, int) and 0 <= shared < n,
-               f"config.json: num_kv_shared_layers must be in [0, {n}), got {shared!r}.")
+        require(
+            isinstance(shared, int) and 0 <= shared < n,
+            f"config.json: num_kv_shared_layers must be in [0, {n}), got {shared!r}.",
+        )
         modes: list[str | None] = [None] * n
         sources = list(range(n))
         first_shared = n - shared
@@ -168,8 +199,11 @@ class TextConfig:
         store = {}
         for t in set(self.layer_types):
             producers = [i for i in range(first_shared) if self.layer_types[i] == t]
-            require(bool(producers), f"config.json: the KV-shared layers include {t} layers but no "
-                                    f"earlier layer of that type produces keys and values.")
+            require(
+                bool(producers),
+                f"config.json: the KV-shared layers include {t} layers but no "
+                f"earlier layer of that type produces keys and values.",
+            )
             store[t] = producers[-1]
             modes[store[t]] = "store"
         for i in range(first_shared, n):
@@ -185,24 +219,30 @@ class TextConfig:
             kv_heads = o.get("num_key_value_heads", self.num_key_value_heads)
             require_positive(f"head_dim of layer {i}", head_dim)
             require_positive(f"num_key_value_heads of layer {i}", kv_heads)
-            require(self.num_attention_heads % kv_heads == 0,
-                   f"config.json: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
-                   f"the {kv_heads} key/value heads of layer {i}.")
+            require(
+                self.num_attention_heads % kv_heads == 0,
+                f"config.json: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                f"the {kv_heads} key/value heads of layer {i}.",
+            )
             require(head_dim % 2 == 0, f"config.json: head_dim of layer {i} must be even, got {head_dim}.")
             wide = self.use_double_wide_mlp and modes[i] == "reuse"
-            specs.append(LayerSpec(
-                layer_type=layer_type,
-                head_dim=head_dim,
-                num_kv_heads=kv_heads,
-                intermediate_size=self.intermediate_size * (2 if wide else 1),
-                k_eq_v=self.attention_k_eq_v and layer_type == FULL,
-                kv_mode=modes[i],
-                kv_source=sources[i],
-            ))
+            specs.append(
+                LayerSpec(
+                    layer_type=layer_type,
+                    head_dim=head_dim,
+                    num_kv_heads=kv_heads,
+                    intermediate_size=self.intermediate_size * (2 if wide else 1),
+                    k_eq_v=self.attention_k_eq_v and layer_type == FULL,
+                    kv_mode=modes[i],
+                    kv_source=sources[i],
+                )
+            )
         for i, s in enumerate(specs):
             src = specs[s.kv_source]
-            require((s.head_dim, s.num_kv_heads) == (src.head_dim, src.num_kv_heads),
-                   f"config.json: layer {i} reuses the keys of layer {s.kv_source} but their head shapes differ.")
+            require(
+                (s.head_dim, s.num_kv_heads) == (src.head_dim, src.num_kv_heads),
+                f"config.json: layer {i} reuses the keys of layer {s.kv_source} but their head shapes differ.",
+            )
         return specs
 
 
@@ -218,8 +258,10 @@ class VisionConfig:
     def __post_init__(self) -> None:
         for name in ("patch_size", "pooling_kernel_size", "mm_embed_dim", "mm_posemb_size", "output_proj_dims"):
             require_positive(f"vision_config.{name}", getattr(self, name))
-        require(self.output_proj_dims == self.mm_embed_dim,
-               "config.json: vision_config.output_proj_dims must equal vision_config.mm_embed_dim.")
+        require(
+            self.output_proj_dims == self.mm_embed_dim,
+            "config.json: vision_config.output_proj_dims must equal vision_config.mm_embed_dim.",
+        )
 
     @property
     def model_patch_size(self) -> int:
@@ -259,35 +301,57 @@ class ModelConfig:
     quantization: dict | None = None
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "ModelConfig":
+    def from_dict(cls, raw: dict) -> ModelConfig:
         if not isinstance(raw, dict):
             raise ConfigError("config.json must hold a JSON object.")
         model_type = raw.get("model_type")
-        require(model_type in MODEL_TYPES,
-               f"config.json: model_type {model_type!r} is not a Gemma 4 Unified model "
-               f"(expected one of {', '.join(MODEL_TYPES)}).")
+        require(
+            model_type in MODEL_TYPES,
+            f"config.json: model_type {model_type!r} is not a Gemma 4 Unified model "
+            f"(expected one of {', '.join(MODEL_TYPES)}).",
+        )
         quantization = raw.get("quantization")
         if model_type == "gemma4_unified_text":  # a text-only Gemma4UnifiedForCausalLM checkpoint
-            return cls(text=dataclass_from_dict(TextConfig, raw, "the text config"), model_type=model_type,
-                       quantization=quantization)
+            return cls(
+                text=dataclass_from_dict(TextConfig, raw, "the text config"),
+                model_type=model_type,
+                quantization=quantization,
+            )
         require("text_config" in raw, "config.json: text_config is missing.")
-        ids = {k: raw[k] for k in ("image_token_id", "video_token_id", "audio_token_id", "boi_token_id",
-                                   "eoi_token_id", "boa_token_id", "eoa_token_index") if raw.get(k) is not None}
+        ids = {
+            k: raw[k]
+            for k in (
+                "image_token_id",
+                "video_token_id",
+                "audio_token_id",
+                "boi_token_id",
+                "eoi_token_id",
+                "boa_token_id",
+                "eoa_token_index",
+            )
+            if raw.get(k) is not None
+        }
         config = cls(
             text=dataclass_from_dict(TextConfig, raw["text_config"], "text_config"),
-            vision=dataclass_from_dict(VisionConfig, raw["vision_config"], "vision_config") if raw.get("vision_config") else None,
-            audio=dataclass_from_dict(AudioConfig, raw["audio_config"], "audio_config") if raw.get("audio_config") else None,
+            vision=dataclass_from_dict(VisionConfig, raw["vision_config"], "vision_config")
+            if raw.get("vision_config")
+            else None,
+            audio=dataclass_from_dict(AudioConfig, raw["audio_config"], "audio_config")
+            if raw.get("audio_config")
+            else None,
             model_type=model_type,
             quantization=quantization,
             **ids,
         )
         for name, value in ids.items():
-            require(isinstance(value, int) and 0 <= value < config.text.vocab_size,
-                   f"config.json: {name} {value!r} is outside the vocabulary of {config.text.vocab_size}.")
+            require(
+                isinstance(value, int) and 0 <= value < config.text.vocab_size,
+                f"config.json: {name} {value!r} is outside the vocabulary of {config.text.vocab_size}.",
+            )
         return config
 
     @classmethod
-    def from_file(cls, path: Path) -> "ModelConfig":
+    def from_file(cls, path: Path) -> ModelConfig:
         return cls.from_dict(read_config(Path(path), "a model folder"))
 
 

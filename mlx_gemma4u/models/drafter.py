@@ -26,10 +26,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_gemma4u.errors import CheckpointError, ConfigError, InputError
 from mlx_gemma4u.models import cache as caches
 from mlx_gemma4u.models.config import FULL, TextConfig, dataclass_from_dict, read_config, require, require_positive
 from mlx_gemma4u.models.decoder import RowSteps, Step, TextModel
-from mlx_gemma4u.errors import CheckpointError, ConfigError, InputError
 
 MODEL_TYPE = "gemma4_unified_assistant"
 
@@ -49,24 +49,31 @@ class DraftConfig:
         for name in ("backbone_hidden_size", "num_centroids", "centroid_intermediate_top_k"):
             require_positive(name, getattr(self, name))
         if self.use_ordered_embeddings:
-            require(self.text.vocab_size % self.num_centroids == 0,
-                   f"config.json: num_centroids ({self.num_centroids}) must divide the vocabulary "
-                   f"({self.text.vocab_size}).")
-            require(self.centroid_intermediate_top_k <= self.num_centroids,
-                   "config.json: centroid_intermediate_top_k exceeds num_centroids.")
+            require(
+                self.text.vocab_size % self.num_centroids == 0,
+                f"config.json: num_centroids ({self.num_centroids}) must divide the vocabulary "
+                f"({self.text.vocab_size}).",
+            )
+            require(
+                self.centroid_intermediate_top_k <= self.num_centroids,
+                "config.json: centroid_intermediate_top_k exceeds num_centroids.",
+            )
         # Every assistant layer reads the target's keys and values: none computes its own.
         wide = 2 if self.text.use_double_wide_mlp else 1
-        self.text.layers = [dataclasses.replace(s, kv_mode="reuse", kv_source=-1,
-                                                intermediate_size=self.text.intermediate_size * wide)
-                            for s in self.text.layers]
+        self.text.layers = [
+            dataclasses.replace(s, kv_mode="reuse", kv_source=-1, intermediate_size=self.text.intermediate_size * wide)
+            for s in self.text.layers
+        ]
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "DraftConfig":
+    def from_dict(cls, raw: dict) -> DraftConfig:
         if not isinstance(raw, dict):
             raise ConfigError("config.json must hold a JSON object.")
-        require(raw.get("model_type") == MODEL_TYPE,
-               f"config.json: model_type {raw.get('model_type')!r} is not a Gemma 4 assistant (drafter) "
-               f"checkpoint (expected {MODEL_TYPE!r}).")
+        require(
+            raw.get("model_type") == MODEL_TYPE,
+            f"config.json: model_type {raw.get('model_type')!r} is not a Gemma 4 assistant (drafter) "
+            f"checkpoint (expected {MODEL_TYPE!r}).",
+        )
         require(isinstance(raw.get("text_config"), dict), "config.json: text_config is missing.")
         # The layer specs are rebuilt as all-"reuse" above; the count only passes TextConfig's checks.
         text = dataclass_from_dict(TextConfig, {**raw["text_config"], "num_kv_shared_layers": 0}, "text_config")
@@ -74,7 +81,7 @@ class DraftConfig:
         return cls(text=text, **{k: v for k, v in raw.items() if k in known})
 
     @classmethod
-    def from_file(cls, path: Path) -> "DraftConfig":
+    def from_file(cls, path: Path) -> DraftConfig:
         return cls.from_dict(read_config(path, "a drafter folder"))
 
 
@@ -156,18 +163,24 @@ class DraftModel(nn.Module):
         hidden state, token ids and cached keys, so another hidden size, vocabulary or key shape would
         otherwise fail deep inside a matmul (`--draft-model demo` with a real model, say)."""
         text, theirs = self.config.text, target.config.text
-        for what, mine, its in (("hidden size", self.config.backbone_hidden_size, theirs.hidden_size),
-                                ("vocabulary size", text.vocab_size, theirs.vocab_size)):
+        for what, mine, its in (
+            ("hidden size", self.config.backbone_hidden_size, theirs.hidden_size),
+            ("vocabulary size", text.vocab_size, theirs.vocab_size),
+        ):
             if mine != its:
-                raise InputError(f"This drafter does not fit the model: it was made for a {what} of {mine}, the "
-                                 f"model's is {its}; pass the assistant made for this model.")
+                raise InputError(
+                    f"This drafter does not fit the model: it was made for a {what} of {mine}, the "
+                    f"model's is {its}; pass the assistant made for this model."
+                )
         owners = {s.layer_type: s for s in theirs.layers if s.kv_mode != "reuse"}  # the last of each type
         for spec in text.layers:
             owner = owners.get(spec.layer_type)
             if owner is None or owner.head_dim != spec.head_dim or text.num_attention_heads % owner.num_kv_heads:
-                raise InputError(f"This drafter does not fit the model: its {spec.layer_type} queries "
-                                 f"({text.num_attention_heads} heads of {spec.head_dim}) cannot attend to the "
-                                 "model's cached keys; pass the assistant made for this model.")
+                raise InputError(
+                    f"This drafter does not fit the model: its {spec.layer_type} queries "
+                    f"({text.num_attention_heads} heads of {spec.head_dim}) cannot attend to the "
+                    "model's cached keys; pass the assistant made for this model."
+                )
 
     def sanitize(self, weights: dict) -> dict:
         """Checkpoint keys (transformers' names are ours) -> ours; the tied lm_head is dropped.
@@ -178,6 +191,8 @@ class DraftModel(nn.Module):
         expected = dict(tree_flatten(self.parameters()))
         unknown = sorted(k for k in out if k not in expected)
         if unknown:
-            raise CheckpointError(f"The drafter checkpoint has a weight {unknown[0]!r} that this drafter does not "
-                                  f"have ({len(unknown)} unknown in all); is config.json the one that came with it?")
+            raise CheckpointError(
+                f"The drafter checkpoint has a weight {unknown[0]!r} that this drafter does not "
+                f"have ({len(unknown)} unknown in all); is config.json the one that came with it?"
+            )
         return out

@@ -18,11 +18,11 @@ loads in mlx-vlm too (an assistant is written in its own layout).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.errors import CheckpointError
+from mlx_gemma4u.models.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -55,32 +55,38 @@ def _swap(name: str, pairs: tuple[tuple[str, str], ...]) -> str:
     if not matches:
         return name
     old, new = max(matches, key=lambda pair: len(pair[0]))
-    return (new + dotted[len(old):])[:-1]
+    return (new + dotted[len(old) :])[:-1]
 
 
 TRANSFORMERS = Layout(
     "transformers",
-    reads=(("model.language_model.", "language_model."),
-           ("model.vision_embedder.", "embed_vision."),  # on disk (save_pretrained)
-           ("model.embed_vision.", "embed_vision."),  # in memory (state_dict)
-           ("model.embed_vision.embedding_projection.", "embed_vision.multimodal_embedder.embedding_projection."),
-           ("model.embed_vision.multimodal_embedder.", "embed_vision.multimodal_embedder."),
-           ("model.embed_audio.", "embed_audio."),
-           ("lm_head.", "lm_head."),
-           ("model.", "language_model.")),  # text-only Gemma4UnifiedForCausalLM
-    writes=(("language_model.", "model.language_model."),
-            ("embed_vision.", "model.vision_embedder."),
-            ("embed_vision.multimodal_embedder.", "model.embed_vision."),
-            ("embed_audio.", "model.embed_audio."),
-            ("lm_head.", "lm_head.")),
+    reads=(
+        ("model.language_model.", "language_model."),
+        ("model.vision_embedder.", "embed_vision."),  # on disk (save_pretrained)
+        ("model.embed_vision.", "embed_vision."),  # in memory (state_dict)
+        ("model.embed_vision.embedding_projection.", "embed_vision.multimodal_embedder.embedding_projection."),
+        ("model.embed_vision.multimodal_embedder.", "embed_vision.multimodal_embedder."),
+        ("model.embed_audio.", "embed_audio."),
+        ("lm_head.", "lm_head."),
+        ("model.", "language_model."),
+    ),  # text-only Gemma4UnifiedForCausalLM
+    writes=(
+        ("language_model.", "model.language_model."),
+        ("embed_vision.", "model.vision_embedder."),
+        ("embed_vision.multimodal_embedder.", "model.embed_vision."),
+        ("embed_audio.", "model.embed_audio."),
+        ("lm_head.", "lm_head."),
+    ),
     # vestigial Gemma 3n-style embedding tables some checkpoints carry (vLLM ignores them too)
     ignored=("model.embed_vision.embedding.", "model.embed_audio.embedding."),
 )
-_COMMUNITY = (("language_model.model.", "language_model."),
-              ("language_model.lm_head.", "lm_head."),
-              ("vision_embedder.", "embed_vision."),
-              ("embed_vision.", "embed_vision.multimodal_embedder."),
-              ("embed_audio.", "embed_audio."))
+_COMMUNITY = (
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_embedder.", "embed_vision."),
+    ("embed_vision.", "embed_vision.multimodal_embedder."),
+    ("embed_audio.", "embed_audio."),
+)
 COMMUNITY = Layout("mlx-community", reads=_COMMUNITY, writes=tuple((new, old) for old, new in _COMMUNITY))
 _OURS = tuple((p, p) for p in ("language_model.", "embed_vision.", "embed_audio.", "lm_head."))
 OURS_V1 = Layout("mlx-gemma4u-v1", reads=_OURS, writes=_OURS)
@@ -97,8 +103,10 @@ def detect(keys: Iterable[str]) -> Layout:
     if any(k.startswith("language_model.") for k in keys):
         return OURS_V1
     first = keys[0] if keys else "(none)"
-    raise CheckpointError(f"The checkpoint's weights are in no layout this package knows: it cannot place {first!r} "
-                          "(expected transformers', mlx-community's or mlx-gemma4u's names).")
+    raise CheckpointError(
+        f"The checkpoint's weights are in no layout this package knows: it cannot place {first!r} "
+        "(expected transformers', mlx-community's or mlx-gemma4u's names)."
+    )
 
 
 def quantization_in_our_names(quantization: dict, layout: Layout) -> dict:

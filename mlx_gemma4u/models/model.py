@@ -14,13 +14,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_gemma4u.errors import CheckpointError, InputError
+from mlx_gemma4u.kernels import softcap
 from mlx_gemma4u.models import cache as caches
 from mlx_gemma4u.models import layouts as checkpoints
 from mlx_gemma4u.models.audio import AudioEmbedder
 from mlx_gemma4u.models.config import FULL, ModelConfig
 from mlx_gemma4u.models.decoder import RowSteps, Step, TextModel
-from mlx_gemma4u.errors import CheckpointError, InputError
-from mlx_gemma4u.kernels import softcap
 from mlx_gemma4u.models.masks import SEMANTICS, build_mask, vision_blocks
 from mlx_gemma4u.models.multimodal import placeholder_positions, scatter_soft_tokens
 from mlx_gemma4u.models.vision import VisionEmbedder
@@ -66,8 +66,9 @@ class Model(nn.Module):
         hidden = self.language_model(h, step, cache, keep=logits_to_keep)
         return (self.logits(hidden), hidden) if return_hidden else self.logits(hidden)
 
-    def rows(self, tokens: mx.array, caches: list[list],
-             return_hidden: bool = False) -> mx.array | tuple[mx.array, mx.array]:
+    def rows(
+        self, tokens: mx.array, caches: list[list], return_hidden: bool = False
+    ) -> mx.array | tuple[mx.array, mx.array]:
         """(B, T) next tokens of B independent sequences, caches[i] row i's caches -> (B, T, vocab)
         logits (and the (B, T, D) hidden states if return_hidden), every row exactly what
         `self(tokens[i:i+1], cache=caches[i])` gives: the Linears run for all rows at once, attention
@@ -100,8 +101,11 @@ class Model(nn.Module):
         ids = mx.where(_isin(input_ids, set(placeholder.values())), c.text.pad_token_id, input_ids)
         h = self.language_model.embed(ids)
         soft = dict(soft_tokens or {})
-        media = {"image": (pixel_values, image_position_ids), "video": (pixel_values_videos, video_position_ids),
-                 "audio": (input_features, input_features_mask)}
+        media = {
+            "image": (pixel_values, image_position_ids),
+            "video": (pixel_values_videos, video_position_ids),
+            "audio": (input_features, input_features_mask),
+        }
         for kind, (values, extra) in media.items():
             if kind not in soft and values is not None:
                 soft[kind] = self.soft_tokens(kind, values, extra)
@@ -117,14 +121,18 @@ class Model(nn.Module):
         if extra is None:
             raise InputError("input_features needs its input_features_mask (which frames are real audio).")
         if "embed_audio" not in self:
-            raise InputError("This checkpoint has no audio weights (a text-only model or conversion), so it "
-                             "cannot take audio inputs.")
+            raise InputError(
+                "This checkpoint has no audio weights (a text-only model or conversion), so it "
+                "cannot take audio inputs."
+            )
         return self.embed_audio(values, extra)
 
     def _vision(self, what: str, pixel_values: mx.array, position_ids: mx.array | None) -> mx.array:
         if "embed_vision" not in self:
-            raise InputError(f"This checkpoint has no vision weights (a text-only model or conversion), so it "
-                             f"cannot take {what} inputs.")
+            raise InputError(
+                f"This checkpoint has no vision weights (a text-only model or conversion), so it "
+                f"cannot take {what} inputs."
+            )
         if position_ids is None:
             raise InputError(f"{what} pixel values need their {what}_position_ids.")
         return self.embed_vision(pixel_values, position_ids)
@@ -194,9 +202,11 @@ class Model(nn.Module):
         expected = dict(tree_flatten(self.parameters()))
         unknown = sorted(k for k in out if k not in expected)
         if unknown:
-            raise CheckpointError(f"The checkpoint has a weight {source[unknown[0]]!r} (read as {unknown[0]!r}) that "
-                                  f"this model does not have ({len(unknown)} unknown in all); is config.json the one "
-                                  "that came with it?")
+            raise CheckpointError(
+                f"The checkpoint has a weight {source[unknown[0]]!r} (read as {unknown[0]!r}) that "
+                f"this model does not have ({len(unknown)} unknown in all); is config.json the one "
+                "that came with it?"
+            )
         return out
 
 
@@ -210,8 +220,10 @@ def _isin(ids: mx.array, values: set) -> mx.array:
 def _left_padding(attention_mask: mx.array, batch: int, total: int):
     """Validate a (B, past + T) 0/1 mask of left padding -> (key_valid bool (B, total), pads (B,))."""
     if tuple(attention_mask.shape) != (batch, total):
-        raise InputError(f"attention_mask must have shape {(batch, total)} (cached plus new tokens), "
-                         f"got {tuple(attention_mask.shape)}.")
+        raise InputError(
+            f"attention_mask must have shape {(batch, total)} (cached plus new tokens), "
+            f"got {tuple(attention_mask.shape)}."
+        )
     valid = attention_mask.astype(mx.bool_)
     pads = total - valid.astype(mx.int32).sum(axis=1)
     if not mx.array_equal(valid, mx.arange(total)[None] >= pads[:, None]).item():

@@ -71,7 +71,7 @@ def summed_in_pieces(layer: nn.Linear, x: mx.array, piece: int = PIECE) -> mx.ar
     w, size = layer.weight, n // pieces
     out = None
     for i in range(pieces):
-        part = x[..., i * size:(i + 1) * size] @ w[:, i * size:(i + 1) * size].T
+        part = x[..., i * size : (i + 1) * size] @ w[:, i * size : (i + 1) * size].T
         out = part if out is None else out + part
     return out + layer.bias if "bias" in layer else out
 

@@ -32,12 +32,16 @@ class RoPE(nn.Module):
             self._periods = None
             self._base = theta
         # The same angles for kernels that rotate by themselves: 0 for still pairs.
-        self._inverse_frequencies = (1.0 / self._periods if self._periods is not None else
-                                     theta ** -(mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))
+        self._inverse_frequencies = (
+            1.0 / self._periods
+            if self._periods is not None
+            else theta ** -(mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
+        )
 
     def __call__(self, x: mx.array, offset) -> mx.array:
-        return mx.fast.rope(x, self.head_dim, traditional=False, base=self._base, scale=1.0,
-                            offset=offset, freqs=self._periods)
+        return mx.fast.rope(
+            x, self.head_dim, traditional=False, base=self._base, scale=1.0, offset=offset, freqs=self._periods
+        )
 
     def inverse_frequencies(self) -> mx.array:
         """(head_dim / 2,) float32: the angle per position of each pair (j, j + head_dim / 2)."""

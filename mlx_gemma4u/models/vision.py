@@ -18,9 +18,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_gemma4u.models.config import VisionConfig
 from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.kernels import position_norm
+from mlx_gemma4u.models.config import VisionConfig
 from mlx_gemma4u.models.multimodal import MultimodalEmbedder, compute_dtype, kept_rows, project, two_step_mean
 
 LAYER_NORM_EPS = 1e-5
@@ -65,8 +65,10 @@ class VisionEmbedder(nn.Module):
         self._check(pixel_values, positions)
         values = pixel_values.reshape(1, -1, pixel_values.shape[-1])
         ids = position_ids.reshape(1, -1, 2)
-        soft = [self._embed(values[:, i:i + PATCH_ROWS], ids[:, i:i + PATCH_ROWS])
-                for i in range(0, values.shape[1], PATCH_ROWS)]
+        soft = [
+            self._embed(values[:, i : i + PATCH_ROWS], ids[:, i : i + PATCH_ROWS])
+            for i in range(0, values.shape[1], PATCH_ROWS)
+        ]
         return kept_rows(mx.concatenate(soft, axis=1), np.all(positions != -1, axis=-1))
 
     def _embed(self, pixel_values: mx.array, position_ids: mx.array) -> mx.array:
@@ -80,13 +82,21 @@ class VisionEmbedder(nn.Module):
     def _check(self, pixel_values: mx.array, positions: np.ndarray) -> None:
         values = self.config.patch_values
         if pixel_values.ndim != 3 or pixel_values.shape[-1] != values:
-            raise InputError(f"pixel_values must have shape (images, patches, {values}), got {tuple(pixel_values.shape)}.")
+            raise InputError(
+                f"pixel_values must have shape (images, patches, {values}), got {tuple(pixel_values.shape)}."
+            )
         if not mx.issubdtype(pixel_values.dtype, mx.floating):
-            raise InputError(f"pixel_values must be floating point (pixels scaled to [0, 1]), got {pixel_values.dtype}.")
+            raise InputError(
+                f"pixel_values must be floating point (pixels scaled to [0, 1]), got {pixel_values.dtype}."
+            )
         if positions.shape != (*pixel_values.shape[:2], 2):
-            raise InputError(f"position ids must have shape {(*pixel_values.shape[:2], 2)} to match pixel_values, "
-                             f"got {positions.shape}.")
+            raise InputError(
+                f"position ids must have shape {(*pixel_values.shape[:2], 2)} to match pixel_values, "
+                f"got {positions.shape}."
+            )
         size = self.config.mm_posemb_size
         if positions.min(initial=0) < -1 or positions.max(initial=0) >= size:
-            raise InputError(f"patch positions must lie in [0, {size}) (or be -1 for padding); "
-                             f"got values from {positions.min()} to {positions.max()}.")
+            raise InputError(
+                f"patch positions must lie in [0, {size}) (or be -1 for padding); "
+                f"got values from {positions.min()} to {positions.max()}."
+            )

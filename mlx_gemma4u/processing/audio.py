@@ -38,9 +38,7 @@ def load_audio(source: str | Path) -> tuple[np.ndarray, int]:
     try:
         samples, rate = soundfile.read(opened, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise InputError(
-            f"Could not read the audio {str(source)!r} ({exc}); pass a {FORMATS} file."
-        ) from None
+        raise InputError(f"Could not read the audio {str(source)!r} ({exc}); pass a {FORMATS} file.") from None
     return samples, int(rate)
 
 

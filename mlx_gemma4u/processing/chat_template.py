@@ -94,8 +94,9 @@ def escape_messages(
 ) -> list[dict[str, Any]]:
     """The messages with `escape` applied to every string a template may render, except media
     items' sources (read as media, never rendered) and, with `keep_model_text`, model-turn text."""
-    return [_escape_message(message, escape, keep_model_text and message.get("role") in MODEL_ROLES)
-            for message in messages]
+    return [
+        _escape_message(message, escape, keep_model_text and message.get("role") in MODEL_ROLES) for message in messages
+    ]
 
 
 def escape_value(value: Any, escape: Callable[[str], str]) -> Any:
@@ -155,7 +156,9 @@ def _compile(template: str) -> jinja2.Template:
     return environment.from_string(template)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False
+) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 

@@ -33,9 +33,13 @@ def load_image(source: str | Path) -> Image.Image:
         image = Image.open(opened)
         image.load()
     except UnidentifiedImageError:
-        raise InputError(f"The file {str(source)!r} is not an image Pillow can read; pass a JPEG, PNG, WebP or GIF.") from None
+        raise InputError(
+            f"The file {str(source)!r} is not an image Pillow can read; pass a JPEG, PNG, WebP or GIF."
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"The image {str(source)!r} is damaged or truncated ({exc}); re-export or re-download it.") from None
+        raise InputError(
+            f"The image {str(source)!r} is damaged or truncated ({exc}); re-export or re-download it."
+        ) from None
     return ImageOps.exif_transpose(image)
 
 

@@ -47,7 +47,9 @@ def _check_item(item: Any, where: str) -> None:
             raise InputError(f"{where} is a text item without a 'text' string.")
     elif kind in MEDIA_SOURCES:
         if not any(item.get(key) is not None for key in MEDIA_SOURCES[kind]):
-            raise InputError(f"{where} is an {kind} item without a source; give it "
-                             f"{' or '.join(repr(k) for k in MEDIA_SOURCES[kind])}.")
+            raise InputError(
+                f"{where} is an {kind} item without a source; give it "
+                f"{' or '.join(repr(k) for k in MEDIA_SOURCES[kind])}."
+            )
     else:
         raise InputError(f"{where} has type {kind!r}; use 'text', 'image', 'audio' or 'video'.")

@@ -11,8 +11,9 @@ keys and values. For a batch of B prompts padded to length L:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.processing.audio import Gemma4UAudioFeatureExtractor, as_clip_list
@@ -20,7 +21,6 @@ from mlx_gemma4u.processing.chat_template import default_template, render_chat, 
 from mlx_gemma4u.processing.image import Gemma4UImageProcessor, flatten_images
 from mlx_gemma4u.processing.messages import MEDIA_SOURCES, check_messages
 from mlx_gemma4u.processing.tensors import convert_outputs
-from mlx_gemma4u.processing.tokenizer import read_json
 from mlx_gemma4u.processing.text import (
     GEMMA4_STOP_IDS,
     MultimodalTokens,
@@ -34,6 +34,7 @@ from mlx_gemma4u.processing.text import (
     multimodal_tokens,
     video_block,
 )
+from mlx_gemma4u.processing.tokenizer import read_json
 from mlx_gemma4u.processing.video import DEFAULT_NUM_FRAMES, DEFAULT_VIDEO_BUDGET, Gemma4UVideoProcessor
 
 
@@ -67,7 +68,7 @@ class Gemma4UProcessor:
         num_frames: int | None = None,
         max_audio_seconds: float | None = None,
         eos_token_ids: Sequence[int] = GEMMA4_STOP_IDS,
-    ) -> "Gemma4UProcessor":
+    ) -> Gemma4UProcessor:
         """Build the processor from a model folder (tokenizer files, optional config and processor JSON).
 
         Arguments given here override the folder's processor_config.json / preprocessor_config.json.
@@ -113,9 +114,20 @@ class Gemma4UProcessor:
         images, videos, audio = _media_lists(images, videos, audio)
         texts = self._prompts(text, images, audio)
         return self._process(
-            texts, None, images, videos, audio, return_tensors, add_special_tokens, max_soft_tokens=max_soft_tokens,
-            num_frames=num_frames, fps=fps, sampling_rate=sampling_rate, images_kwargs=images_kwargs,
-            videos_kwargs=videos_kwargs, return_metadata=return_metadata,
+            texts,
+            None,
+            images,
+            videos,
+            audio,
+            return_tensors,
+            add_special_tokens,
+            max_soft_tokens=max_soft_tokens,
+            num_frames=num_frames,
+            fps=fps,
+            sampling_rate=sampling_rate,
+            images_kwargs=images_kwargs,
+            videos_kwargs=videos_kwargs,
+            return_metadata=return_metadata,
         )
 
     def _process(
@@ -143,7 +155,12 @@ class Gemma4UProcessor:
             data.update(self.image_processor(images, **image_kwargs))
             image_blocks = [image_block(self.tokens, int(n)) for n in data.pop("num_soft_tokens_per_image")]
         if videos:
-            video_kwargs = {"max_soft_tokens": max_soft_tokens, "num_frames": num_frames, "fps": fps, **(videos_kwargs or {})}
+            video_kwargs = {
+                "max_soft_tokens": max_soft_tokens,
+                "num_frames": num_frames,
+                "fps": fps,
+                **(videos_kwargs or {}),
+            }
             data.update(self.video_processor(videos, **video_kwargs))
             per_frame = data.pop("num_soft_tokens_per_video")
             metadata = data["video_metadata"] if return_metadata else data.pop("video_metadata")
@@ -198,7 +215,9 @@ class Gemma4UProcessor:
         is read verbatim, so tokenizing it yourself gives typed special-token strings their tokens.
         """
         if self.chat_template is None:
-            raise InputError("This model folder has no chat template; format the prompt yourself and call the processor.")
+            raise InputError(
+                "This model folder has no chat template; format the prompt yourself and call the processor."
+            )
         batched = bool(messages) and isinstance(messages[0], (list, tuple))
         conversations = list(messages) if batched else [messages]
         for conversation in conversations:
@@ -214,7 +233,9 @@ class Gemma4UProcessor:
             return prompts if batched else prompts[0]
         escapes = TextEscapes.build(self.tokenizer, template_text([conversations, template_kwargs]))
         prompts = [
-            render_chat_text(self.chat_template, conversation, special_tokens, escapes, add_generation_prompt, **template_kwargs)
+            render_chat_text(
+                self.chat_template, conversation, special_tokens, escapes, add_generation_prompt, **template_kwargs
+            )
             for conversation in conversations
         ]
         media = {kind: [item for c in conversations for item in media_items(c, kind)] for kind in MEDIA_SOURCES}

@@ -14,9 +14,9 @@ control tokens (and out of the placeholders), so only the chat template makes th
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -40,7 +40,7 @@ MM_TYPE_TEXT, MM_TYPE_IMAGE, MM_TYPE_VIDEO, MM_TYPE_AUDIO = 0, 1, 2, 3
 # Supplementary Private Use Area-B: no template emits these code points, so a block of them can
 # stand in for special-token strings while a template renders.
 _PRIVATE_USE_FIRST, _PRIVATE_USE_LAST = 0x100000, 0x10FFFD
-_PRIVATE_USE = re.compile("[\U00100000-\U0010FFFD]")
+_PRIVATE_USE = re.compile("[\U00100000-\U0010fffd]")
 
 
 @dataclass(frozen=True)
@@ -111,8 +111,10 @@ def _free_block(size: int, used: set[int]) -> int:
         if point >= first:
             first = point + 1
     if first + size - 1 > _PRIVATE_USE_LAST:
-        raise InputError("The messages use too many private-use characters (U+100000 to U+10FFFD) "
-                         "to keep their text apart from special tokens.")
+        raise InputError(
+            "The messages use too many private-use characters (U+100000 to U+10FFFD) "
+            "to keep their text apart from special tokens."
+        )
     return first
 
 
@@ -135,9 +137,21 @@ def multimodal_tokens(tokenizer: Tokenizer, config: dict) -> MultimodalTokens:
             f"{ids['video_token_id']}; use the tokenizer that belongs to this checkpoint."
         )
     names = tokenizer.convert_ids_to_tokens(
-        [ids[key] for key in ("image_token_id", "audio_token_id", "boi_token_id", "eoi_token_id", "boa_token_id", "eoa_token_index")]
+        [
+            ids[key]
+            for key in (
+                "image_token_id",
+                "audio_token_id",
+                "boi_token_id",
+                "eoi_token_id",
+                "boa_token_id",
+                "eoa_token_index",
+            )
+        ]
     )
-    return MultimodalTokens(ids["image_token_id"], ids["audio_token_id"], video_id, names[0], names[1], VIDEO_TOKEN, *names[2:])
+    return MultimodalTokens(
+        ids["image_token_id"], ids["audio_token_id"], video_id, names[0], names[1], VIDEO_TOKEN, *names[2:]
+    )
 
 
 def image_block(tokens: MultimodalTokens, count: int) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tokenizers import AddedToken, Encoding
 from tokenizers import Tokenizer as FastTokenizer
@@ -36,7 +36,7 @@ class Tokenizer:
         self._as_text_lock = threading.Lock()
 
     @classmethod
-    def from_folder(cls, folder: Path, eos_token_ids: Sequence[int]) -> "Tokenizer":
+    def from_folder(cls, folder: Path, eos_token_ids: Sequence[int]) -> Tokenizer:
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
             raise ConfigError(f"{folder} has no tokenizer.json; a Gemma 4 model folder ships one.")
@@ -120,8 +120,11 @@ class Tokenizer:
 
     @property
     def all_special_ids(self) -> list[int]:
-        names = [*self.special_tokens_map.values(), *self.config.get("extra_special_tokens", []),
-                 *self.config.get("additional_special_tokens", [])]
+        names = [
+            *self.special_tokens_map.values(),
+            *self.config.get("extra_special_tokens", []),
+            *self.config.get("additional_special_tokens", []),
+        ]
         ids = (self._fast.token_to_id(n) for n in names if isinstance(n, str))
         return sorted({i for i in ids if i is not None})
 
@@ -146,7 +149,7 @@ class Tokenizer:
         return self._id("unk_token")
 
     @property
-    def detokenizer(self) -> "StreamingDetokenizer":
+    def detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self)
 
 

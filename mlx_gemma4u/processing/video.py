@@ -64,7 +64,9 @@ def sample_indices(total: int, video_fps: float, num_frames: int | None, fps: fl
     return np.arange(count, dtype=np.int64) * total // count
 
 
-def read_video(source: str | Path, num_frames: int | None = None, fps: float | None = None) -> tuple[np.ndarray, VideoMetadata]:
+def read_video(
+    source: str | Path, num_frames: int | None = None, fps: float | None = None
+) -> tuple[np.ndarray, VideoMetadata]:
     """Decode the sampled frames of a video file or URL: (frames, H, W, 3) uint8 and its metadata."""
     opened = open_source(source, "video")
     try:
@@ -78,7 +80,9 @@ def read_video(source: str | Path, num_frames: int | None = None, fps: float | N
             indices = sample_indices(total, video_fps, num_frames, fps)
             frames = _decode_frames(container, stream, indices)
     except av.FFmpegError as exc:
-        raise InputError(f"Could not decode the video {str(source)!r} ({exc}); pass an mp4, webm or mov file.") from None
+        raise InputError(
+            f"Could not decode the video {str(source)!r} ({exc}); pass an mp4, webm or mov file."
+        ) from None
     if len(frames) != len(indices):
         raise InputError(f"The video {str(source)!r} ended after {len(frames)} frames; it may be truncated.")
     return np.stack(frames), VideoMetadata(total, video_fps, indices.tolist())
@@ -112,7 +116,9 @@ def scan_packets(container: av.container.InputContainer, stream: av.video.stream
     return total, float(stream.average_rate) if stream.average_rate else FALLBACK_FPS
 
 
-def _decode_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream, indices: np.ndarray) -> list[np.ndarray]:
+def _decode_frames(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, indices: np.ndarray
+) -> list[np.ndarray]:
     wanted = set(indices.tolist())
     frames = []
     for position, frame in enumerate(container.decode(stream)):
@@ -134,7 +140,9 @@ def frames_from_array(video: np.ndarray, num_frames: int | None, fps: float | No
 class Gemma4UVideoProcessor:
     """Turns videos into per-frame padded 48x48 patch rows plus the metadata for timestamps."""
 
-    def __init__(self, num_frames: int | None = DEFAULT_NUM_FRAMES, max_soft_tokens: int = DEFAULT_VIDEO_BUDGET) -> None:
+    def __init__(
+        self, num_frames: int | None = DEFAULT_NUM_FRAMES, max_soft_tokens: int = DEFAULT_VIDEO_BUDGET
+    ) -> None:
         self.num_frames = num_frames
         self.max_soft_tokens = check_budget(max_soft_tokens)
 

@@ -19,8 +19,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -34,7 +35,6 @@ from mlx_gemma4u.generation.inputs import prepare_arrays
 from mlx_gemma4u.generation.params import SamplingParams
 from mlx_gemma4u.serve import schemas
 from mlx_gemma4u.serve.errors import Fault
-from mlx_gemma4u.serve.fetch import FetchPolicy
 from mlx_gemma4u.serve.guards import AccessLog, ApiKey, BodyLimit, HostCheck, error_response
 from mlx_gemma4u.serve.media import MediaLimits, MediaReader
 from mlx_gemma4u.serve.messages import anthropic_messages, openai_messages
@@ -63,15 +63,17 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(ApiKey, key=settings.api_key)
     if settings.allowed_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
-                           allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"], allow_headers=["*"]
+        )
     app.add_middleware(HostCheck, allowed=settings.allowed_hosts)
     app.add_middleware(AccessLog)
     _handle_errors(app)
     tokenizer = worker.processor.tokenizer
 
-    async def start(prepare: Callable[[MediaReader], dict], params: SamplingParams, top_logprobs: int | None,
-                    request: Request) -> AsyncIterator:
+    async def start(
+        prepare: Callable[[MediaReader], dict], params: SamplingParams, top_logprobs: int | None, request: Request
+    ) -> AsyncIterator:
         inputs = await pool.run(lambda: _prepared(prepare, settings.media))
         job = Job(inputs, params, time.monotonic() + settings.timeout, top_logprobs)
         return await _started(worker, job, request)
@@ -82,8 +84,10 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "mlx-gemma4u"}]}
+        return {
+            "object": "list",
+            "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "mlx-gemma4u"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: schemas.ChatCompletion, request: Request):
@@ -91,8 +95,9 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
         thinking = _thinking(body.reasoning_effort, body.thinking)
 
         def prepare(media: MediaReader) -> dict:
-            return prepare_arrays(worker.processor, openai_messages(body.messages, media), enable_thinking=thinking,
-                                  tools=body.tools)
+            return prepare_arrays(
+                worker.processor, openai_messages(body.messages, media), enable_thinking=thinking, tools=body.tools
+            )
 
         given = [n for n in (body.max_completion_tokens, body.max_tokens) if n is not None]
         params = _params(settings.defaults, body, given[0] if given else None, body.stop)
@@ -103,24 +108,41 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
     @app.post("/v1/completions")
     async def completions(body: schemas.Completion, request: Request):
         _only_one(body.n)
-        tokens = await start(lambda media: prepare_arrays(worker.processor, body.prompt),
-                             _params(settings.defaults, body, body.max_tokens, body.stop), body.logprobs, request)
+        tokens = await start(
+            lambda media: prepare_arrays(worker.processor, body.prompt),
+            _params(settings.defaults, body, body.max_tokens, body.stop),
+            body.logprobs,
+            request,
+        )
         completion = OpenAICompletion(tokenizer, settings.model_name, body)
         return _sse(completion.stream(tokens)) if body.stream else await completion.whole(tokens)
 
     @app.post("/v1/messages")
     async def messages(body: schemas.Message, request: Request):
-        tools = [{"type": "function", "function": {"name": t.get("name"), "description": t.get("description", ""),
-                                                   "parameters": t.get("input_schema") or {}}}
-                 for t in body.tools or []]
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.get("name"),
+                    "description": t.get("description", ""),
+                    "parameters": t.get("input_schema") or {},
+                },
+            }
+            for t in body.tools or []
+        ]
         thinking = _thinking(None, body.thinking)
 
         def prepare(media: MediaReader) -> dict:
-            return prepare_arrays(worker.processor, anthropic_messages(body.system, body.messages, media),
-                                  enable_thinking=thinking, tools=tools or None)
+            return prepare_arrays(
+                worker.processor,
+                anthropic_messages(body.system, body.messages, media),
+                enable_thinking=thinking,
+                tools=tools or None,
+            )
 
-        tokens = await start(prepare, _params(settings.defaults, body, body.max_tokens, body.stop_sequences), None,
-                             request)
+        tokens = await start(
+            prepare, _params(settings.defaults, body, body.max_tokens, body.stop_sequences), None, request
+        )
         reply = AnthropicMessage(tokenizer, settings.model_name, body)
         return _sse(reply.stream(tokens), anthropic=True) if body.stream else await reply.whole(tokens)
 
@@ -183,12 +205,16 @@ def _thinking(effort: str | None, switch: bool | dict | None) -> bool:
     return effort not in (None, "none", "minimal")
 
 
-def _params(defaults: SamplingParams, body: schemas.Sampling, max_tokens: int | None,
-            stop: str | list[str] | None) -> SamplingParams:
+def _params(
+    defaults: SamplingParams, body: schemas.Sampling, max_tokens: int | None, stop: str | list[str] | None
+) -> SamplingParams:
     """A request's SamplingParams over the server's defaults: a bad value is a 400 naming it."""
     sampling = {name: getattr(body, name) for name in schemas.SAMPLING}
-    return defaults.replace(**sampling, stop=[stop] if isinstance(stop, str) else list(stop or []),
-                            **({"max_tokens": max_tokens} if max_tokens is not None else {}))
+    return defaults.replace(
+        **sampling,
+        stop=[stop] if isinstance(stop, str) else list(stop or []),
+        **({"max_tokens": max_tokens} if max_tokens is not None else {}),
+    )
 
 
 async def _started(worker: Worker, job: Job, request: Request) -> AsyncIterator[Any]:
@@ -239,8 +265,11 @@ def _sse(chunks: AsyncIterator[dict], anthropic: bool = False) -> StreamingRespo
             message = str(e) if isinstance(e, Gemma4UError) else f"Internal error ({type(e).__name__})."
             kind = getattr(e, "kind", "invalid_request_error")
             error = {"type": "error", "error": {"type": kind, "message": message}}
-            yield (f"event: error\ndata: {json.dumps(error)}\n\n" if anthropic
-                   else f"data: {json.dumps({'error': {'message': message, 'type': kind}})}\n\n")
+            yield (
+                f"event: error\ndata: {json.dumps(error)}\n\n"
+                if anthropic
+                else f"data: {json.dumps({'error': {'message': message, 'type': kind}})}\n\n"
+            )
         if not anthropic:
             yield "data: [DONE]\n\n"
 
@@ -275,9 +304,17 @@ def serve(worker: Worker, settings: Settings, host: str, port: int, max_queue: i
         pool.stop()
         worker.stop()
 
-    config = uvicorn.Config(create_app(worker, pool, settings), host=host, port=port, log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        create_app(worker, pool, settings),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
     shown = f"[{host}]" if ":" in host else host
-    banner = (f"Serving {settings.model_name} on http://{shown}:{port} (OpenAI /v1/chat/completions, "
-              "/v1/completions; Anthropic /v1/messages); Ctrl-C stops.")
+    banner = (
+        f"Serving {settings.model_name} on http://{shown}:{port} (OpenAI /v1/chat/completions, "
+        "/v1/completions; Anthropic /v1/messages); Ctrl-C stops."
+    )
     _Server(config, stop, banner).run()

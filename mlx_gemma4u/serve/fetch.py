@@ -59,11 +59,13 @@ def fetch(url: str, kind: str, policy: FetchPolicy) -> bytes:
                 raise _Refused("a redirect changes the scheme")
         raise _Refused("too many redirects")
     except TooLarge:
-        raise InputError(f"The {kind} at the URL is larger than this server's limit of "
-                         f"{policy.max_bytes / 1e6:g} MB.") from None
+        raise InputError(
+            f"The {kind} at the URL is larger than this server's limit of {policy.max_bytes / 1e6:g} MB."
+        ) from None
     except NotPublic:
-        raise InputError(f"The {kind} URL points to a loopback, private or link-local address, which this "
-                         "server does not fetch.") from None
+        raise InputError(
+            f"The {kind} URL points to a loopback, private or link-local address, which this server does not fetch."
+        ) from None
     except (_Refused, OSError, http.client.HTTPException, ValueError, UnicodeError):
         raise InputError(f"Could not fetch the {kind} URL.") from None
 
@@ -74,8 +76,9 @@ def _get(url: str, policy: FetchPolicy, deadline: float) -> tuple[int, bytes, st
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _Refused("not an http(s) URL")
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    connection = _Pinned(parts.hostname, port, _address(parts.hostname, port, policy), parts.scheme == "https",
-                         timeout=_left(deadline))
+    connection = _Pinned(
+        parts.hostname, port, _address(parts.hostname, port, policy), parts.scheme == "https", timeout=_left(deadline)
+    )
     # The deadline holds even while a read is blocked: the socket is shut at that moment.
     alarm = threading.Timer(_left(deadline), connection.shut)
     alarm.daemon = True

@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import time
 import urllib.parse
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi.responses import JSONResponse
 
@@ -29,8 +29,7 @@ def error_response(path: str, status: int, kind: str, message: str) -> JSONRespo
     """An error in the shape of the API at `path` (Anthropic's for /v1/messages, else OpenAI's)."""
     if path == "/v1/messages":
         return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status)
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}},
-                        status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
 
 
 def _header(scope: dict, name: bytes) -> str | None:
@@ -60,8 +59,15 @@ class AccessLog:
             await self.app(scope, receive, sending)
         finally:
             client = scope.get("client") or ("-", 0)
-            access.info("%s:%s %s %s %s %.2f s", client[0], client[1], scope["method"], scope["path"],
-                        status[0] or "-", time.monotonic() - start)
+            access.info(
+                "%s:%s %s %s %s %.2f s",
+                client[0],
+                client[1],
+                scope["method"],
+                scope["path"],
+                status[0] or "-",
+                time.monotonic() - start,
+            )
 
 
 class HostCheck:
@@ -74,9 +80,12 @@ class HostCheck:
         if scope["type"] == "http" and self.allowed is not None:
             host = urllib.parse.urlsplit("//" + (_header(scope, b"host") or "")).hostname
             if host not in self.allowed:
-                response = error_response(scope["path"], 421, "invalid_request_error",
-                                          "This server does not answer for that Host; start it with "
-                                          "--allowed-hosts to name it.")
+                response = error_response(
+                    scope["path"],
+                    421,
+                    "invalid_request_error",
+                    "This server does not answer for that Host; start it with --allowed-hosts to name it.",
+                )
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -90,7 +99,10 @@ class ApiKey:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http" and self.key is not None and scope["path"] != "/health":
             authorization = _header(scope, b"authorization") or ""
-            given = [authorization[7:] if authorization.startswith("Bearer ") else "", _header(scope, b"x-api-key") or ""]
+            given = [
+                authorization[7:] if authorization.startswith("Bearer ") else "",
+                _header(scope, b"x-api-key") or "",
+            ]
             if not any(hmac.compare_digest(g.encode("latin-1"), self.key) for g in given):
                 response = error_response(scope["path"], 401, "authentication_error", "Missing or wrong API key.")
                 return await response(scope, receive, send)
@@ -127,9 +139,12 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: dict, receive: Callable, send: Callable) -> None:
-        response = error_response(scope["path"], 413, "invalid_request_error",
-                                  f"The request body is larger than this server's limit of {self.limit / 1e6:g} MB "
-                                  "(--max-request-mb).")
+        response = error_response(
+            scope["path"],
+            413,
+            "invalid_request_error",
+            f"The request body is larger than this server's limit of {self.limit / 1e6:g} MB (--max-request-mb).",
+        )
         await response(scope, receive, send)
 
 

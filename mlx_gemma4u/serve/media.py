@@ -73,8 +73,9 @@ class MediaReader:
                 return {"type": "audio", "audio": soundfile.read(raw, dtype="float32")}
         except Exception:
             raise InputError(f"input_audio holds no readable {fmt or 'audio'} data.") from None
-        raise InputError(f"The audio lasts {seconds:.1f} s; this server takes clips of at most "
-                         f"{self.limits.audio_seconds:g} s.")
+        raise InputError(
+            f"The audio lasts {seconds:.1f} s; this server takes clips of at most {self.limits.audio_seconds:g} s."
+        )
 
     def video(self, url: str) -> dict:
         if url.startswith(("data:", "http://", "https://")):
@@ -96,14 +97,17 @@ class MediaReader:
             return fetch(url, kind, self.limits.fetch)
         path = self._local(url, kind)
         if path.stat().st_size > self.limits.fetch.max_bytes:
-            raise InputError(f"The {kind} file is larger than this server's limit of "
-                             f"{self.limits.fetch.max_bytes / 1e6:g} MB.")
+            raise InputError(
+                f"The {kind} file is larger than this server's limit of {self.limits.fetch.max_bytes / 1e6:g} MB."
+            )
         return path.read_bytes()
 
     def _local(self, url: str, kind: str) -> Path:
         if not self.limits.allow_local_files:
-            raise InputError(f"The {kind} must be a data: URI or an http(s) URL; this server reads no local files "
-                             "(it would with --allow-local-files).")
+            raise InputError(
+                f"The {kind} must be a data: URI or an http(s) URL; this server reads no local files "
+                "(it would with --allow-local-files)."
+            )
         path = Path(url.removeprefix("file://"))
         if not path.is_file():
             raise InputError(f"There is no {kind} file at {url!r}.")
@@ -130,8 +134,10 @@ class MediaReader:
             raise InputError("The video data is not a readable video.") from None
         limits = self.limits
         if frames > limits.video_frames or frames / fps > limits.video_seconds:
-            raise InputError(f"The video has {frames} frames over {frames / fps:.1f} s; this server takes at most "
-                             f"{limits.video_frames} frames and {limits.video_seconds:g} s.")
+            raise InputError(
+                f"The video has {frames} frames over {frames / fps:.1f} s; this server takes at most "
+                f"{limits.video_frames} frames and {limits.video_seconds:g} s."
+            )
 
 
 def _data_uri(uri: str) -> bytes:

@@ -84,8 +84,9 @@ def _openai_content(content: Any, media: MediaReader, i: int) -> str | list:
         elif kind in ("video_url", "input_video"):
             parts.append(media.video(_url(part.get(kind), i)))
         else:
-            raise InputError(f"Message {i} has a content part of type {kind!r}; use text, image_url, "
-                             "input_audio or video_url.")
+            raise InputError(
+                f"Message {i} has a content part of type {kind!r}; use text, image_url, input_audio or video_url."
+            )
     return parts
 
 
@@ -120,8 +121,9 @@ def _attach_tool_response(out: list[dict], names: dict, call_id: str | None, tex
         response = json.loads(text)
     except ValueError:
         response = text
-    out[-1].setdefault("tool_responses", []).append({"name": names.get(str(call_id or ""), "unknown"),
-                                                     "response": response})
+    out[-1].setdefault("tool_responses", []).append(
+        {"name": names.get(str(call_id or ""), "unknown"), "response": response}
+    )
 
 
 def _anthropic_image(source: Any, media: MediaReader, i: int) -> dict:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mlx_gemma4u.serve.errors import STOPPING, Busy, ShuttingDown
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from mlx_gemma4u.generation.reply import Delta, Reply, ToolCall
 from mlx_gemma4u.serve import schemas
@@ -20,8 +21,11 @@ ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "too
 
 
 def _usage(last: Token, cached: bool = True) -> dict:
-    usage = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.generation_tokens,
-             "total_tokens": last.prompt_tokens + last.generation_tokens}
+    usage = {
+        "prompt_tokens": last.prompt_tokens,
+        "completion_tokens": last.generation_tokens,
+        "total_tokens": last.prompt_tokens + last.generation_tokens,
+    }
     if cached:
         usage["prompt_tokens_details"] = {"cached_tokens": last.prompt_tokens - last.prefilled_tokens}
     return usage
@@ -54,10 +58,19 @@ class OpenAIChat:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     def _chunk(self, delta: dict, finish: str | None = None, logprobs: list | None = None) -> dict:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish,
-                  "logprobs": {"content": logprobs} if logprobs else None}
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [choice]}
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "finish_reason": finish,
+            "logprobs": {"content": logprobs} if logprobs else None,
+        }
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
 
     async def stream(self, tokens: AsyncIterator[Token]) -> AsyncIterator[dict]:
         yield self._chunk({"role": "assistant", "content": ""})
@@ -96,15 +109,29 @@ class OpenAIChat:
             message["reasoning_content"] = self.reply.reasoning
         if self.reply.tool_calls:
             message["tool_calls"] = [_openai_call(c, i) for i, c in enumerate(self.reply.tool_calls)]
-        choice = {"index": 0, "message": message, "finish_reason": _finish(last, self.reply),
-                  "logprobs": {"content": logprobs} if self.body.logprobs else None}
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [choice], "usage": _usage(last)}
+        choice = {
+            "index": 0,
+            "message": message,
+            "finish_reason": _finish(last, self.reply),
+            "logprobs": {"content": logprobs} if self.body.logprobs else None,
+        }
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": _usage(last),
+        }
 
 
 def _openai_call(call: ToolCall, index: int) -> dict:
-    return {"index": index, "id": call.id, "type": "function",
-            "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
+    return {
+        "index": index,
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+    }
 
 
 class OpenAICompletion:
@@ -131,8 +158,13 @@ class OpenAICompletion:
         return out
 
     def _body(self, text: str, finish: str | None, tokens: list[Token]) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": self._logprobs(tokens)}]}
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": self._logprobs(tokens)}],
+        }
 
     async def stream(self, tokens: AsyncIterator[Token]) -> AsyncIterator[dict]:
         last = None
@@ -168,14 +200,26 @@ class AnthropicMessage:
         return ANTHROPIC_STOP.get(last.finish_reason or "length", "end_turn"), None
 
     def _usage(self, last: Token) -> dict:
-        return {"input_tokens": last.prompt_tokens, "output_tokens": last.generation_tokens,
-                "cache_read_input_tokens": last.prompt_tokens - last.prefilled_tokens}
+        return {
+            "input_tokens": last.prompt_tokens,
+            "output_tokens": last.generation_tokens,
+            "cache_read_input_tokens": last.prompt_tokens - last.prefilled_tokens,
+        }
 
     def _start(self, first: Token) -> dict:
-        return {"type": "message_start", "message": {
-            "id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
-            "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": first.prompt_tokens, "output_tokens": 0}}}
+        return {
+            "type": "message_start",
+            "message": {
+                "id": self.id,
+                "type": "message",
+                "role": "assistant",
+                "model": self.model,
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": first.prompt_tokens, "output_tokens": 0},
+            },
+        }
 
     async def stream(self, tokens: AsyncIterator[Token]) -> AsyncIterator[dict]:
         last = None
@@ -189,8 +233,11 @@ class AnthropicMessage:
             yield event
         if last is not None:
             reason, sequence = self._stop(last)
-            yield {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                   "usage": {"output_tokens": last.generation_tokens}}
+            yield {
+                "type": "message_delta",
+                "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                "usage": {"output_tokens": last.generation_tokens},
+            }
             yield {"type": "message_stop"}
 
     def _events(self, delta: Delta) -> list[dict]:
@@ -203,17 +250,26 @@ class AnthropicMessage:
             if self.open_kind != kind:
                 events += self._close_block()
                 self.open_kind = kind
-                events.append({"type": "content_block_start", "index": self.index,
-                               "content_block": {"type": kind, kind: ""}})
+                events.append(
+                    {"type": "content_block_start", "index": self.index, "content_block": {"type": kind, kind: ""}}
+                )
             key = "thinking_delta" if kind == "thinking" else "text_delta"
             events.append({"type": "content_block_delta", "index": self.index, "delta": {"type": key, kind: text}})
         for call in delta.tool_calls:
             events += self._close_block()
-            events += [{"type": "content_block_start", "index": self.index, "content_block": {
-                           "type": "tool_use", "id": call.id, "name": call.name, "input": {}}},
-                       {"type": "content_block_delta", "index": self.index,
-                        "delta": {"type": "input_json_delta", "partial_json": json.dumps(call.arguments)}},
-                       {"type": "content_block_stop", "index": self.index}]
+            events += [
+                {
+                    "type": "content_block_start",
+                    "index": self.index,
+                    "content_block": {"type": "tool_use", "id": call.id, "name": call.name, "input": {}},
+                },
+                {
+                    "type": "content_block_delta",
+                    "index": self.index,
+                    "delta": {"type": "input_json_delta", "partial_json": json.dumps(call.arguments)},
+                },
+                {"type": "content_block_stop", "index": self.index},
+            ]
             self.index += 1
         return events
 
@@ -234,8 +290,17 @@ class AnthropicMessage:
             content.append({"type": "thinking", "thinking": self.reply.reasoning, "signature": ""})
         if self.reply.content or not self.reply.tool_calls:
             content.append({"type": "text", "text": self.reply.content})
-        content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments}
-                    for c in self.reply.tool_calls]
+        content += [
+            {"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments} for c in self.reply.tool_calls
+        ]
         reason, sequence = self._stop(last)
-        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
-                "stop_reason": reason, "stop_sequence": sequence, "usage": self._usage(last)}
+        return {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": content,
+            "stop_reason": reason,
+            "stop_sequence": sequence,
+            "usage": self._usage(last),
+        }

@@ -26,8 +26,16 @@ class Sampling(_Body):
     stream: bool = False
 
 
-SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-            "repetition_penalty")  # Sampling's fields that are SamplingParams' too
+SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)  # Sampling's fields that are SamplingParams' too
 
 
 class StreamOptions(_Body):

@@ -21,8 +21,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -78,8 +79,14 @@ class Worker:
     """Loads the model in its own thread (MLX arrays belong to the thread that made them, so the
     model is built where it runs) and serves the queue from there."""
 
-    def __init__(self, load: Callable[[], tuple], max_queue: int = 16, max_concurrency: int = 8,
-                 cache_bytes: int = 2 << 30, load_drafter: Callable | None = None):
+    def __init__(
+        self,
+        load: Callable[[], tuple],
+        max_queue: int = 16,
+        max_concurrency: int = 8,
+        cache_bytes: int = 2 << 30,
+        load_drafter: Callable | None = None,
+    ):
         self.cache_bytes, self.max_concurrency = cache_bytes, max_concurrency
         self._load_drafter = load_drafter
         self._queue: queue.Queue = queue.Queue(max_queue)
@@ -174,8 +181,9 @@ class Worker:
             self._fail(running, event.uid, r)
             return
         try:
-            token = Token(event.text, event.token, event.finish_reason, r.prompt_tokens, r.prefilled_tokens,
-                          r.generation_tokens)
+            token = Token(
+                event.text, event.token, event.finish_reason, r.prompt_tokens, r.prefilled_tokens, r.generation_tokens
+            )
             if job.top_logprobs is not None:
                 token.logprob, token.top_logprobs = _logprobs(event.logprobs, event.token, job.top_logprobs)
         except Exception as e:  # this request's fault alone

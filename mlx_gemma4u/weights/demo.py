@@ -21,10 +21,10 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_gemma4u.models.layouts import TRANSFORMERS
+from mlx_gemma4u.files import replacing_folder
 from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.models.drafter import DraftConfig, DraftModel
-from mlx_gemma4u.files import replacing_folder
+from mlx_gemma4u.models.layouts import TRANSFORMERS
 from mlx_gemma4u.models.model import Model
 from mlx_gemma4u.weights.tokenizer_files import write_tokenizer_files
 
@@ -89,8 +89,10 @@ CONFIG = {
     "eoa_token_index": 258883,
     "tie_word_embeddings": True,
 }
-DRAFTER_WARNING = ("Demo drafter: random weights, so its drafts are nonsense and almost never accepted. Use it "
-                   "to try --draft-model on --demo; the reply stays the demo's own.")
+DRAFTER_WARNING = (
+    "Demo drafter: random weights, so its drafts are nonsense and almost never accepted. Use it "
+    "to try --draft-model on --demo; the reply stays the demo's own."
+)
 DRAFTER_CONFIG = {
     "architectures": ["Gemma4UnifiedAssistantForCausalLM"],
     "model_type": "gemma4_unified_assistant",

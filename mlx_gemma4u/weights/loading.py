@@ -19,15 +19,30 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_gemma4u.backends import cpu_cores
+from mlx_gemma4u.errors import CheckpointError, DownloadError, MemoryLimitError
 from mlx_gemma4u.models import layouts as checkpoints
 from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.models.drafter import DraftConfig, DraftModel
-from mlx_gemma4u.errors import CheckpointError, DownloadError, MemoryLimitError
 from mlx_gemma4u.models.model import Model
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-_SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                       "U32": 4, "U16": 2, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_SAFETENSORS_DTYPES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "U32": 4,
+    "U16": 2,
+    "U64": 8,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 _FLOATS = {"F64", "F32", "F16", "BF16"}
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -56,8 +71,9 @@ def resolve(path_or_repo: str | os.PathLike) -> Path:
         ) from e
 
 
-def load(path_or_repo: str | os.PathLike, vision_mask: str = "gemma4", dtype: str | None = None,
-         check_memory: bool = True):
+def load(
+    path_or_repo: str | os.PathLike, vision_mask: str = "gemma4", dtype: str | None = None, check_memory: bool = True
+):
     """Load a checkpoint -> (model, processor).
 
     vision_mask: "gemma4" (default) or "hf-forward", see masks.py. dtype: cast floating weights
@@ -94,8 +110,7 @@ def _stop_ids(path: Path) -> list[int]:
     return sorted(ids)
 
 
-def load_model(path: Path, vision_mask: str = "gemma4", dtype: str | None = None,
-               check_memory: bool = True) -> Model:
+def load_model(path: Path, vision_mask: str = "gemma4", dtype: str | None = None, check_memory: bool = True) -> Model:
     """config.json + *.safetensors in `path` (any layout checkpoints.py knows) -> a Model with every
     weight checked against the config."""
     path = Path(path)
@@ -110,8 +125,9 @@ def load_model(path: Path, vision_mask: str = "gemma4", dtype: str | None = None
     return model
 
 
-def install_weights(model: nn.Module, weights: dict, layout: checkpoints.Layout, quantization: dict | None,
-                    dtype: str | None) -> None:
+def install_weights(
+    model: nn.Module, weights: dict, layout: checkpoints.Layout, quantization: dict | None, dtype: str | None
+) -> None:
     """Load a checkpoint's tensors (named as in `layout`) into `model`, a Model or a DraftModel, and
     evaluate them. The layers stored quantized become quantized layers first (config.json's
     `quantization`), so that their names are there to check; the sanitized weights must then be
@@ -122,8 +138,12 @@ def install_weights(model: nn.Module, weights: dict, layout: checkpoints.Layout,
     weights = model.sanitize(weights)
     check_complete(model, weights)
     if dtype is not None:
-        weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(".scales")
-                   and not k.endswith(".biases") else v for k, v in weights.items()}
+        weights = {
+            k: v.astype(DTYPES[dtype])
+            if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(".scales") and not k.endswith(".biases")
+            else v
+            for k, v in weights.items()
+        }
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     mx.eval(model.parameters())
@@ -133,8 +153,11 @@ def install_weights(model: nn.Module, weights: dict, layout: checkpoints.Layout,
 def quantize_like(model: nn.Module, quantization: dict, weights: dict, layout: checkpoints.Layout) -> None:
     """Turn exactly the layers the checkpoint stores quantized (those with `.scales`) into quantized
     layers, with config.json's per-module settings where it has them."""
-    body = {"group_size": quantization.get("group_size", 64), "bits": quantization.get("bits", 4),
-            "mode": quantization.get("mode", "affine")}
+    body = {
+        "group_size": quantization.get("group_size", 64),
+        "bits": quantization.get("bits", 4),
+        "mode": quantization.get("mode", "affine"),
+    }
     entries = checkpoints.quantization_in_our_names(quantization, layout)
     quantized = {layout.ours(k.removesuffix(".scales")) for k in weights if k.endswith(".scales")}
 
@@ -153,8 +176,10 @@ def check_complete(model: nn.Module, weights: dict) -> None:
         if name not in weights:
             raise CheckpointError(f"The checkpoint lacks the weight {name!r} that config.json calls for.")
         if tuple(weights[name].shape) != tuple(param.shape):
-            raise CheckpointError(f"The weight {name!r} has shape {tuple(weights[name].shape)} but config.json "
-                                  f"calls for {tuple(param.shape)}.")
+            raise CheckpointError(
+                f"The weight {name!r} has shape {tuple(weights[name].shape)} but config.json "
+                f"calls for {tuple(param.shape)}."
+            )
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -244,8 +269,9 @@ def check_safetensors(file: Path) -> dict[str, int]:
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= size - 8 - n):
             raise CheckpointError(f"{file} is truncated: tensor {name!r} lies past the end of the file.")
         if end - start != count * _SAFETENSORS_DTYPES[dtype]:
-            raise CheckpointError(f"{file}: tensor {name!r} claims shape {shape} but holds {end - start} bytes; "
-                                  "the file is corrupt.")
+            raise CheckpointError(
+                f"{file}: tensor {name!r} claims shape {shape} but holds {end - start} bytes; the file is corrupt."
+            )
         spans.append((start, end, name))
         sizes[dtype] = sizes.get(dtype, 0) + end - start
     spans.sort()
@@ -255,8 +281,9 @@ def check_safetensors(file: Path) -> dict[str, int]:
     return sizes
 
 
-def load_draft_model(path_or_repo: str | os.PathLike, dtype: str | None = None,
-                     check_memory: bool = True) -> DraftModel:
+def load_draft_model(
+    path_or_repo: str | os.PathLike, dtype: str | None = None, check_memory: bool = True
+) -> DraftModel:
     """A Gemma 4 assistant (e.g. google/gemma-4-12B-it-assistant, or a folder `mlx-gemma4u convert`
     made of one, quantized or not): local folder, hub id or "demo" (the demo checkpoint's random
     drafter) -> DraftModel, every weight checked against config.json (the same checks and errors as `load`)."""
@@ -271,7 +298,7 @@ def load_draft_model(path_or_repo: str | os.PathLike, dtype: str | None = None,
 
 
 def _drafter_folder(path_or_repo: str | os.PathLike) -> Path:
-    """"demo" (when no folder of that name exists) -> the demo drafter's folder, written first if
+    """ "demo" (when no folder of that name exists) -> the demo drafter's folder, written first if
     needed (demo.ensure_demo_drafter); anything else as loading.resolve finds or fetches it."""
     if str(path_or_repo) == "demo" and not Path("demo").is_dir():
         from mlx_gemma4u.weights.demo import ensure_demo_drafter

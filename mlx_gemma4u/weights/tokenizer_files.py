@@ -63,9 +63,19 @@ EXTRA_SPECIAL = {
 }
 
 # Ids the model was trained with; a .model that disagrees is not a Gemma 4 vocabulary.
-EXPECTED_IDS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<|turn>": 105, "<turn|>": 106,
-                "<|image>": 255_999, "<|audio>": 256_000, "<|image|>": 258_880,
-                "<|audio|>": 258_881, "<image|>": 258_882, "<audio|>": 258_883}
+EXPECTED_IDS = {
+    "<pad>": 0,
+    "<eos>": 1,
+    "<bos>": 2,
+    "<|turn>": 105,
+    "<turn|>": 106,
+    "<|image>": 255_999,
+    "<|audio>": 256_000,
+    "<|image|>": 258_880,
+    "<|audio|>": 258_881,
+    "<image|>": 258_882,
+    "<audio|>": 258_883,
+}
 
 # Gemma 4 chat format: <bos>, a system turn when there is a system/developer message or
 # enable_thinking, then one "<|turn>ROLE\n...<turn|>\n" per message with assistant shown as model.
@@ -193,9 +203,7 @@ def _build_tokenizer(pieces: list[str], scores: list[float], user_defined: list[
     tokenizer = Tokenizer(model)
     tokenizer.normalizer = normalizers.Replace(" ", SPACE)
     tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-    tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-    )
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
     tokenizer.post_processor = TemplateProcessing(single="$A", pair="$A $B:1")  # no <bos> added
     special = [*BASE_SPECIAL.values(), *EXTRA_SPECIAL.values()]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
