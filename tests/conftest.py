@@ -1,10 +1,16 @@
-"""Shared fixtures: paths to ../shared, and a Hugging Face tokenizer folder built once per session."""
+"""Shared fixtures: paths to ../shared, the tiny checkpoints and the demo, built once per session.
+
+The tests are grouped by the part of the data flow they check (processing/, models/, weights/,
+generation/, apps/, project/); the helpers they share live in support/, importable by name.
+"""
 
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures"
@@ -33,7 +39,7 @@ def hf_tokenizer_dir(fixtures_dir, tmp_path_factory) -> Path:
 def hf_checkpoints(tmp_path_factory):
     """Random tiny transformers checkpoints, built once: name -> (torch model, saved folder).
 
-    Names are the text configs of tests/reference.py; "<name>-published" is the same checkpoint
+    Names are the text configs of tests/support/reference.py; "<name>-published" is the same checkpoint
     with config.json rewritten in the form Google publishes.
     """
     import reference

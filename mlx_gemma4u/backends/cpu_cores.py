@@ -7,7 +7,7 @@ attention of a prefill. `apply` swaps a model's modules, the way nn.quantize swa
 versions that cut work whose pieces are independent (a matmul's output rows, attention's heads,
 the MLP's gate and up together) into one piece per core, compute each piece on a CPU stream of
 its own and concatenate the pieces. Every output value is computed exactly as without the cut, so
-results are bit-identical (tests/test_cpu_cores.py).
+results are bit-identical (tests/models/test_cpu_cores.py).
 
 On a GPU `apply` changes nothing (its one stream already fills it), nor with
 MLX_GEMMA4U_CPU_CORES=1 (to measure the cut, or to leave cores to other work). Quantizing a cut

@@ -11,7 +11,7 @@ Patches never see each other here; all mixing happens in the decoder. LayerNorms
 LN1's statistics over the 6,912 values are reduced in two steps (see multimodal.two_step_mean), its
 mean corrected by the mean of the once-centered values; the float32 Dense sums its 6,912 products
 in pieces (multimodal.project). Together they keep the float32 soft tokens as close to a float64
-result as transformers' float32 ones (tests/test_multimodal_parity.py measures the ratio).
+result as transformers' float32 ones (tests/models/test_multimodal_parity.py measures the ratio).
 """
 
 import mlx.core as mx

@@ -1,7 +1,7 @@
 """The checkpoint's tokenizer: tokenizer.json through the `tokenizers` library, and a streaming
 detokenizer, without transformers (whose import costs seconds and pulls in torch where installed).
 
-Encodings equal transformers 5.23's `GemmaTokenizer` on the same folder (tests/test_tokenizer.py):
+Encodings equal transformers 5.23's `GemmaTokenizer` on the same folder (tests/processing/test_tokenizer.py):
 Gemma 4's tokenizer.json adds no special tokens by itself, the special tokens are the ones
 tokenizer_config.json names, and the chat template is chat_template.jinja (or the config's).
 """

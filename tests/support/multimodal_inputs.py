@@ -1,7 +1,7 @@
 """Multimodal test prompts rebuilt from transformers' own processor goldens (../shared/fixtures/golden).
 
 The goldens hold real-vocabulary token ids, mm_token_type_ids and patch positions, and each resized
-image as a PNG. Here they become inputs for the tiny checkpoints of tests/reference.py:
+image as a PNG. Here they become inputs for the tiny checkpoints of tests/support/reference.py:
 
 - pixels: the PNG cut into 48x48 blocks in raster order (y outer, x inner), each block flattened
   HWC and divided by 255, padded with zero rows at position (-1, -1) to the golden's max_patches;

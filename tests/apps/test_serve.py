@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai", reason="the openai client (test extra) is
 anthropic = pytest.importorskip("anthropic", reason="the anthropic client (test extra) is not installed")
 
 KEY = "test-key"
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 
 
 @contextmanager

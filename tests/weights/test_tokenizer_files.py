@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from mlx_gemma4u.errors import CheckpointError
 from mlx_gemma4u.weights.tokenizer_files import write_tokenizer_files
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPECIAL_IDS = {
     "<pad>": 0,
     "<eos>": 1,

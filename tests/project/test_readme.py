@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from serving import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
 SERVER = "127.0.0.1:8080"  # the address the README's client example talks to
 SHORT = 8  # tokens per reply

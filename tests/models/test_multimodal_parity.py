@@ -1,7 +1,7 @@
 """The multimodal path against transformers 5.23.0 `Gemma4UnifiedForConditionalGeneration`.
 
 One random tiny float32 checkpoint (reference.py's "full" text config plus the vision and audio
-embedders), prompts rebuilt from transformers' own processor goldens (tests/multimodal_inputs.py).
+embedders), prompts rebuilt from transformers' own processor goldens (tests/support/multimodal_inputs.py).
 Both vision-mask semantics (SPEC.md section 3.6) are checked against the transformers call that
 defines them: "gemma4" against `model(..., attention_mask=model.create_masks_for_generate(...))`,
 "hf-forward" against the plain `model(...)`. A left-padded batch gets generate()'s positions

@@ -1,5 +1,5 @@
 """The code's shape, held by tools: import-linter's contracts (pyproject.toml), no import cycle, no
-private name imported across modules, and ruff's lint and format settings."""
+private name imported across modules, ruff's lint and format settings, and the tests' own layout."""
 
 import ast
 import shutil
@@ -10,7 +10,7 @@ from pathlib import Path
 import grimp
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "mlx_gemma4u"
 
 
@@ -64,3 +64,19 @@ def test_ruff_lint_and_format_pass():
     assert lint.returncode == 0, lint.stdout[-3000:]
     form = subprocess.run([tool("ruff"), "format", "--check", "."], cwd=ROOT, capture_output=True, text=True)
     assert form.returncode == 0, form.stdout[-3000:]
+
+
+def test_tests_are_grouped_by_kind_and_helpers_live_apart():
+    """Every test module sits in a group folder, every other module in support/, and no helper is
+    named like a test (pytest would collect it)."""
+    tests = ROOT / "tests"
+    groups = {p.name for p in tests.iterdir() if p.is_dir() and p.name not in ("support", "__pycache__")}
+    assert groups == {"processing", "models", "weights", "generation", "apps", "project"}
+    for path in tests.rglob("*.py"):
+        folder = path.parent.relative_to(tests).as_posix()
+        if path.name == "conftest.py":
+            assert folder == ".", path
+        elif path.name.startswith("test_"):
+            assert folder in groups, f"{path} is a test outside the group folders"
+        else:
+            assert folder == "support", f"{path} is a helper outside tests/support"

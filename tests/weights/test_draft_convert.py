@@ -1,8 +1,8 @@
 """Converting an MTP assistant (drafter): float dtypes equal the source loaded directly, quantized
 drafters stay close to it, and what must stay float (projections, centroid scorer, norms) does.
 
-Checkpoints: a tiny text-only target (tests/reference.py's "plain") and two random assistants for it
-(tests/draft_reference.py), one with the tied head, one with the centroid head (16 centroids of 32
+Checkpoints: a tiny text-only target (tests/support/reference.py's "plain") and two random assistants for it
+(tests/support/draft_reference.py), one with the tied head, one with the centroid head (16 centroids of 32
 tokens, top 4). Their hidden size is 64, so every layer is quantizable in groups of 32 or 64 and
 keeping the projections and the centroid scorer float is a choice of the converter, not of their shapes.
 """

@@ -178,7 +178,7 @@ def test_installing_does_not_pull_in_torch():
     import tomllib
     from pathlib import Path
 
-    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     runtime = list(pyproject["project"]["dependencies"])
     for package in ("mlx-lm", "transformers"):  # what the runtime dependencies require in turn
         runtime += [r for r in importlib.metadata.requires(package) or [] if "extra ==" not in r]

@@ -7,7 +7,7 @@ from killing import kill_mid_write
 
 from mlx_gemma4u.files import replacing_folder, write_text
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_write_text_replaces_and_a_failure_keeps_the_old_file(tmp_path):

@@ -37,7 +37,7 @@ from mlx_gemma4u.weights import demo
 from mlx_gemma4u.weights.demo import ensure_demo_drafter
 from mlx_gemma4u.weights.loading import load, load_draft_model, load_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.speculative import ReplayDrafter, assistant_config, random_drafter  # noqa: E402
 
 STEPS, K = 64, 4

@@ -47,7 +47,7 @@ def source(hf_checkpoints, tmp_path_factory):
 def tame(tmp_path_factory):
     """A "full" checkpoint whose random weights keep it well-conditioned, for measuring quantization.
 
-    tests/reference.py's weights make a chaotic model (float16 rounding alone moves its logits by
+    tests/support/reference.py's weights make a chaotic model (float16 rounding alone moves its logits by
     5%, 8-bit weights flip 16% of its argmaxes), useless for telling recipes apart. Here: linears
     N(0, 1/fan_in), embedding N(0, 1/4), norms near 1 (q/k norms near 0.4, post-norms near 4, so
     attention is not one-hot and layers outweigh the tied embedding), layer scalars 1.

@@ -141,7 +141,7 @@ def test_a_broken_chat_file_is_refused_in_one_line(tmp_path, text, message):
 
 
 def test_the_reply_view_shows_the_thought_and_keeps_the_answer(processor):
-    """The chat reads a reply through generation/reply.py's Reply (tests/test_reply.py): the thought
+    """The chat reads a reply through generation/reply.py's Reply (tests/generation/test_reply.py): the thought
     is shown (or not), the answer is what the conversation keeps, a tool call is in it as code."""
     from rich.console import Console
 
