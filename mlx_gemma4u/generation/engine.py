@@ -144,21 +144,7 @@ class Sequence:
         r.text += segment
         r.finish_reason, r.generation_tokens, r.latency = finish, len(r.tokens), now - self.submitted
         r.generation_tps = (len(r.tokens) - 1) / (now - self.first_at) if len(r.tokens) > 1 else 0.0
-        return GenerationResponse(
-            segment,
-            value,
-            logprobs,
-            r.prompt_tokens,
-            r.prefilled_tokens,
-            r.prompt_tps,
-            r.generation_tokens,
-            r.generation_tps,
-            mx.get_peak_memory() / 1e9,
-            finish,
-            drafted,
-            r.draft,
-            uid,
-        )
+        return _event(r, uid, segment, value, logprobs, finish, drafted)
 
     def _leave(self, extra: int) -> None:
         """The reply finished with `extra` accepted drafts after it still in the caches: drop them
@@ -406,22 +392,7 @@ class BatchGenerator:
         tokens they say they hold."""
         _roll_back(self._active.pop(uid).prompt_cache)
         self._fail(uid, error)
-        r = self.responses[uid]
-        events.append(
-            GenerationResponse(
-                "",
-                None,
-                None,
-                r.prompt_tokens,
-                r.prefilled_tokens,
-                r.prompt_tps,
-                r.generation_tokens,
-                r.generation_tps,
-                mx.get_peak_memory() / 1e9,
-                "error",
-                uid=uid,
-            )
-        )
+        events.append(_event(self.responses[uid], uid, finish="error"))
 
     def _fail(self, uid: int, error: Exception, told: tuple = (Gemma4UError,)) -> None:
         """Finish `uid`'s response with the error: its own message for the `told` kinds, else (a
@@ -442,6 +413,13 @@ def _forward(model, tokens: mx.array, caches: list[list], hidden: bool) -> tuple
     else:
         out = model.rows(tokens, caches, return_hidden=hidden)
     return out if hidden else (out, None)
+
+
+def _event(r: BatchResponse, uid: int, text="", token=None, logprobs=None, finish=None, drafted=False):
+    """A GenerationResponse for `uid`'s latest token (None for an error) with its reply's figures so far."""
+    figures = (r.prompt_tokens, r.prefilled_tokens, r.prompt_tps, r.generation_tokens, r.generation_tps)
+    peak = mx.get_peak_memory() / 1e9
+    return GenerationResponse(text, token, logprobs, *figures, peak, finish, drafted, r.draft, uid)
 
 
 def _as_array(token) -> mx.array:
