@@ -25,6 +25,16 @@ DEFAULT_ROPE = {
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
 }
 MODEL_TYPES = ("gemma4_unified", "gemma4_unified_text")
+# The top-level config.json keys that name the media placeholder and boundary tokens' ids.
+SPECIAL_TOKEN_KEYS = (
+    "image_token_id",
+    "video_token_id",
+    "audio_token_id",
+    "boi_token_id",
+    "eoi_token_id",
+    "boa_token_id",
+    "eoa_token_index",
+)
 
 
 def require(ok: bool, message: str) -> None:
@@ -318,19 +328,7 @@ class ModelConfig:
                 quantization=quantization,
             )
         require("text_config" in raw, "config.json: text_config is missing.")
-        ids = {
-            k: raw[k]
-            for k in (
-                "image_token_id",
-                "video_token_id",
-                "audio_token_id",
-                "boi_token_id",
-                "eoi_token_id",
-                "boa_token_id",
-                "eoa_token_index",
-            )
-            if raw.get(k) is not None
-        }
+        ids = {k: raw[k] for k in SPECIAL_TOKEN_KEYS if raw.get(k) is not None}
         config = cls(
             text=dataclass_from_dict(TextConfig, raw["text_config"], "text_config"),
             vision=dataclass_from_dict(VisionConfig, raw["vision_config"], "vision_config")

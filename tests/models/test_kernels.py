@@ -16,7 +16,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_gemma4u.kernels import dispatch
-from mlx_gemma4u.models.config import ModelConfig
+from mlx_gemma4u.models.config import SPECIAL_TOKEN_KEYS, ModelConfig
 from mlx_gemma4u.models.model import Model
 from mlx_gemma4u.models.rope import RoPE
 from mlx_gemma4u.weights.demo import CONFIG
@@ -156,16 +156,7 @@ def tiny_model() -> Model:
     """The demo's layout (a proportional-RoPE full layer, vision) at vocab 1024, all weights random."""
     config = copy.deepcopy(CONFIG)
     config["text_config"]["vocab_size"] = 1024
-    special = [
-        "image_token_id",
-        "video_token_id",
-        "audio_token_id",
-        "boi_token_id",
-        "eoi_token_id",
-        "boa_token_id",
-        "eoa_token_index",
-    ]
-    config.update({name: 1000 + i for i, name in enumerate(special)})
+    config.update({name: 1000 + i for i, name in enumerate(SPECIAL_TOKEN_KEYS)})
     model = Model(ModelConfig.from_dict(config))
     params = tree_flatten(model.parameters())
     model.update(
