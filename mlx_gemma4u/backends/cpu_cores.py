@@ -11,7 +11,7 @@ results are bit-identical (tests/models/test_cpu_cores.py).
 
 On a GPU `apply` changes nothing (its one stream already fills it), nor with
 MLX_GEMMA4U_CPU_CORES=1 (to measure the cut, or to leave cores to other work). Quantizing a cut
-model gives mlx.nn's uncut quantized layers, so the cut comes last (loading applies it last).
+model (nn.quantize after load()) gives cut quantized layers, so the cut MLP still finds its `rows`.
 """
 
 from __future__ import annotations
@@ -134,6 +134,11 @@ class _Rows(_Cut):
 
 
 class _FloatRows(_Rows):
+    def to_quantized(self, *args, **kwargs) -> nn.Module:
+        """mlx.nn's quantized layer, cut as this one is (nn.quantize calls this)."""
+        quantized = super().to_quantized(*args, **kwargs)
+        return LAYERS[type(quantized)].of(quantized, self.cores)
+
     def rows(self, x: mx.array, lo: int, hi: int) -> mx.array:
         """(..., in) -> (..., hi - lo): output features lo to hi, in one piece."""
         w = _part(self["weight"], lo, hi)

@@ -179,6 +179,20 @@ def test_with_one_core_a_loaded_model_is_plain_mlx(demo_home, demo_4bit, monkeyp
     assert attention.sdpa is decoder.scaled_dot_product_attention
 
 
+def test_quantizing_a_cut_model_keeps_the_cut_and_the_plain_logits(demo_home, monkeypatch):
+    """nn.quantize after load() (as mlx-lm users do): the layers stay cut, the MLP finds their rows."""
+    ids = mx.array([[2, 651, 6037, 1010, 1053, 12, 1311]])
+    models = []
+    for cores in ("2", "1"):
+        monkeypatch.setenv("MLX_GEMMA4U_CPU_CORES", cores)
+        model = load_model(demo_home / "demo-v1")
+        nn.quantize(model, group_size=64, bits=4)
+        models.append(model)
+    cut_model, plain = models
+    assert {cpu_cores.CutQuantizedLinear, cpu_cores.CutMLP} <= module_types(cut_model)
+    assert mx.array_equal(cut_model(ids, logits_to_keep=KEEP), plain(ids, logits_to_keep=KEEP)).item()
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_a_cut_model_gives_the_plain_models_logits_bit_for_bit_on_any_thread(
     demo_home, demo_4bit, monkeypatch, quantized
