@@ -62,10 +62,11 @@ class RowSteps:
     """One decode pass over B sequences that share nothing but the weights (batched generation).
 
     steps[i] is row i's own Step (its RoPE offset and masks, from its own caches). Layers batch
-    every Linear, MLP and norm over the B rows; attention runs row by row (Attention._rows), so a
-    row's RoPE, cache update and mask are exactly those of the row decoding alone. (One attention
-    call for all rows would first copy every row's cached keys and values into one stacked array,
-    at every layer and step.)
+    every Linear, MLP, norm and RoPE over the B rows (RoPE at each row's own offset); the cache
+    update and attention run row by row (Attention._rows), so a row's cache and mask are exactly
+    those of the row decoding alone. One attention call for all rows would first copy every row's
+    cached keys and values into one stacked array at every layer and step, and a row padded to
+    the longest would sum its softmax in another order than alone, so no longer bit for bit.
     """
 
     def __init__(self, steps: list[Step]):
@@ -95,35 +96,35 @@ class Attention(nn.Module):
         self.rope = RoPE(self.head_dim, config.rope_parameters[spec.layer_type])
         self.sdpa = scaled_dot_product_attention  # a backend may swap in its own (backends/)
 
-    def _project_kv(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """(B, T, D) -> raw keys and values (B, T, kv_heads, head_dim), before norms and RoPE."""
+    def _project_kv(self, x: mx.array, offset) -> tuple[mx.array, mx.array]:
+        """(B, T, D) -> keys and values (B, kv_heads, T, head_dim): keys normed and rotated, values
+        normed without a scale (on `attention_k_eq_v` layers from the raw key projection)."""
         B, T, _ = x.shape
         raw_k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
         raw_v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim) if "v_proj" in self else raw_k
-        return raw_k, raw_v
+        k = norm_rope(raw_k, self.k_norm.weight, self.eps, self.rope, offset)
+        return k, rms_norm_no_scale(raw_v, self.eps).transpose(0, 2, 1, 3)
 
-    def _keys_values(self, raw_k, raw_v, step: Step, cache):
-        """-> (keys, values, cache) to attend to: this layer's, normed, rotated and cached, or on a
-        "reuse" layer those its "store" layer handed over in `step.shared` (raw_k, raw_v unused)."""
+    def _queries(self, x: mx.array, offset) -> mx.array:
+        """(B, T, D) -> (B, heads, T, head_dim) normed, rotated queries."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
+        return norm_rope(q, self.q_norm.weight, self.eps, self.rope, offset)
+
+    def _keys_values(self, kv: tuple | None, step: Step, cache):
+        """This layer's new keys and values -> (keys, values, cache) to attend to, cached; on a
+        "reuse" layer (kv None) those its "store" layer handed over in `step.shared`."""
         if self.reuse:
             return step.shared[self.layer_type]
-        k = norm_rope(raw_k, self.k_norm.weight, self.eps, self.rope, step.offset)
-        v = rms_norm_no_scale(raw_v, self.eps).transpose(0, 2, 1, 3)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+        k, v = kv if cache is None else cache.update_and_fetch(*kv)
         if self.store:
             step.shared[self.layer_type] = (k, v, cache)
         return k, v, cache
 
-    def _attend(self, projected_q: mx.array, k, v, step: Step, cache) -> mx.array:
-        """(B, T, heads * head_dim) query projections -> (B, T, heads * head_dim) attention output."""
-        B, T, _ = projected_q.shape
-        q = norm_rope(
-            projected_q.reshape(B, T, self.n_heads, self.head_dim), self.q_norm.weight, self.eps, self.rope, step.offset
-        )
+    def _attend(self, q: mx.array, k, v, step: Step, cache) -> mx.array:
+        """(B, heads, T, head_dim) queries -> (B, heads, T, head_dim) attention output."""
         mask = step.mask(self.layer_type, cache, (k[0] if isinstance(k, (tuple, list)) else k).shape[2])
-        out = self.sdpa(q, k, v, cache, scale=1.0, mask=mask)
-        return out.transpose(0, 2, 1, 3).reshape(B, T, -1)
+        return self.sdpa(q, k, v, cache, scale=1.0, mask=mask)
 
     def __call__(self, x: mx.array, step: Step | RowSteps, cache=None, keep: int = 0) -> mx.array:
         """(B, T, D) -> (B, T, D), or (B, keep, D) for the last `keep` positions only: keys and values
@@ -133,25 +134,31 @@ class Attention(nn.Module):
         """
         if isinstance(step, RowSteps):
             return self._rows(x, step, cache)
-        raw_k, raw_v = (None, None) if self.reuse else self._project_kv(x)
-        k, v, cache = self._keys_values(raw_k, raw_v, step, cache)
+        k, v, cache = self._keys_values(None if self.reuse else self._project_kv(x, step.offset), step, cache)
         if keep:
             step.narrow(x.shape[1], keep)
             x = x[:, -keep:]
-        return self.o_proj(self._attend(self.q_proj(x), k, v, step, cache))
+        return self.o_proj(_merge_heads(self._attend(self._queries(x, step.offset), k, v, step, cache)))
 
     def _rows(self, x: mx.array, rows: RowSteps, caches) -> mx.array:
-        """B independent sequences, one row each: the projections run for all rows at once; RoPE,
-        cache update, mask and attention run per row, against that row's own caches only."""
-        raw_k, raw_v = (None, None) if self.reuse else self._project_kv(x)
-        projected_q = self.q_proj(x)
+        """B independent sequences, one row each: projections, norms and RoPE run for all rows at
+        once (each at its own offset); the cache update, mask and attention per row, against that
+        row's own caches only."""
+        offsets = mx.array([step.offset for step in rows.steps])
+        q = self._queries(x, offsets)
+        kv = None if self.reuse else self._project_kv(x, offsets)
         out = []
         for i, (step, cache) in enumerate(zip(rows.steps, caches or [None] * len(rows.steps))):
             row = slice(i, i + 1)
-            row_k, row_v = (None, None) if self.reuse else (raw_k[row], raw_v[row])
-            k, v, cache = self._keys_values(row_k, row_v, step, cache)
-            out.append(self._attend(projected_q[row], k, v, step, cache))
-        return self.o_proj(mx.concatenate(out))
+            k, v, cache = self._keys_values(None if kv is None else (kv[0][row], kv[1][row]), step, cache)
+            out.append(self._attend(q[row], k, v, step, cache))
+        return self.o_proj(_merge_heads(mx.concatenate(out)))
+
+
+def _merge_heads(x: mx.array) -> mx.array:
+    """(B, heads, T, head_dim) -> (B, T, heads * head_dim)."""
+    B, _, T, _ = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, -1)
 
 
 class MLP(nn.Module):

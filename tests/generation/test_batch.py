@@ -1,11 +1,13 @@
 """Batched generation on the demo checkpoint: every sequence gets exactly the tokens it gets alone."""
 
+import mlx.core as mx
 import pytest
 
 from mlx_gemma4u import batch_generate, load, stream_generate
 from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.generation.engine import BatchGenerator, kv_bytes
 from mlx_gemma4u.generation.prompt_cache import PromptCache
+from mlx_gemma4u.generation.steps import prefill
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,30 @@ def test_greedy_batch_equals_each_prompt_alone(demo, media):
         assert response.tokens == tokens and response.text == text and response.finish_reason == finish
         assert response.generation_tokens == len(tokens) and response.prefilled_tokens == response.prompt_tokens
     assert batch[0].prompt_tokens < model.config.text.sliding_window < batch[0].prompt_tokens + len(batch[0].tokens)
+
+
+def test_batched_rows_give_each_row_its_own_logits_bit_for_bit(demo):
+    """One pass for all rows (Linears, norms and RoPE batched, RoPE at each row's own offset) gives
+    every row exactly the logits of its own pass: before, at and past the 128-token sliding window,
+    and with an 8-bit cache."""
+    model, _ = demo
+    lengths, kv_bits = [5, 127, 140, 60], [None, None, None, 8]
+
+    def prefilled():
+        caches = []
+        for i, (n, bits) in enumerate(zip(lengths, kv_bits)):
+            cache = PromptCache(model, bits)
+            prefill(model, {"input_ids": mx.random.randint(10, 5000, (1, n), key=mx.random.key(i))}, cache)
+            caches.append(cache.caches)
+        return caches
+
+    batched, single = prefilled(), prefilled()
+    tokens = mx.array([[7], [80], [900], [4000]])
+    for _ in range(3):
+        got = model.rows(tokens, batched)
+        want = mx.concatenate([model(tokens[i : i + 1], cache=cache) for i, cache in enumerate(single)])
+        assert mx.array_equal(got, want)
+        tokens = mx.argmax(got[:, -1], axis=-1)[:, None]
 
 
 def test_joining_and_stopping_early_change_nothing_for_the_others(demo):
