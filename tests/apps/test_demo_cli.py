@@ -1,25 +1,15 @@
 """The built-in demo checkpoint and the `mlx-gemma4u generate` command on it."""
 
-import os
-import subprocess
-import sys
-
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from commands import cli
 from transformers import Gemma4UnifiedForConditionalGeneration
 
 from mlx_gemma4u.cli.main import main, parse_args
 from mlx_gemma4u.weights import demo
 from mlx_gemma4u.weights.loading import load_model
-
-
-def cli(*args, home):
-    env = {**os.environ, "MLX_GEMMA4U_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "mlx_gemma4u", *args], capture_output=True, text=True, env=env, timeout=300
-    )
 
 
 def test_demo_is_a_real_transformers_checkpoint(demo_home):

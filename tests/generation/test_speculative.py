@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import reference
 import torch
+from commands import cli
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 from transformers.generation import candidate_generator
@@ -445,8 +446,6 @@ def test_speculative_sampling_preserves_the_target_distribution(models):
 def test_cli_generate_with_a_draft_model(demo_home, tmp_path):
     """`generate --demo --draft-model FOLDER` (a random assistant for the demo, saved as a checkpoint
     folder): the same reply as without, and the summary line reports the drafting."""
-    from test_demo_cli import cli
-
     target = load_model(demo_home / "demo-v1")
     folder = tmp_path / "assistant"
     folder.mkdir()
@@ -581,8 +580,6 @@ def test_a_drafter_for_another_model_is_refused_in_one_line(demo_pair, demo_home
 def test_cli_generate_with_the_demo_drafter(demo_home, capsys):
     """`--draft-model demo` needs no download and changes nothing in the reply; `--num-draft-tokens 0`
     loads the drafter and drafts nothing; the help says the demo drafter is random."""
-    from test_demo_cli import cli
-
     args = ("generate", "--demo", "--prompt", "Hello", "--max-tokens", "12")
     plain, drafted = cli(*args, home=demo_home), cli(*args, "--draft-model", "demo", home=demo_home)
     none = cli(*args, "--draft-model", "demo", "--num-draft-tokens", "0", home=demo_home)

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from commands import cli as run_cli
 from serving import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,16 +145,7 @@ def scratch(demo_home, fixtures_dir, tmp_path_factory) -> Path:
 
 
 def cli(*args: str, home: Path, cwd: Path, stdin: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLX_GEMMA4U_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "mlx_gemma4u", *args],
-        cwd=cwd,
-        env=env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_cli(*args, home=home, cwd=cwd, stdin=stdin)
     assert done.returncode == 0, f"mlx-gemma4u {shlex.join(args)} failed:\n{done.stderr[-2000:]}"
     return done
 
