@@ -82,3 +82,16 @@ def demo_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("home")
     ensure_demo(home / "demo-v1")
     return home
+
+
+@pytest.fixture(scope="session")
+def demo_pair(demo_home):
+    """((target, processor), drafter): the demo checkpoint and load_draft_model("demo"), the demo
+    drafter written into demo_home once."""
+    from mlx_gemma4u.weights.loading import load, load_draft_model
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLX_GEMMA4U_HOME", str(demo_home))
+        patch.chdir(demo_home)  # no folder named demo here
+        drafter = load_draft_model("demo")
+    return load(demo_home / "demo-v1"), drafter

@@ -4,7 +4,9 @@ template, the reply streamed to stdout and its figures to stderr."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from mlx_gemma4u.cli import flags
 from mlx_gemma4u.cli.flags import add_draft_args, add_model_args, add_sampling_args, draft_line
@@ -23,13 +25,19 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
         "--audio", action="append", metavar="PATH", help=f"an audio file or URL: {AUDIO_FORMATS} (repeatable)"
     )
     add_sampling_args(gen, max_tokens=256)
+    shape = gen.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", help="hold the reply to the JSON schema in FILE")
+    shape.add_argument("--regex", metavar="PATTERN", help="hold the reply to a regular expression")
+    shape.add_argument(
+        "--grammar", metavar="FILE", help="hold the reply to the Lark grammar in FILE (from rule `start`)"
+    )
     add_draft_args(gen)
 
 
 def run(args: argparse.Namespace) -> None:
     from mlx_gemma4u.generation.api import stream_generate
 
-    params = flags.sampling_params(args)
+    params = flags.sampling_params(args, response_format=_response_format(args))
     flags.check_media_files(args)
     model, processor = flags.load_from_args(args)
     draft = flags.draft_kwargs(args, model)
@@ -48,3 +56,25 @@ def run(args: argparse.Namespace) -> None:
             f"peak memory: {last.peak_memory:.2f} GB" + (f" | {draft_line(last.draft)}" if last.draft else ""),
             file=sys.stderr,
         )
+
+
+def _response_format(args: argparse.Namespace) -> dict | None:
+    """--json-schema / --regex / --grammar as a response format, its file read and checked here."""
+    if args.regex is not None:
+        return {"type": "regex", "regex": args.regex}
+    path = args.json_schema or args.grammar
+    if path is None:
+        return None
+    from mlx_gemma4u.errors import InputError
+
+    flag = "--json-schema" if args.json_schema else "--grammar"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"Could not read {flag} {path} ({getattr(error, 'strerror', None) or error}).") from None
+    if args.grammar:
+        return {"type": "lark", "grammar": text}
+    try:
+        return {"type": "json_schema", "json_schema": {"schema": json.loads(text)}}
+    except json.JSONDecodeError as error:
+        raise InputError(f"--json-schema {path} is not JSON ({error}).") from None

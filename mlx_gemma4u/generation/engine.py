@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from mlx_gemma4u.errors import Gemma4UError, InputError
+from mlx_gemma4u.generation.constraints import GrammarMask
 from mlx_gemma4u.generation.inputs import check_context, prepare_inputs
 from mlx_gemma4u.generation.params import SamplingParams
 from mlx_gemma4u.generation.prompt_cache import PromptCache
@@ -85,12 +86,19 @@ class Sequence:
     not in the caches yet; hidden: the (1, 1, D) state that predicted it (drafting only).
     """
 
-    def __init__(self, inputs: dict, params: SamplingParams, prompt_cache: PromptCache, kv_bytes: int, tokenizer):
-        self.inputs, self.params, self.prompt_cache, self.kv_bytes = inputs, params, prompt_cache, kv_bytes
+    def __init__(self, inputs: dict, params: SamplingParams, cache: PromptCache, kv_bytes: int, tokenizer, model):
+        self.inputs, self.params, self.prompt_cache, self.kv_bytes = inputs, params, cache, kv_bytes
         ids = inputs["input_ids"]
         self.reply = ReplyText(tokenizer, list(params.stop))
         self.response = BatchResponse(prompt_tokens=ids.shape[1])
-        self.sampler = TokenSampler(params.sampler(), params.logits_processors(), ids[0], params.seed)
+        processors = params.logits_processors()
+        if params.response_format is not None:
+            if tokenizer is None:
+                raise InputError("A response format needs the model's tokenizer; pass its processor.")
+            vocab, thinking = model.config.text.vocab_size, params.enable_thinking
+            processors.append(GrammarMask(params.response_format, tokenizer, vocab, ids.shape[1], thinking))
+        self.constrained = params.response_format is not None
+        self.sampler = TokenSampler(params.sampler(), processors, ids[0], params.seed)
         self.pending: list[tuple] = []
         self.ahead: tuple | None = None  # (token, logprobs, hidden) of the step that ran on pending[-1]
         self.last: int | None = None
@@ -108,6 +116,8 @@ class Sequence:
         self.started = time.perf_counter()
         out = prefill(model, self.inputs, self.prompt_cache, prefill_step_size, return_hidden=drafting)
         logits, self.hidden = out if drafting else (out, None)
+        if self.constrained:  # the grammar's mask is computed while the prompt's last chunk runs
+            mx.async_eval(logits)
         token, logprobs = self.sampler(logits)
         mx.async_eval(token)
         self.pending = [(token, logprobs, False)]
@@ -245,7 +255,7 @@ class BatchGenerator:
             )
         uid = len(self.responses)
         tokenizer = self.processor.tokenizer if self.processor is not None else None
-        sequence = Sequence(inputs, params, cache, need, tokenizer)
+        sequence = Sequence(inputs, params, cache, need, tokenizer, self.model)
         self.responses[uid] = sequence.response
         self._queue.append((uid, sequence))
         return uid
@@ -327,6 +337,8 @@ class BatchGenerator:
         tokens = mx.concatenate([_as_array(s.pending[-1][0]) for s in sequences])[:, None]
         drafting = self.drafter is not None
         logits, hidden = _forward(self.model, tokens, [s.prompt_cache.caches for s in sequences], drafting)
+        if any(s.constrained for s in sequences):  # the grammars' masks are computed while the step runs
+            mx.async_eval(logits)
         failed = {}
         for i, (uid, sequence) in enumerate(rows.items()):
             try:

@@ -16,6 +16,7 @@ from typing import Any
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.generation.constraints import Constraint
 
 SEEDS = range(2**64)  # the seeds mx.random.key takes
 PENALTIES = {"repetition_penalty": (0.1, 10.0), "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0)}
@@ -26,7 +27,8 @@ KV_BITS = (4, 8)
 class SamplingParams:
     """One reply's settings: sampling (0 turns top_p, top_k, min_p off; temperature 0 is greedy),
     penalties (None: off), stop strings, seed (None: the global random stream), the most new
-    tokens, kv_bits (quantize the full-attention caches to 4 or 8 bits) and thinking."""
+    tokens, kv_bits (quantize the full-attention caches to 4 or 8 bits), thinking, and the
+    response format the answer must match (any form Constraint.of takes; None: free text)."""
 
     max_tokens: int = 256
     temperature: float = 0.0
@@ -40,6 +42,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     kv_bits: int | None = None
     enable_thinking: bool = False
+    response_format: Constraint | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str) or not (
@@ -70,6 +73,7 @@ class SamplingParams:
             raise InputError(f"kv_bits must be 4 or 8 (or unset), got {self.kv_bits!r}.")
         if not isinstance(self.enable_thinking, bool):
             raise InputError(f"enable_thinking must be true or false, got {self.enable_thinking!r}.")
+        object.__setattr__(self, "response_format", Constraint.of(self.response_format))
 
     @classmethod
     def split(cls, settings: dict[str, Any], base: SamplingParams | None = None) -> tuple[SamplingParams, dict]:

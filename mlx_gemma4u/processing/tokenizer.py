@@ -78,6 +78,10 @@ class Tokenizer:
                 self._as_text = reader
             return self._as_text
 
+    def to_json(self) -> str:
+        """tokenizer.json as the tokenizers library holds it, the special tokens added since included."""
+        return self._fast.to_str()
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._fast.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

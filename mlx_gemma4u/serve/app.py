@@ -31,6 +31,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import StreamingResponse
 
 from mlx_gemma4u.errors import Gemma4UError
+from mlx_gemma4u.generation.constraints import ll_tokenizer
 from mlx_gemma4u.generation.inputs import prepare_arrays
 from mlx_gemma4u.generation.params import SamplingParams
 from mlx_gemma4u.serve import schemas
@@ -74,6 +75,8 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
     async def start(
         prepare: Callable[[MediaReader], dict], params: SamplingParams, top_logprobs: int | None, request: Request
     ) -> AsyncIterator:
+        if params.response_format is not None:  # llguidance's view of the vocabulary, built once, off the step loop
+            await pool.run(lambda: ll_tokenizer(tokenizer, worker.model.config.text.vocab_size))
         inputs = await pool.run(lambda: _prepared(prepare, settings.media))
         job = Job(inputs, params, time.monotonic() + settings.timeout, top_logprobs)
         return await _started(worker, job, request)
@@ -100,7 +103,14 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
             )
 
         given = [n for n in (body.max_completion_tokens, body.max_tokens) if n is not None]
-        params = _params(settings.defaults, body, given[0] if given else None, body.stop)
+        params = _params(
+            settings.defaults,
+            body,
+            given[0] if given else None,
+            body.stop,
+            enable_thinking=thinking,
+            response_format=body.response_format,
+        )
         tokens = await start(prepare, params, (body.top_logprobs or 0) if body.logprobs else None, request)
         chat = OpenAIChat(tokenizer, settings.model_name, body)
         return _sse(chat.stream(tokens)) if body.stream else await chat.whole(tokens)
@@ -141,7 +151,10 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
             )
 
         tokens = await start(
-            prepare, _params(settings.defaults, body, body.max_tokens, body.stop_sequences), None, request
+            prepare,
+            _params(settings.defaults, body, body.max_tokens, body.stop_sequences, enable_thinking=thinking),
+            None,
+            request,
         )
         reply = AnthropicMessage(tokenizer, settings.model_name, body)
         return _sse(reply.stream(tokens), anthropic=True) if body.stream else await reply.whole(tokens)
@@ -206,12 +219,13 @@ def _thinking(effort: str | None, switch: bool | dict | None) -> bool:
 
 
 def _params(
-    defaults: SamplingParams, body: schemas.Sampling, max_tokens: int | None, stop: str | list[str] | None
+    defaults: SamplingParams, body: schemas.Sampling, max_tokens: int | None, stop: str | list[str] | None, **more
 ) -> SamplingParams:
     """A request's SamplingParams over the server's defaults: a bad value is a 400 naming it."""
     sampling = {name: getattr(body, name) for name in schemas.SAMPLING}
     return defaults.replace(
         **sampling,
+        **more,
         stop=[stop] if isinstance(stop, str) else list(stop or []),
         **({"max_tokens": max_tokens} if max_tokens is not None else {}),
     )

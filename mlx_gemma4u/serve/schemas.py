@@ -56,6 +56,7 @@ class ChatCompletion(Sampling):
     tool_choice: str | dict[str, Any] | None = None
     reasoning_effort: str | None = None
     thinking: bool | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class Completion(Sampling):

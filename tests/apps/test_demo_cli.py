@@ -178,3 +178,40 @@ def test_generate_takes_media_files(demo_home, fixtures_dir):
     missing = cli("generate", "--demo", "--prompt", "Hi", "--image", "no/such.png", home=demo_home)
     assert missing.returncode == 1 and "no/such.png" in missing.stderr and "Traceback" not in missing.stderr
     assert demo.WARNING not in missing.stderr  # refused before the model loads
+
+
+def test_generate_holds_the_reply_to_a_schema_a_regex_or_a_grammar(demo_home, tmp_path, monkeypatch, capsys):
+    """--json-schema FILE, --regex, --grammar FILE: the printed reply matches; a bad or missing
+    file is refused in one line before the model loads."""
+    import json
+    import re
+
+    import jsonschema
+
+    monkeypatch.setenv("MLX_GEMMA4U_HOME", str(demo_home))
+    schema = {"type": "object", "properties": {"n": {"enum": [1, 2, 3]}}, "required": ["n"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "yes.lark").write_text('start: "yes" | "no"')
+    base = ["generate", "--demo", "--prompt", "Hi", "--max-tokens", "40"]
+    replies = []
+    for shape in (
+        ["--json-schema", str(tmp_path / "schema.json")],
+        ["--regex", "[0-9]{3}"],
+        ["--grammar", str(tmp_path / "yes.lark")],
+    ):
+        assert main([*base, *shape]) == 0
+        replies.append(capsys.readouterr().out.strip())
+    jsonschema.validate(json.loads(replies[0]), schema)
+    assert re.fullmatch("[0-9]{3}", replies[1]) and replies[2] in ("yes", "no")
+
+    monkeypatch.setattr("mlx_gemma4u.cli.flags.load_from_args", no_loading)
+    (tmp_path / "bad.json").write_text("{not json")
+    for shape, message in (
+        (["--json-schema", str(tmp_path / "bad.json")], "is not JSON"),
+        (["--json-schema", str(tmp_path / "gone.json")], "Could not read --json-schema"),
+        (["--regex", "(("], "regular expression cannot be used"),
+        (["--grammar", str(tmp_path / "schema.json")], "grammar cannot be used"),
+    ):
+        assert main([*base, *shape]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

@@ -241,6 +241,43 @@ def test_malformed_requests_get_4xx_json_and_the_server_stays_up(server):
     assert _ask(server, "Still there?", max_tokens=2).choices[0].message.content is not None
 
 
+POINT = {
+    "type": "object",
+    "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}, "label": {"enum": ["a", "b"]}},
+    "required": ["x", "label"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_holds_the_reply_to_its_schema(server, local):
+    """OpenAI's json_schema response format, streaming or not: the reply parses and validates, and
+    equals generate() with the same schema; json_object gives a JSON object."""
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "point", "schema": POINT, "strict": True}}
+    whole = _ask(server, "A point?", max_tokens=40, response_format=fmt)
+    chunks = list(_ask(server, "A point?", max_tokens=40, response_format=fmt, stream=True))
+    text = whole.choices[0].message.content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert whole.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(text), POINT)
+    messages = [{"role": "user", "content": "A point?"}]
+    assert text == generate(*local, messages, max_tokens=40, response_format=POINT)
+    plain = _ask(server, "Any JSON?", max_tokens=60, temperature=1.0, seed=1, response_format={"type": "json_object"})
+    assert isinstance(json.loads(plain.choices[0].message.content), dict)
+
+
+def test_a_bad_response_format_is_a_400_with_the_reason(server):
+    bad = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "required": 3}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        _ask(server, "Hi", response_format=bad)
+    assert "JSON schema" in refused.value.message and "required" in refused.value.message
+    with pytest.raises(openai.BadRequestError) as refused:
+        _ask(server, "Hi", response_format={"type": "xml"})
+    assert "'xml' is not one of text, json_object" in refused.value.message
+    assert _health(server)
+
+
 def test_the_api_key_is_enforced(server):
     with pytest.raises(openai.AuthenticationError):
         _openai(server, "wrong").chat.completions.create(

@@ -36,7 +36,7 @@ from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.models.model import Model
 from mlx_gemma4u.weights import demo
 from mlx_gemma4u.weights.demo import ensure_demo_drafter
-from mlx_gemma4u.weights.loading import load, load_draft_model, load_model
+from mlx_gemma4u.weights.loading import load_draft_model, load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.speculative import ReplayDrafter, assistant_config, random_drafter  # noqa: E402
@@ -487,17 +487,6 @@ def test_batched_speculative_rows_keep_their_own_accepted_lengths(k, models, pro
     if k:
         rounds = list(zip(*(s.rounds for s in stats)))  # the rounds all rows took part in
         assert any(len(set(r)) > 1 for r in rounds), rounds
-
-
-@pytest.fixture(scope="module")
-def demo_pair(demo_home):
-    """((target, processor), drafter): the demo checkpoint and load_draft_model("demo"), the demo
-    drafter written into demo_home once."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLX_GEMMA4U_HOME", str(demo_home))
-        patch.chdir(demo_home)  # no folder named demo here
-        drafter = load_draft_model("demo")
-    return load(demo_home / "demo-v1"), drafter
 
 
 def test_the_demo_drafter_is_written_once_beside_the_demo(demo_pair, demo_home):
