@@ -90,7 +90,8 @@ class Constraint:
         if kind in ("lark", "grammar"):
             return cls.lark(value.get("grammar"))
         if isinstance(kind, str) and kind not in JSON_TYPES:
-            raise InputError(f"response_format type {kind!r} is not one of text, json_object, json_schema, regex, lark.")
+            known = "text, json_object, json_schema, regex, lark"
+            raise InputError(f"response_format type {kind!r} is not one of {known}.")
         return cls.json_schema(value)
 
     @classmethod
