@@ -7,9 +7,9 @@
 
 The grammar holds the answer: with thinking on, a thought channel the reply opens stays free and
 the grammar starts once it closes. When the grammar is complete the end of turn is the only token
-left. llguidance computes a mask over the 262,144-token vocabulary in tens of microseconds, on the
-CPU, while the model runs (the engine starts the step before the mask is asked for); xgrammar, the
-other engine built for this, needs torch at run time (benchmarks/structured.py compares the two).
+left. llguidance computes each mask over the whole vocabulary on the CPU, while the model runs (the
+engine starts the step before it asks for the masks); xgrammar, the other engine built for LLM
+tokenizers, needs torch at run time, which this package never does.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from mlx_gemma4u.errors import InputError
 
 # JSON laid out as json.dumps writes it ({"a": 1, "b": [2, 3]}): no free whitespace to wander in.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-KINDS = ("json_schema", "json_object", "regex", "lark")
 JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
 
 @dataclass(frozen=True)
 class Constraint:
-    """What a reply must match: `kind` (one of KINDS), `source` (the schema as JSON, the regex, the
-    Lark text) and `grammar`, the llguidance grammar it compiles to (checked when made)."""
+    """What a reply must match: `kind` ("json_schema", "json_object", "regex" or "lark"), `source`
+    (the schema as JSON, the regex, the Lark text) and `grammar`, the llguidance grammar it compiles
+    to (checked when made)."""
 
     kind: str
     source: str
@@ -101,8 +101,8 @@ class Constraint:
         error = llguidance.LLMatcher.validate_grammar(grammar)
         if error:
             what = {"json_schema": "JSON schema", "json_object": "JSON", "regex": "regular expression"}
-            first = error.strip().splitlines()
-            raise InputError(f"The {what.get(kind, 'grammar')} cannot be used: {' '.join(first)}.".replace("..", "."))
+            detail = " ".join(error.strip().splitlines()).rstrip(".")
+            raise InputError(f"The {what.get(kind, 'grammar')} cannot be used: {detail}.")
         return cls(kind, source, grammar)
 
 
@@ -121,9 +121,10 @@ class GrammarMask:
         self.matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer, vocab_size), constraint.grammar)
         if self.matcher.is_error():
             raise InputError(f"The response format cannot be used: {self.matcher.get_error()}")
-        self.channel = tokenizer.convert_tokens_to_ids(["<|channel>", "<channel|>"]) if thinking else None
+        channel = tokenizer.convert_tokens_to_ids(["<|channel>", "<channel|>"])
+        self.channel = channel if thinking and None not in channel else None  # (opening, closing) ids
         self.prompt_tokens = self.read = prompt_tokens  # history up to `read` has been consumed
-        self.answer = not thinking  # the grammar has started
+        self.answer = self.channel is None  # the grammar has started
         self.thinking = False  # inside the thought channel
         self.words = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
 
