@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.generation.tool_grammar import CALL_START, TOOL_TOKENS, call_grammar, tool_names
 
 # JSON laid out as json.dumps writes it ({"a": 1, "b": [2, 3]}): no free whitespace to wander in.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -39,6 +40,7 @@ class Constraint:
     kind: str
     source: str
     grammar: str
+    opens: str | None = None  # a token after which the grammar holds, until it is complete (None: from the start)
 
     @classmethod
     def json_schema(cls, schema: dict) -> Constraint:
@@ -61,6 +63,26 @@ class Constraint:
         import llguidance
 
         return cls._checked("lark", text, llguidance.LLMatcher.grammar_from_lark(_text(text, "grammar")))
+
+    @classmethod
+    def tool_choice(cls, tools: list[dict] | None, choice: Any) -> Constraint | None:
+        """OpenAI's or Anthropic's tool_choice over OpenAI-form tools -> its constraint (None: none).
+
+        "required" / "any": one or more calls, to any of the tools; a function's name
+        ({"type": "function", "function": {"name": ...}} or {"type": "tool", "name": ...}): calls to
+        it; "auto" (the default when there are tools): free, but a call the reply starts is held to
+        its function's schema; "none": no call. Arguments are held to the function's `parameters`."""
+        mode = _tool_mode(choice, bool(tools))
+        if mode is None:
+            return None
+        if mode == "none":
+            return cls.lark("start: TEXT\nTEXT: /(?s:.*)/")
+        names = tool_names(tools) if mode in ("auto", "required") else [mode]
+        if not names:
+            raise InputError(f"tool_choice {choice!r} needs tools to call.")
+        grammar = call_grammar(tools, names, TOOL_TOKENS, opened=mode == "auto")
+        constraint = cls.lark(grammar)
+        return cls("tool_call", json.dumps(names), constraint.grammar, CALL_START if mode == "auto" else None)
 
     @classmethod
     def of(cls, value: Any) -> Constraint | None:
@@ -112,7 +134,9 @@ class GrammarMask:
 
     history is the prompt's ids followed by the reply's tokens so far (TokenSampler's); the
     matcher consumes the reply's new tokens on each call. With thinking, a reply that opens the
-    thought channel (`<|channel>`, allowed as its first token) is free until `<channel|>`.
+    thought channel (`<|channel>`, allowed as its first token) is free until `<channel|>`. A
+    constraint that `opens` at a token (a tool call's `<|tool_call>`) leaves the reply free until
+    that token, then holds it until the grammar is complete, as often as the token comes.
     """
 
     def __init__(self, constraint: Constraint, tokenizer, vocab_size: int, prompt_tokens: int, thinking: bool):
@@ -121,11 +145,20 @@ class GrammarMask:
         self.matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer, vocab_size), constraint.grammar)
         if self.matcher.is_error():
             raise InputError(f"The response format cannot be used: {self.matcher.get_error()}")
+        if constraint.kind == "tool_call" and any(
+            tokenizer.convert_tokens_to_ids(text) != i for text, i in TOOL_TOKENS.items()
+        ):
+            raise InputError(
+                "This tokenizer's tool-call tokens are not Gemma 4's, so calls cannot be held to a schema."
+            )
         channel = tokenizer.convert_tokens_to_ids(["<|channel>", "<channel|>"])
-        self.channel = channel if thinking and None not in channel else None  # (opening, closing) ids
+        with_channel = thinking and constraint.opens is None and None not in channel
+        self.channel = channel if with_channel else None  # (opening, closing) ids
+        self.opens = None if constraint.opens is None else tokenizer.convert_tokens_to_ids(constraint.opens)
         self.prompt_tokens = self.read = prompt_tokens  # history up to `read` has been consumed
-        self.answer = self.channel is None  # the grammar has started
+        self.answer = self.channel is None  # past the thought channel, if any
         self.thinking = False  # inside the thought channel
+        self.held = self.opens is None  # the grammar holds the next token
         self.words = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
 
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
@@ -133,7 +166,7 @@ class GrammarMask:
         for token in history[self.read :].tolist():
             self._consume(token)
         self.read = history.shape[0]
-        if self.thinking:
+        if self.thinking or not self.held:
             return logits
         self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
         if first:  # the reply's first token: the answer's, or the thought channel's opening
@@ -152,8 +185,32 @@ class GrammarMask:
                 self.thinking = True
                 return
             self.answer = True
+        if not self.held:  # free until the grammar's opening token
+            self.held = token == self.opens
+            return
         if not self.matcher.consume_token(token):
             raise InputError(f"The reply left its response format: {self.matcher.get_error()}")
+        if self.opens is not None and self.matcher.is_accepting():  # the call is complete: free again
+            self.matcher.reset()
+            self.held = False
+
+
+def _tool_mode(choice: Any, has_tools: bool) -> str | None:
+    """tool_choice in OpenAI's or Anthropic's form -> "auto", "none", "required", a function's
+    name, or None (nothing to hold: there are no tools)."""
+    if isinstance(choice, dict):
+        kind, function = choice.get("type"), choice.get("function")
+        if kind in ("function", "tool"):
+            name = function.get("name") if kind == "function" and isinstance(function, dict) else choice.get("name")
+            if not isinstance(name, str):
+                raise InputError("tool_choice names no function: give the function's name.")
+            return name
+        choice = kind
+    if choice in (None, "auto", "none"):
+        return (choice or "auto") if has_tools else None
+    if choice in ("required", "any"):
+        return "required"
+    raise InputError(f"tool_choice must be auto, none, required or a function, got {choice!r}.")
 
 
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

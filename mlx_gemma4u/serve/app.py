@@ -30,8 +30,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import StreamingResponse
 
-from mlx_gemma4u.errors import Gemma4UError
-from mlx_gemma4u.generation.constraints import ll_tokenizer
+from mlx_gemma4u.errors import Gemma4UError, InputError
+from mlx_gemma4u.generation.constraints import Constraint, ll_tokenizer
 from mlx_gemma4u.generation.inputs import prepare_arrays
 from mlx_gemma4u.generation.params import SamplingParams
 from mlx_gemma4u.serve import schemas
@@ -109,7 +109,7 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
             given[0] if given else None,
             body.stop,
             enable_thinking=thinking,
-            response_format=body.response_format,
+            response_format=_answer_format(body.response_format, body.tools, body.tool_choice),
         )
         tokens = await start(prepare, params, (body.top_logprobs or 0) if body.logprobs else None, request)
         chat = OpenAIChat(tokenizer, settings.model_name, body)
@@ -152,7 +152,14 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
 
         tokens = await start(
             prepare,
-            _params(settings.defaults, body, body.max_tokens, body.stop_sequences, enable_thinking=thinking),
+            _params(
+                settings.defaults,
+                body,
+                body.max_tokens,
+                body.stop_sequences,
+                enable_thinking=thinking,
+                response_format=_answer_format(None, tools, body.tool_choice),
+            ),
             None,
             request,
         )
@@ -229,6 +236,17 @@ def _params(
         stop=[stop] if isinstance(stop, str) else list(stop or []),
         **({"max_tokens": max_tokens} if max_tokens is not None else {}),
     )
+
+
+def _answer_format(response_format: dict | None, tools: list[dict] | None, tool_choice) -> Constraint | None:
+    """What the reply is held to: the response format, or else what tool_choice asks of the calls
+    (with tools and no tool_choice: "auto", a started call held to its function's schema)."""
+    calls = Constraint.tool_choice(tools, tool_choice)
+    if response_format is None:
+        return calls
+    if calls is not None and calls.opens is None:
+        raise InputError("Give either response_format or a tool_choice that forces or forbids calls, not both.")
+    return Constraint.of(response_format)
 
 
 async def _started(worker: Worker, job: Job, request: Request) -> AsyncIterator[Any]:

@@ -284,6 +284,77 @@ def test_a_bad_response_format_is_a_400_with_the_reason(server):
     assert _health(server)
 
 
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 0}},
+    "required": ["city", "days"],
+}
+NOTE = {"type": "object", "properties": {"pinned": {"type": "boolean"}}, "required": ["pinned"]}
+OPENAI_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "note", "parameters": NOTE}},
+]
+SCHEMA_OF = {"get_weather": WEATHER, "note": NOTE}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "note"}}])
+def test_forced_tool_calls_come_back_as_tool_calls_through_openai(server, choice):
+    """The openai client, streaming and not: the reply is tool calls whose arguments validate
+    against their function's parameters (the named one's, when named), finish_reason tool_calls."""
+    import jsonschema
+
+    kwargs = dict(max_tokens=120, tools=OPENAI_TOOLS, tool_choice=choice, temperature=1.0, seed=4)
+    whole = _ask(server, "Help me.", **kwargs).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.tool_calls and not whole.message.content
+    streamed: dict[int, dict] = {}
+    for chunk in _ask(server, "Help me.", stream=True, **kwargs):
+        for part in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            call = streamed.setdefault(part.index, {"name": "", "arguments": ""})
+            call["name"] += part.function.name or ""
+            call["arguments"] += part.function.arguments or ""
+    calls = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert [(c["name"], c["arguments"]) for _, c in sorted(streamed.items())] == calls
+    for name, arguments in calls:
+        jsonschema.validate(json.loads(arguments), SCHEMA_OF[name])
+    assert choice == "required" or {name for name, _ in calls} == {"note"}
+
+
+def test_forced_tool_use_comes_back_as_tool_use_through_anthropic(server):
+    """Anthropic's tool_choice any and a named tool, streaming and not: tool_use blocks whose input
+    validates against the tool's input_schema, stop_reason tool_use."""
+    import jsonschema
+
+    client = anthropic.Anthropic(base_url=server, api_key=KEY, max_retries=0, timeout=120)
+    tools = [{"name": "get_weather", "input_schema": WEATHER}, {"name": "note", "input_schema": NOTE}]
+    for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):
+        kwargs = dict(
+            model="demo",
+            max_tokens=120,
+            messages=[{"role": "user", "content": "Help me."}],
+            tools=tools,
+            tool_choice=choice,
+        )
+        whole = client.messages.create(**kwargs)
+        with client.messages.stream(**kwargs) as stream:
+            streamed = stream.get_final_message()
+        for message in (whole, streamed):
+            uses = [b for b in message.content if b.type == "tool_use"]
+            assert message.stop_reason == "tool_use" and uses, message
+            for use in uses:
+                jsonschema.validate(use.input, SCHEMA_OF[use.name])
+            assert choice["type"] == "any" or {u.name for u in uses} == {"get_weather"}
+
+
+def test_a_tool_choice_that_cannot_be_held_is_a_400(server):
+    with pytest.raises(openai.BadRequestError) as refused:
+        _ask(server, "Hi", tools=OPENAI_TOOLS, tool_choice={"type": "function", "function": {"name": "gone"}})
+    assert "'gone', which is not among the request's tools" in refused.value.message
+    with pytest.raises(openai.BadRequestError) as refused:
+        _ask(server, "Hi", tools=OPENAI_TOOLS, tool_choice="required", response_format={"type": "json_object"})
+    assert "either response_format or a tool_choice" in refused.value.message
+    assert _health(server)
+
+
 def test_the_api_key_is_enforced(server):
     with pytest.raises(openai.AuthenticationError):
         _openai(server, "wrong").chat.completions.create(

@@ -232,3 +232,140 @@ def test_a_reply_cut_inside_its_grammar_says_length(demo):
     assert reply.finish_reason == "length" and reply.text.startswith('{"name":')
     with pytest.raises(json.JSONDecodeError):
         json.loads(reply.text)
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"enum": ["Paris", "Rome", "Oslo"]},
+                    "unit": {"enum": ["c", "f"]},
+                    "days": {"type": "integer", "minimum": 0},
+                },
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "note",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "text": {"type": "string", "maxLength": 12},
+                    "tags": {"type": "array", "items": {"enum": ["home", "work"]}},
+                    "pinned": {"type": "boolean"},
+                    "score": {"type": "number"},
+                },
+                "required": ["text", "score"],
+            },
+        },
+    },
+]
+PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+def calls_of(processor, tokens: list[int]):
+    """The tool calls the chat and the server read from these tokens (generation/reply.py)."""
+    from mlx_gemma4u.generation.reply import Reply
+
+    reply = Reply(processor.tokenizer)
+    for token in tokens:
+        reply.add(token, "")
+    return reply
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "note"}}])
+def test_forced_tool_calls_parse_and_match_their_functions(demo, choice):
+    """tool_choice required / a named function: 20 sampled replies each are one or more calls in
+    Gemma 4's syntax, which the tool parser reads, to the functions asked for, with arguments that
+    validate against the function's parameters; nothing else is written."""
+    model, processor = demo
+    constraint = Constraint.tool_choice(TOOLS, choice)
+    messages = [{"role": "user", "content": "Help me."}]
+    prompts = [{"prompt": messages, "seed": seed} for seed in range(20)]
+    replies = batch_generate(
+        model, processor, prompts, max_tokens=150, temperature=1.0, response_format=constraint, tools=TOOLS
+    )
+    names = set()
+    for reply in replies:
+        assert reply.finish_reason == "stop", processor.tokenizer.decode(reply.tokens)
+        parsed = calls_of(processor, reply.tokens)
+        assert parsed.tool_calls and parsed.content == "", processor.tokenizer.decode(reply.tokens)
+        for call in parsed.tool_calls:
+            jsonschema.validate(call.arguments, PARAMETERS[call.name])
+            names.add(call.name)
+    assert names == ({"get_weather", "note"} if choice == "required" else {"note"})
+
+
+def test_auto_holds_a_started_call_and_none_forbids_one(demo):
+    """tool_choice auto: the reply is free until `<|tool_call>`, then held to a call of one of the
+    functions until `<tool_call|>`, then free again; none: `<|tool_call>` is never allowed."""
+    model, processor = demo
+    tokenizer = processor.tokenizer
+    vocab, prompt = model.config.text.vocab_size, mx.array([2, 105, 2364, 107])
+    logits = mx.zeros((1, vocab))
+    start, end = tokenizer.convert_tokens_to_ids(["<|tool_call>", "<tool_call|>"])
+
+    def allowed(mask: GrammarMask, reply: list[int]) -> np.ndarray:
+        out = mask(mx.concatenate([prompt, mx.array(reply, dtype=prompt.dtype)]), logits)
+        return np.nonzero(np.array(out[0]) > -np.inf)[0]
+
+    auto = GrammarMask(Constraint.tool_choice(TOOLS, "auto"), tokenizer, vocab, 4, thinking=False)
+    assert len(allowed(auto, [])) == vocab
+    words = tokenizer.encode("Sure.", add_special_tokens=False)
+    assert len(allowed(auto, words)) == vocab
+    inside = allowed(auto, [*words, start])
+    assert 0 < len(inside) < 10 and all("call:".startswith(tokenizer.decode([t])) for t in inside)
+    call = tokenizer.encode("call:get_weather{city:", add_special_tokens=False)
+    quote = tokenizer.convert_tokens_to_ids('<|"|>')
+    rome = [*call, quote, *tokenizer.encode("Rome", add_special_tokens=False), quote]
+    held = set(allowed(auto, [*words, start, *rome]).tolist())  # after city: another property or the end
+    assert set(tokenizer.convert_tokens_to_ids([",", "}"])) <= held and len(held) < 10
+    after = [*words, start, *rome, *tokenizer.encode("}", add_special_tokens=False), end]
+    assert len(allowed(auto, after)) == vocab
+
+    none = GrammarMask(Constraint.tool_choice(TOOLS, "none"), tokenizer, vocab, 4, thinking=False)
+    first = allowed(none, [])
+    assert start not in first and len(first) > vocab // 2
+
+
+@pytest.mark.parametrize(
+    "tools, choice, message",
+    [
+        (TOOLS, {"type": "tool", "name": "missing"}, "'missing', which is not among the request's tools"),
+        (
+            [
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"type": "object", "properties": {"a-b": {}}}},
+                }
+            ],
+            "required",
+            "'a-b'",
+        ),
+        ([{"type": "function", "function": {"name": "bad name"}}], "auto", "'bad name'"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/$defs/gone"}}}],
+            "required",
+            "#/$defs/gone",
+        ),
+        ([], "required", "needs tools"),
+        (TOOLS, "sometimes", "auto, none, required or a function"),
+        (TOOLS, {"type": "function", "function": {}}, "names no function"),
+    ],
+)
+def test_tool_choices_that_cannot_be_held_are_refused_in_one_sentence(tools, choice, message):
+    with pytest.raises(InputError) as refused:
+        Constraint.tool_choice(tools, choice)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_no_tools_no_constraint():
+    assert Constraint.tool_choice(None, None) is None and Constraint.tool_choice([], "auto") is None
+    assert Constraint.tool_choice(TOOLS, None).opens == "<|tool_call>"  # tools without a choice: auto
