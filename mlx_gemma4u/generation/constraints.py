@@ -163,7 +163,8 @@ class GrammarMask:
 
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
         first = self.channel is not None and history.shape[0] == self.prompt_tokens
-        for token in history[self.read :].tolist():
+        # numpy reads the (already computed) history without queueing an op behind the running step
+        for token in np.asarray(history)[self.read :].tolist():
             self._consume(token)
         self.read = history.shape[0]
         if self.thinking or not self.held:
@@ -171,9 +172,8 @@ class GrammarMask:
         self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
         if first:  # the reply's first token: the answer's, or the thought channel's opening
             self.words.view(np.uint32)[self.channel[0] // 32] |= np.uint32(1 << (self.channel[0] % 32))
-        words = mx.array(self.words)
-        allowed = ((words[:, None] >> mx.arange(32, dtype=mx.int32)) & 1).reshape(-1)[: logits.shape[-1]]
-        return mx.where(allowed.astype(mx.bool_), logits, -mx.inf)
+        allowed = np.unpackbits(self.words.view(np.uint8), bitorder="little")[: logits.shape[-1]]
+        return mx.where(mx.array(allowed.view(np.bool_)), logits, -mx.inf)
 
     def _consume(self, token: int) -> None:
         if not self.answer:
