@@ -119,7 +119,7 @@ class Sequence:
         if self.constrained:  # the grammar's mask is computed while the prompt's last chunk runs
             mx.async_eval(logits)
         token, logprobs = self.sampler(logits)
-        mx.async_eval(token)
+        mx.async_eval([token, self.sampler.history] if self.constrained else token)
         self.pending = [(token, logprobs, False)]
         self.response.prefilled_tokens = self.response.prompt_tokens - self.prompt_cache.reused
         self.response.draft = DraftStats() if drafting else None
@@ -349,7 +349,9 @@ class BatchGenerator:
             sequence.ahead = (token, logprobs, hidden[i : i + 1] if drafting else None)
             if drafting:
                 sequence.response.draft.add_plain(1)
-        mx.async_eval([s.ahead[0] for uid, s in rows.items() if uid not in failed])
+        ready = [s for uid, s in rows.items() if uid not in failed]
+        # a grammar's history too, so that it reads its next token without waiting on the next step
+        mx.async_eval([s.ahead[0] for s in ready] + [s.sampler.history for s in ready if s.constrained])
         return failed
 
     def _round(self, rows: dict[int, Sequence], k: int) -> dict[int, Exception]:

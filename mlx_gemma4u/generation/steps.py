@@ -95,7 +95,6 @@ class TokenSampler:
             token = self.sampler(logprobs) if self.key is None else self._draw_own(logprobs)
         if self.processors:  # only they read the history, and growing it costs a copy per token
             self.history = mx.concatenate([self.history, token])
-            mx.async_eval(self.history)  # ready before the next step runs, so reading it waits on nothing
         return token, logprobs[0]
 
     def _draw_own(self, logprobs: mx.array) -> mx.array:

@@ -64,6 +64,16 @@ SCHEMAS = {
         "required": ["start", "end"],
         "additionalProperties": False,
     },
+    "string formats": {
+        "type": "object",
+        "properties": {
+            "day": {"type": "string", "format": "date"},
+            "id": {"type": "string", "format": "uuid"},
+            "host": {"type": "string", "format": "ipv4"},
+        },
+        "required": ["day", "id", "host"],
+        "additionalProperties": False,
+    },
     "numbers with bounds": {
         "type": "object",
         "properties": {
@@ -84,7 +94,7 @@ def demo(demo_home):
 @pytest.mark.parametrize("name", SCHEMAS)
 def test_sampled_replies_parse_and_validate(demo, name):
     """50 sampled replies (temperature 1, seeds 0-49) per schema: every one ends on its own (not
-    at max_tokens), parses as JSON and validates against the schema."""
+    at max_tokens), parses as JSON and validates against the schema, its string formats checked."""
     model, processor = demo
     schema = SCHEMAS[name]
     prompts = [{"prompt": "Fill in the form.", "seed": seed} for seed in range(50)]
@@ -94,7 +104,7 @@ def test_sampled_replies_parse_and_validate(demo, name):
     texts = [r.text for r in replies]
     assert [r.finish_reason for r in replies] == ["stop"] * 50, texts
     for text in texts:
-        jsonschema.validate(json.loads(text), schema)
+        jsonschema.validate(json.loads(text), schema, format_checker=jsonschema.FormatChecker())
     assert len(set(texts)) >= 5  # the samples differ: the grammar leaves the choices to the model
 
 
