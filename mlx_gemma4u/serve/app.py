@@ -127,8 +127,8 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
         completion = OpenAICompletion(tokenizer, settings.model_name, body)
         return _sse(completion.stream(tokens)) if body.stream else await completion.whole(tokens)
 
-    @app.post("/v1/messages")
-    async def messages(body: schemas.Message, request: Request):
+    def anthropic_prompt(body: schemas.MessagePrompt) -> tuple[Callable[[MediaReader], dict], list[dict], bool]:
+        """An Anthropic request's prompt -> (its prepare function, its tools in OpenAI's form, thinking)."""
         tools = [
             {
                 "type": "function",
@@ -150,6 +150,17 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
                 tools=tools or None,
             )
 
+        return prepare, tools, thinking
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(body: schemas.MessagePrompt):
+        prepare, _, _ = anthropic_prompt(body)
+        inputs = await pool.run(lambda: _prepared(prepare, settings.media))
+        return {"input_tokens": int(inputs["input_ids"].shape[1])}
+
+    @app.post("/v1/messages")
+    async def messages(body: schemas.Message, request: Request):
+        prepare, tools, thinking = anthropic_prompt(body)
         tokens = await start(
             prepare,
             _params(

@@ -69,13 +69,18 @@ class Completion(Sampling):
     stream_options: StreamOptions | None = None
 
 
-class Message(Sampling):
+class MessagePrompt(_Body):
+    """What an Anthropic request's prompt is made of (all /v1/messages/count_tokens reads)."""
+
     model: str | None = None
     messages: list[dict[str, Any]] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
-    max_tokens: int
-    stop_sequences: list[str] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
+
+
+class Message(Sampling, MessagePrompt):
+    max_tokens: int
+    stop_sequences: list[str] | None = None
     temperature: float = Field(0.0, ge=0, le=1)

@@ -345,6 +345,28 @@ def test_forced_tool_use_comes_back_as_tool_use_through_anthropic(server):
             assert choice["type"] == "any" or {u.name for u in uses} == {"get_weather"}
 
 
+def test_count_tokens_equals_the_usage_of_the_same_request(server, fixtures_dir):
+    """Anthropic's messages.count_tokens: the input tokens the same request's usage reports, with a
+    system prompt, tools and an image; a bad body is a 400 in Anthropic's shape."""
+    client = anthropic.Anthropic(base_url=server, api_key=KEY, max_retries=0, timeout=120)
+    image = base64.b64encode((fixtures_dir / "images/tiny_coffee_40x27.png").read_bytes()).decode()
+    content = [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image}},
+        {"type": "text", "text": "What is this?"},
+    ]
+    prompt = dict(
+        model="demo",
+        system="Be brief.",
+        messages=[{"role": "user", "content": content}],
+        tools=[{"name": "note", "input_schema": NOTE}],
+    )
+    counted = client.messages.count_tokens(**prompt).input_tokens
+    reply = client.messages.create(max_tokens=2, **prompt)
+    assert counted == reply.usage.input_tokens > 60  # the image's soft tokens are counted
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.count_tokens(model="demo", messages=[])
+
+
 def test_a_tool_choice_that_cannot_be_held_is_a_400(server):
     with pytest.raises(openai.BadRequestError) as refused:
         _ask(server, "Hi", tools=OPENAI_TOOLS, tool_choice={"type": "function", "function": {"name": "gone"}})
