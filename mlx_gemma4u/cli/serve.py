@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from mlx_gemma4u.cli.flags import DEMO_MAX_TOKENS, add_model_args, checked, load_from_args
+from mlx_gemma4u.cli.flags import DEMO_MAX_TOKENS, NUMBER, WHOLE, add_model_args, checked, load_from_args
 from mlx_gemma4u.serve.fetch import FetchPolicy
 from mlx_gemma4u.serve.guards import allowed_hosts
 from mlx_gemma4u.serve.media import MediaLimits
@@ -54,6 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="a chat reply's length when the request sets none (default 1024; 32 with --demo)",
     )
+    sampling = parser.add_argument_group(
+        "sampling a request leaves out",
+        "what a request does not set comes from these flags, else from the checkpoint's "
+        "generation_config.json (Google's: temperature 1.0, top-p 0.95, top-k 64), else greedy",
+    )
+    sampling.add_argument("--temp", type=NUMBER, help="sampling temperature; 0 is greedy")
+    sampling.add_argument("--top-p", type=NUMBER, help="nucleus sampling threshold (0 = off)")
+    sampling.add_argument("--top-k", type=WHOLE, help="sample from the k most likely tokens (0 = off)")
     parser.add_argument(
         "--kv-bits",
         type=int,
@@ -132,7 +140,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    from mlx_gemma4u.generation.params import SamplingParams
     from mlx_gemma4u.serve.app import Settings
 
     policy = FetchPolicy(
@@ -149,15 +156,24 @@ def _settings(args: argparse.Namespace):
     return Settings(
         model_name="demo" if args.demo else str(args.model),
         timeout=args.timeout,
-        defaults=SamplingParams(
-            max_tokens=args.max_tokens or (DEMO_MAX_TOKENS if args.demo else 1024), kv_bits=args.kv_bits
-        ),
+        sampling=_sampling(args),
         media=media,
         api_key=args.api_key,
         allowed_origins=tuple(args.allowed_origins),
         allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
         max_body_bytes=int(args.max_request_mb * 1e6),
     )
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    """The flags' part of what a request leaves out, checked here, before the model loads."""
+    from mlx_gemma4u.generation.params import SamplingParams
+
+    flags = {"temperature": args.temp, "top_p": args.top_p, "top_k": args.top_k, "kv_bits": args.kv_bits}
+    sampling = {k: v for k, v in flags.items() if v is not None}
+    sampling["max_tokens"] = args.max_tokens or (DEMO_MAX_TOKENS if args.demo else 1024)
+    SamplingParams(**sampling)
+    return sampling
 
 
 def run(args: argparse.Namespace) -> None:

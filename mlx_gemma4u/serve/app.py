@@ -51,7 +51,7 @@ PREPARE_THREADS = 4  # requests prepared at once; fetches wait on the network, d
 class Settings:
     model_name: str
     timeout: float
-    defaults: SamplingParams  # max_tokens: a chat reply's length when the request names none; kv_bits
+    sampling: dict  # serve's flags (max_tokens: a chat reply's length when the request names none, kv_bits, ...)
     media: MediaLimits
     api_key: str | None = None
     allowed_origins: tuple[str, ...] = ()
@@ -71,6 +71,8 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
     app.add_middleware(AccessLog)
     _handle_errors(app)
     tokenizer = worker.processor.tokenizer
+    # what a request leaves out: serve's flags, over the checkpoint's generation_config.json
+    defaults = SamplingParams(**{**worker.processor.sampling_defaults, **settings.sampling})
 
     async def start(
         prepare: Callable[[MediaReader], dict], params: SamplingParams, top_logprobs: int | None, request: Request
@@ -104,7 +106,7 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
 
         given = [n for n in (body.max_completion_tokens, body.max_tokens) if n is not None]
         params = _params(
-            settings.defaults,
+            defaults,
             body,
             given[0] if given else None,
             body.stop,
@@ -120,7 +122,7 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
         _only_one(body.n)
         tokens = await start(
             lambda media: prepare_arrays(worker.processor, body.prompt),
-            _params(settings.defaults, body, body.max_tokens, body.stop),
+            _params(defaults, body, body.max_tokens, body.stop),
             body.logprobs,
             request,
         )
@@ -164,7 +166,7 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
         tokens = await start(
             prepare,
             _params(
-                settings.defaults,
+                defaults,
                 body,
                 body.max_tokens,
                 body.stop_sequences,
@@ -239,8 +241,9 @@ def _thinking(effort: str | None, switch: bool | dict | None) -> bool:
 def _params(
     defaults: SamplingParams, body: schemas.Sampling, max_tokens: int | None, stop: str | list[str] | None, **more
 ) -> SamplingParams:
-    """A request's SamplingParams over the server's defaults: a bad value is a 400 naming it."""
-    sampling = {name: getattr(body, name) for name in schemas.SAMPLING}
+    """A request's SamplingParams over the server's defaults (only what the request sets): a bad
+    value is a 400 naming it."""
+    sampling = {name: getattr(body, name) for name in schemas.SAMPLING if name in body.model_fields_set}
     return defaults.replace(
         **sampling,
         **more,

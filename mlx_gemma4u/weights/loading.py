@@ -96,7 +96,22 @@ def load_processor(path: Path, **processor_kwargs):
 
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise CheckpointError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json).")
-    return Gemma4UProcessor.from_pretrained(path, eos_token_ids=_stop_ids(path), **processor_kwargs)
+    processor = Gemma4UProcessor.from_pretrained(path, eos_token_ids=_stop_ids(path), **processor_kwargs)
+    processor.sampling_defaults = sampling_defaults(path)
+    return processor
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(path: Path) -> dict:
+    """How the checkpoint means to be sampled: the sampling keys its generation_config.json sets
+    (SamplingParams' names; do_sample false is greedy) -> {} when it sets none."""
+    gen = path / "generation_config.json"
+    config = json.loads(gen.read_text()) if gen.is_file() else {}
+    if config.get("do_sample") is False:
+        return {"temperature": 0.0}
+    return {key: config[key] for key in SAMPLING_KEYS if config.get(key) is not None}
 
 
 def _stop_ids(path: Path) -> list[int]:

@@ -367,6 +367,28 @@ def test_count_tokens_equals_the_usage_of_the_same_request(server, fixtures_dir)
         client.messages.count_tokens(model="demo", messages=[])
 
 
+def test_a_request_without_sampling_settings_follows_the_checkpoint_then_the_flags(demo_home, local, tmp_path):
+    """A demo copy whose generation_config.json says Google's sampling (temperature 1.0, top-p 0.95,
+    top-k 64): a seeded request that sets none of them equals generate() with them; serve --temp 0
+    overrides the checkpoint (greedy), and a request's own temperature overrides both."""
+    import shutil
+
+    folder = tmp_path / "sampled"
+    shutil.copytree(demo_home / "demo-v1", folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    google = {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 64}
+    (folder / "generation_config.json").write_text(json.dumps({**config, **google}))
+    messages = [{"role": "user", "content": "Hi"}]
+    sampled = generate(*local, messages, max_tokens=12, seed=3, temperature=1.0, top_p=0.95, top_k=64)
+    greedy = generate(*local, messages, max_tokens=12)
+    with running(demo_home, tmp_path / "a.log", "--api-key", KEY, model=folder) as (url, _):
+        assert _ask(url, "Hi", seed=3).choices[0].message.content == sampled != greedy
+        assert _ask(url, "Hi", seed=3, temperature=0).choices[0].message.content == greedy
+    with running(demo_home, tmp_path / "b.log", "--api-key", KEY, "--temp", "0", model=folder) as (url, _):
+        assert _ask(url, "Hi", seed=3).choices[0].message.content == greedy
+        assert _ask(url, "Hi", seed=3, temperature=1.0).choices[0].message.content == sampled
+
+
 def test_a_tool_choice_that_cannot_be_held_is_a_400(server):
     with pytest.raises(openai.BadRequestError) as refused:
         _ask(server, "Hi", tools=OPENAI_TOOLS, tool_choice={"type": "function", "function": {"name": "gone"}})

@@ -23,14 +23,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(demo_home, log: Path, *flags: str):
-    """`mlx-gemma4u serve --demo FLAGS` on a free port -> (its URL, its process); stopped on exit.
-    Its output (the start-up line, the access log, any traceback) goes to `log`."""
+def running(demo_home, log: Path, *flags: str, model: Path | None = None):
+    """`mlx-gemma4u serve --demo FLAGS` (or `--model MODEL`) on a free port -> (its URL, its
+    process); stopped on exit. Its output (the start-up line, the access log, any traceback) goes to `log`."""
     port = free_port()
     env = {**os.environ, "MLX_GEMMA4U_HOME": str(demo_home)}
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mlx_gemma4u", "serve", "--demo", "--port", str(port), *flags],
+            [sys.executable, "-m", "mlx_gemma4u", "serve", *(["--model", str(model)] if model else ["--demo"])]
+            + ["--port", str(port), *flags],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
