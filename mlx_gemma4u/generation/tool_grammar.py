@@ -45,7 +45,7 @@ def call_grammar(tools: list[dict], names: list[str], ids: dict[str, int], opene
         if name not in functions:
             raise InputError(f"tool_choice names {name!r}, which is not among the request's tools.")
         parameters = functions[name].get("parameters") or {"type": "object", "properties": {}}
-        rules.defs = parameters.get("$defs") or parameters.get("definitions") or {}
+        rules.defs, rules.scope = parameters.get("$defs") or parameters.get("definitions") or {}, name
         arguments = rules.value(parameters, f"the parameters of {name!r}")
         calls.append(f'"call:{name}" {arguments} <[{ids[CALL_END]}]>')
     body = " | ".join(f"({c})" for c in calls)
@@ -78,8 +78,9 @@ class _Rules:
     def __init__(self, quote: int):
         self.quote = f"<[{quote}]>"
         self.lines: list[str] = []
-        self.defs: dict = {}
-        self.named: dict[str, str] = {}  # "$ref" -> its rule
+        self.defs: dict = {}  # the $defs of the function whose parameters are being written
+        self.scope = ""  # that function's name: a "$ref" means its own $defs
+        self.named: dict[str, str] = {}  # "scope $ref" (and "any", "any object") -> its rule
 
     def value(self, schema, where: str) -> str:
         """A Lark expression for one value of `schema`."""
@@ -139,7 +140,7 @@ class _Rules:
         keys = sorted(properties)
         for key in keys:
             if not WORD.fullmatch(key):
-                raise InputError(f"Property {key!r} of {where} cannot be a bare word, as Gemma 4's call syntax needs.")
+                raise InputError(f"Property {key!r} of {where} is not a bare word, as Gemma 4's call syntax needs.")
         after = first = ""  # after: the properties past i, each behind its comma; first: from i, the first bare
         for key in reversed(keys):
             pair = f'"{key}:" {self.value(properties[key], f"{key!r} of {where}")}'
@@ -152,13 +153,14 @@ class _Rules:
         return f'"{{" {first} "}}"'
 
     def _ref(self, ref: str, where: str) -> str:
-        if ref not in self.named:
+        key = f"{self.scope} {ref}"
+        if key not in self.named:
             match = re.fullmatch(r"#/(\$defs|definitions)/(.+)", str(ref))
             if not match or match.group(2) not in self.defs:
                 raise InputError(f"The schema of {where} refers to {ref!r}, which it does not define.")
-            self.named[ref] = self._rule('""')  # named first, so that a schema may refer to itself
-            self._set(self.named[ref], self.value(self.defs[match.group(2)], ref))
-        return self.named[ref]
+            self.named[key] = self._rule('""')  # named first, so that a schema may refer to itself
+            self._set(self.named[key], self.value(self.defs[match.group(2)], ref))
+        return self.named[key]
 
     def _literal(self, value) -> str:
         """One enum or const value, as Lark text: a string inside its quote tokens, a scalar as written."""

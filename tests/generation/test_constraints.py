@@ -379,3 +379,36 @@ def test_tool_choices_that_cannot_be_held_are_refused_in_one_sentence(tools, cho
 def test_no_tools_no_constraint():
     assert Constraint.tool_choice(None, None) is None and Constraint.tool_choice([], "auto") is None
     assert Constraint.tool_choice(TOOLS, None).opens == "<|tool_call>"  # tools without a choice: auto
+
+
+def test_each_function_reads_its_own_defs_and_a_schema_may_refer_to_itself(demo):
+    """Two functions with a "$defs/item" of their own, one of them recursive: the grammar takes
+    each function's calls as its own schema has them and refuses the other's."""
+    model, processor = demo
+    tokenizer = processor.tokenizer
+    tree = {
+        "$defs": {
+            "item": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/item"}}}}
+        },
+        "type": "object",
+        "properties": {"root": {"$ref": "#/$defs/item"}},
+        "required": ["root"],
+    }
+    flag = {"$defs": {"item": {"type": "boolean"}}, "type": "object", "properties": {"on": {"$ref": "#/$defs/item"}}}
+    tools = [
+        {"type": "function", "function": {"name": "tree", "parameters": tree}},
+        {"type": "function", "function": {"name": "flag", "parameters": flag}},
+    ]
+    constraint = Constraint.tool_choice(tools, "required")
+    vocab = model.config.text.vocab_size
+    matcher = llguidance.LLMatcher(
+        llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=vocab, eos_token=END_OF_TURN), constraint.grammar
+    )
+
+    def takes(text: str) -> bool:
+        matcher.reset()
+        ids = [48, *tokenizer.encode(text, add_special_tokens=False), 49]
+        return matcher.try_consume_tokens(ids) == len(ids)
+
+    assert takes("call:tree{root:{kids:[{kids:[]},{}]}}") and takes("call:flag{on:true}") and takes("call:flag{}")
+    assert not takes("call:flag{on:{kids:[]}}") and not takes("call:tree{root:true}") and not takes("call:tree{}")
