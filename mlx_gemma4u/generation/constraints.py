@@ -1,6 +1,8 @@
-"""Constrained decoding: a reply held to a JSON schema, plain JSON, a regular expression or a Lark grammar.
+"""Constrained decoding: a reply held to a JSON schema, plain JSON, a regular expression, a Lark
+grammar, or tool calls to given functions (tool_grammar.py).
 
-    response_format (a JSON schema, a pydantic model, {"type": "json_object"}, ...) -> Constraint:
+    response_format (a JSON schema, a pydantic model, {"type": "json_object"}, ...) or tool_choice
+    -> Constraint:
     its llguidance grammar, checked as it is made --one per sequence--> GrammarMask, a logits
     processor: an llguidance matcher kept in step with the reply's tokens, and every token the
     grammar refuses at the next position set to -inf
@@ -33,9 +35,9 @@ JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null
 
 @dataclass(frozen=True)
 class Constraint:
-    """What a reply must match: `kind` ("json_schema", "json_object", "regex" or "lark"), `source`
-    (the schema as JSON, the regex, the Lark text) and `grammar`, the llguidance grammar it compiles
-    to (checked when made)."""
+    """What a reply must match: `kind` ("json_schema", "json_object", "regex", "lark" or
+    "tool_call"), `source` (the schema as JSON, the regex, the Lark text, the functions' names) and
+    `grammar`, the llguidance grammar it compiles to (checked when made)."""
 
     kind: str
     source: str
