@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from mlx_gemma4u.errors import Gemma4UError, InputError
 from mlx_gemma4u.generation.constraints import Constraint, ll_tokenizer
@@ -39,6 +39,7 @@ from mlx_gemma4u.serve.errors import Fault
 from mlx_gemma4u.serve.guards import AccessLog, ApiKey, BodyLimit, HostCheck, error_response
 from mlx_gemma4u.serve.media import MediaLimits, MediaReader
 from mlx_gemma4u.serve.messages import anthropic_messages, openai_messages
+from mlx_gemma4u.serve.metrics import CONTENT_TYPE
 from mlx_gemma4u.serve.pool import PreparePool
 from mlx_gemma4u.serve.responses import AnthropicMessage, OpenAIChat, OpenAICompletion
 from mlx_gemma4u.serve.worker import DONE, Job, Worker
@@ -68,7 +69,7 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
             CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"], allow_headers=["*"]
         )
     app.add_middleware(HostCheck, allowed=settings.allowed_hosts)
-    app.add_middleware(AccessLog)
+    app.add_middleware(AccessLog, metrics=worker.metrics)
     _handle_errors(app)
     tokenizer = worker.processor.tokenizer
     # what a request leaves out: serve's flags, over the checkpoint's generation_config.json
@@ -86,6 +87,10 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(worker.metrics.text(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():

@@ -40,10 +40,11 @@ def _header(scope: dict, name: bytes) -> str | None:
 
 
 class AccessLog:
-    """One line per request: client, method, path, status, seconds to the end of the response."""
+    """One line per request: client, method, path, status, seconds to the end of the response;
+    and its count in the server's metrics."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
+    def __init__(self, app: ASGIApp, metrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -58,6 +59,7 @@ class AccessLog:
         try:
             await self.app(scope, receive, sending)
         finally:
+            self.metrics.request(scope["path"], status[0])
             client = scope.get("client") or ("-", 0)
             access.info(
                 "%s:%s %s %s %s %.2f s",

@@ -33,6 +33,7 @@ from mlx_gemma4u.generation.engine import BatchGenerator
 from mlx_gemma4u.generation.params import SamplingParams
 from mlx_gemma4u.generation.prompt_cache import PromptCache
 from mlx_gemma4u.serve.errors import STOPPING, Busy, Fault, ShuttingDown
+from mlx_gemma4u.serve.metrics import Metrics
 
 DONE = object()  # the event that ends a request's stream
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class Job:
     top_logprobs: int | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.monotonic)
+    first_at: float | None = None  # when its first token was handed out
 
     def __post_init__(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -92,6 +95,7 @@ class Worker:
         self._queue: queue.Queue = queue.Queue(max_queue)
         self._caches: list = []  # PromptCaches of finished requests, most recently used last
         self._stopping = False
+        self.metrics = Metrics()
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         threading.Thread(target=self._run, args=(load,), name="mlx-gemma4u-worker", daemon=True).start()
@@ -140,6 +144,7 @@ class Worker:
                 self._end_all(running, Fault("Internal error: the batch failed; retry the request."))
                 generator = new_generator()
             self._expire(generator, running)
+            self._measure(running)
         self._end_all(running, ShuttingDown(STOPPING))
         while not self._queue.empty():
             job = self._queue.get_nowait()
@@ -193,8 +198,17 @@ class Worker:
             self._finish(running, event.uid)
             return
         job.emit(token)
+        now = time.monotonic()
+        job.first_at = job.first_at or now
         if event.finish_reason:
+            self.metrics.reply(r, job.first_at - job.queued_at, now - job.first_at)
             self._finish(running, event.uid)
+
+    def _measure(self, running: dict) -> None:
+        """The load gauges, after each step."""
+        self.metrics.queued.set(self._queue.qsize())
+        self.metrics.running.set(len(running))
+        self.metrics.kv_bytes.set(sum(_nbytes(c) for c in [cache for _, cache in running.values()] + self._caches))
 
     def _expire(self, generator, running: dict) -> None:
         """Requests whose client left or whose time ran out leave the batch (the latter told so)."""
@@ -229,6 +243,7 @@ class Worker:
         best = max(shared, default=(0, None))
         if best[0] == 0 or self._caches[best[1]].kv_bits != kv_bits:
             return PromptCache(self.model, kv_bits)
+        self.metrics.prefix_hits.inc()
         return self._caches.pop(best[1])
 
     def _keep(self, cache) -> None:

@@ -399,6 +399,41 @@ def test_a_tool_choice_that_cannot_be_held_is_a_400(server):
     assert _health(server)
 
 
+def _metrics(url: str) -> dict[tuple[str, tuple], float]:
+    """GET /metrics, parsed by prometheus-client's own parser -> {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(f"{url}/metrics", headers={"authorization": f"Bearer {KEY}"})
+    text = urllib.request.urlopen(request, timeout=30).read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_parse_and_move_with_requests(server):
+    """/metrics parses with prometheus-client's parser; a chat request moves the request counter
+    of its endpoint and status, the token counters by the reply's usage, and the latency
+    histograms by one reply; a refused request counts under its 4xx status."""
+    before = _metrics(server)
+    reply = _ask(server, "Count the metrics.", max_tokens=6)
+    with pytest.raises(openai.BadRequestError):
+        _ask(server, "Hi", temperature=-1)
+    after = _metrics(server)
+
+    def moved(name: str, **labels) -> float:
+        key = (f"mlx_gemma4u_{name}", tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert moved("requests_total", endpoint="/v1/chat/completions", status="200") == 1
+    assert moved("requests_total", endpoint="/v1/chat/completions", status="400") == 1
+    assert moved("generation_tokens_total") == reply.usage.completion_tokens
+    assert moved("prompt_tokens_total") == reply.usage.prompt_tokens
+    assert moved("time_to_first_token_seconds_count") == 1 and moved("time_per_output_token_seconds_count") == 1
+    assert after[("mlx_gemma4u_queue_depth", ())] == 0 and after[("mlx_gemma4u_kv_cache_bytes", ())] > 0
+
+
 def test_the_api_key_is_enforced(server):
     with pytest.raises(openai.AuthenticationError):
         _openai(server, "wrong").chat.completions.create(
