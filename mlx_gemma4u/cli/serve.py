@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--port", type=checked(int, lambda v: 0 < v < 65536, "a port number"), default=8080, help="port (default 8080)"
     )
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="what goes to stderr: info (default) has the start-up line and one line per request",
+    )
     parser.add_argument("--api-key", help="require this key (Authorization: Bearer KEY, or x-api-key: KEY)")
     parser.add_argument(
         "--allowed-origins",
@@ -186,7 +192,7 @@ def run(args: argparse.Namespace) -> None:
         from mlx_gemma4u.weights.loading import load_draft_model
 
         drafter = lambda: load_draft_model(args.draft_model, check_memory=not args.no_memory_check)  # noqa: E731
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
     worker = Worker(
         lambda: load_from_args(args),
         max_queue=args.max_queue,

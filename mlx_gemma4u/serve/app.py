@@ -42,7 +42,7 @@ from mlx_gemma4u.serve.messages import anthropic_messages, openai_messages
 from mlx_gemma4u.serve.metrics import CONTENT_TYPE
 from mlx_gemma4u.serve.pool import PreparePool
 from mlx_gemma4u.serve.responses import AnthropicMessage, OpenAIChat, OpenAICompletion
-from mlx_gemma4u.serve.worker import DONE, Job, Worker
+from mlx_gemma4u.serve.worker import DONE, Job, Token, Worker
 
 log = logging.getLogger(__name__)
 PREPARE_THREADS = 4  # requests prepared at once; fetches wait on the network, decoding on the CPU
@@ -279,15 +279,19 @@ async def _started(worker: Worker, job: Job, request: Request) -> AsyncIterator[
         first = None
 
     async def tokens():
+        last = first
         try:
             if first is not None:
                 yield first
                 async for event in events:
                     if await request.is_disconnected():
                         return
+                    last = event
                     yield event
         finally:
             job.cancelled.set()
+            if isinstance(last, Token):  # for the access log's line
+                request.state.tokens = (last.prompt_tokens, last.generation_tokens)
 
     return tokens()
 

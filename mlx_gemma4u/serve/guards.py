@@ -40,8 +40,8 @@ def _header(scope: dict, name: bytes) -> str | None:
 
 
 class AccessLog:
-    """One line per request: client, method, path, status, seconds to the end of the response;
-    and its count in the server's metrics."""
+    """One line per request: client, method, path, status, a reply's tokens in and out, seconds to
+    the end of the response; and its count in the server's metrics."""
 
     def __init__(self, app: ASGIApp, metrics):
         self.app, self.metrics = app, metrics
@@ -61,13 +61,15 @@ class AccessLog:
         finally:
             self.metrics.request(scope["path"], status[0])
             client = scope.get("client") or ("-", 0)
+            tokens = scope.get("state", {}).get("tokens")
             access.info(
-                "%s:%s %s %s %s %.2f s",
+                "%s:%s %s %s %s %s%.2f s",
                 client[0],
                 client[1],
                 scope["method"],
                 scope["path"],
                 status[0] or "-",
+                f"{tokens[0]} tokens in, {tokens[1]} out, " if tokens else "",
                 time.monotonic() - start,
             )
 

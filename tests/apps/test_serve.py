@@ -434,6 +434,24 @@ def test_metrics_parse_and_move_with_requests(server):
     assert after[("mlx_gemma4u_queue_depth", ())] == 0 and after[("mlx_gemma4u_kv_cache_bytes", ())] > 0
 
 
+def test_the_log_has_a_start_up_line_and_a_line_per_request(demo_home, tmp_path):
+    """The start-up line names the address and the model; each request's line has its method, path,
+    status and, for a reply, its tokens in and out; --log-level warning keeps only warnings."""
+    import re
+
+    log = tmp_path / "info.log"
+    with _running(demo_home, log, "--api-key", KEY) as url:
+        reply = _ask(url, "Log this.", max_tokens=5)
+    text = log.read_text()
+    assert re.search(rf"Serving demo on {re.escape(url)}", text), text
+    line = f"POST /v1/chat/completions 200 {reply.usage.prompt_tokens} tokens in, {reply.usage.completion_tokens} out"
+    assert line in text, text
+    quiet = tmp_path / "warning.log"
+    with _running(demo_home, quiet, "--api-key", KEY, "--log-level", "warning") as url:
+        _ask(url, "Log this.", max_tokens=5)
+    assert "POST /v1/chat/completions" not in quiet.read_text()
+
+
 def test_the_api_key_is_enforced(server):
     with pytest.raises(openai.AuthenticationError):
         _openai(server, "wrong").chat.completions.create(
