@@ -27,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--port", type=checked(int, lambda v: 0 < v < 65536, "a port number"), default=8080, help="port (default 8080)"
     )
     parser.add_argument(
+        "--idle-unload",
+        type=POSITIVE_NUMBER,
+        metavar="SECONDS",
+        help="free the weights after this long without a request; the next request loads them "
+        "again and waits for that (default: keep them)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         default="info",
@@ -198,5 +205,6 @@ def run(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         max_concurrency=args.max_concurrency,
         load_drafter=drafter,
+        idle_unload=args.idle_unload,
     )
     serve(worker, settings, args.host, args.port, args.max_queue)

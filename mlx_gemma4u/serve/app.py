@@ -86,7 +86,7 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", "loaded": worker.loaded}
 
     @app.get("/metrics")
     async def metrics():
@@ -96,7 +96,15 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
     async def models():
         return {
             "object": "list",
-            "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "mlx-gemma4u"}],
+            "data": [
+                {
+                    "id": settings.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "mlx-gemma4u",
+                    "loaded": worker.loaded,
+                }
+            ],
         }
 
     @app.post("/v1/chat/completions")

@@ -16,6 +16,7 @@ leaves the batch at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import queue
@@ -89,16 +90,19 @@ class Worker:
         max_concurrency: int = 8,
         cache_bytes: int = 2 << 30,
         load_drafter: Callable | None = None,
+        idle_unload: float | None = None,
     ):
-        self.cache_bytes, self.max_concurrency = cache_bytes, max_concurrency
-        self._load_drafter = load_drafter
+        self.cache_bytes, self.max_concurrency, self.idle_unload = cache_bytes, max_concurrency, idle_unload
+        self._load, self._load_drafter = load, load_drafter
+        self.loaded = False
+        self._pending: list = []  # a request taken from the queue while idle, for _admit to take first
         self._queue: queue.Queue = queue.Queue(max_queue)
         self._caches: list = []  # PromptCaches of finished requests, most recently used last
         self._stopping = False
         self.metrics = Metrics()
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
-        threading.Thread(target=self._run, args=(load,), name="mlx-gemma4u-worker", daemon=True).start()
+        threading.Thread(target=self._run, name="mlx-gemma4u-worker", daemon=True).start()
         self._loaded.wait()
         if self._load_error is not None:
             raise self._load_error
@@ -119,15 +123,9 @@ class Worker:
         except queue.Full:
             pass
 
-    def _run(self, load: Callable[[], tuple]) -> None:
+    def _run(self) -> None:
         try:
-            self.model, self.processor = load()
-            drafter = self._load_drafter() if self._load_drafter else None
-
-            def new_generator() -> BatchGenerator:
-                return BatchGenerator(self.model, self.processor, max_batch=self.max_concurrency, draft_model=drafter)
-
-            generator = new_generator()
+            generator = self._load_weights()
         except BaseException as e:  # handed to the constructor, which raises it
             self._load_error = e
             return
@@ -136,13 +134,21 @@ class Worker:
         running: dict[int, tuple[Job, Any]] = {}  # uid -> (job, its PromptCache)
         while not self._stopping:
             try:
+                if generator.done and self.idle_unload and not self._take(self.idle_unload):
+                    generator = None  # nothing came for idle_unload seconds: free the weights
+                    self._unload()
+                    self._take(None)
+                    if self._stopping:
+                        break
+                    log.info("loading the weights again for a request; it waits until they are in")
+                    generator = self._load_weights()
                 self._admit(generator, running, wait=generator.done)
                 for event in generator.step():
                     self._hand_out(generator, running, event)
             except Exception:  # a fault of the engine itself, in no one sequence: it starts over
                 log.exception("the batch failed")
                 self._end_all(running, Fault("Internal error: the batch failed; retry the request."))
-                generator = new_generator()
+                generator = self._generator()
             self._expire(generator, running)
             self._measure(running)
         self._end_all(running, ShuttingDown(STOPPING))
@@ -152,12 +158,38 @@ class Worker:
                 job.emit(ShuttingDown(STOPPING))
                 job.emit(DONE)
 
+    def _load_weights(self) -> BatchGenerator:
+        self.model, self.processor = self._load()
+        self.drafter = self._load_drafter() if self._load_drafter else None
+        self.loaded = True
+        return self._generator()
+
+    def _generator(self) -> BatchGenerator:
+        return BatchGenerator(self.model, self.processor, max_batch=self.max_concurrency, draft_model=self.drafter)
+
+    def _take(self, timeout: float | None) -> bool:
+        """Wait up to `timeout` seconds (None: for ever) for a request, kept for _admit -> whether one came."""
+        try:
+            self._pending.append(self._queue.get(timeout=timeout))
+            return True
+        except queue.Empty:
+            return False
+
+    def _unload(self) -> None:
+        """Free the weights, the drafter's and the cached prompts (the processor stays)."""
+        self.model = self.drafter = None
+        self._caches.clear()
+        self.loaded = False
+        gc.collect()
+        mx.clear_cache()
+        log.info("unloaded the weights after %g s without a request", self.idle_unload)
+
     def _admit(self, generator, running: dict, wait: bool) -> None:
         """Hand the engine waiting requests while it has room (blocking for one when nothing runs);
         the rest stay in the bounded queue."""
         while len(running) < self.max_concurrency:
             try:
-                job = self._queue.get(block=wait)
+                job = self._pending.pop() if self._pending else self._queue.get(block=wait)
             except queue.Empty:
                 return
             wait = False
