@@ -35,10 +35,22 @@ class SoftTokens:
 
     def __init__(self):
         self._rows: dict[bytes, mx.array] = {}
+        self.keys: list[bytes] = []  # the last prompt's media, in order: what its cached keys and values saw
 
-    def of(self, model, inputs: dict) -> dict[str, mx.array]:
-        """Media kind -> (M, D) soft tokens, for the kinds of media in `inputs` (processor names)."""
-        rows, out = {}, {}
+    @staticmethod
+    def keys_of(inputs: dict) -> list[bytes]:
+        """The hashes of a prompt's images, video frames and audio clips, in order."""
+        keys = []
+        for kind in KINDS:
+            values, extra = inputs.get(kind.values), inputs.get(kind.extra)
+            for i in range(0 if values is None else values.shape[0]):
+                keys.append(_digest(kind.name, values[i : i + 1], None if extra is None else extra[i : i + 1]))
+        return keys
+
+    def of(self, model, inputs: dict, keys: list[bytes]) -> dict[str, mx.array]:
+        """Media kind -> (M, D) soft tokens, for the kinds of media in `inputs` (processor names;
+        `keys`: their keys_of)."""
+        rows, out, ordered = {}, {}, iter(keys)
         for kind in KINDS:
             values, extra = inputs.get(kind.values), inputs.get(kind.extra)
             if values is None:
@@ -46,13 +58,13 @@ class SoftTokens:
             parts = []
             for i in range(values.shape[0]):  # one image, video frame or audio clip per row
                 row_extra = None if extra is None else extra[i : i + 1]
-                key = _digest(kind.name, values[i : i + 1], row_extra)
+                key = next(ordered)
                 if key not in rows:
                     kept = self._rows.get(key)
                     rows[key] = kept if kept is not None else model.soft_tokens(kind.name, values[i : i + 1], row_extra)
                 parts.append(rows[key])
             out[kind.name] = mx.concatenate(parts) if len(parts) > 1 else parts[0]
-        self._rows = rows
+        self._rows, self.keys = rows, keys
         return out
 
 
@@ -80,15 +92,18 @@ class PromptCache:
         self.reused = 0  # tokens of the last prompt that were already cached
         self.media = SoftTokens()
 
-    def reusable(self, ids: list[int], blocks: np.ndarray) -> int:
+    def reusable(self, ids: list[int], blocks: np.ndarray, media: list[bytes], first_media: int) -> int:
         """How many leading tokens of `ids` can stay cached: the common prefix, short of the last
         token (its logits are needed), never ending inside a vision block, and only if the caches
-        can be trimmed back to it."""
+        can be trimmed back to it. Media placeholders are alike for any media, so unless the prompt's
+        media (their hashes, `media`) are the cached prompt's, the prefix ends at the first one."""
         n = 0
         for a, b in zip(self.tokens, ids[:-1]):
             if a != b:
                 break
             n += 1
+        if media != self.media.keys:
+            n = min(n, first_media)
         while 0 < n < len(ids) and blocks[n] >= 0 and blocks[n] == blocks[n - 1]:
             n -= 1
         surplus = len(self.tokens) - n

@@ -47,10 +47,12 @@ def prefill(
     ids = input_ids[0].tolist()
     types = inputs.get("mm_token_type_ids")
     blocks = np.array(vision_blocks(types))[0] if types is not None else np.full(len(ids), -1)
-    start = prompt_cache.reused = prompt_cache.reusable(ids, blocks)
+    media = np.nonzero(np.array(types)[0])[0] if types is not None else []
+    keys = prompt_cache.media.keys_of(inputs)
+    start = prompt_cache.reused = prompt_cache.reusable(ids, blocks, keys, int(media[0]) if len(media) else len(ids))
     prompt_cache.keep(start)
     cache = prompt_cache.caches
-    embeds = model.embed(input_ids, soft_tokens=prompt_cache.media.of(model, inputs))
+    embeds = model.embed(input_ids, soft_tokens=prompt_cache.media.of(model, inputs, keys))
     extra = {"return_hidden": True} if return_hidden else {}
     for lo, hi in prefill_chunks(start, len(ids), prefill_step_size, blocks):
         out = model(

@@ -256,3 +256,32 @@ def test_kv_bits_decode_reads_and_extends_the_quantized_caches(demo):
     generate(model, processor, "Count to ten.", max_tokens=5, prompt_cache=cache)
     quantized = [c for c in cache.caches if type(c).__name__ == "QuantizedKVCache"]
     assert quantized and all(c.offset == len(cache.tokens) for c in cache.caches)
+
+
+def test_a_prompt_cache_never_reuses_the_keys_of_other_media(demo, fixtures_dir, tmp_path):
+    """Two prompts alike token for token but for their image (the mirror of the other, same size,
+    so the same placeholders): the cache keeps at most the text before the image, and the reply is
+    the cold one; the same image again reuses all but a few tokens."""
+    from PIL import Image, ImageOps
+
+    model, processor = demo
+    photo = fixtures_dir / "images/tiny_coffee_40x27.png"
+    mirrored = tmp_path / "mirrored.png"
+    ImageOps.mirror(Image.open(photo)).save(mirrored)
+
+    def prompt(path):
+        content = [{"type": "text", "text": "Look at this:"}, {"type": "image", "path": str(path)}]
+        return [{"role": "user", "content": content}]
+
+    cache = PromptCache(model)
+    list(stream_generate(model, processor, prompt(photo), max_tokens=4, prompt_cache=cache))
+    warm = list(stream_generate(model, processor, prompt(mirrored), max_tokens=8, prompt_cache=cache))
+    cold = tokens(model, processor, prompt(mirrored), max_tokens=8)
+    ids = prepare_inputs(processor, prompt(mirrored))["input_ids"][0].tolist()
+    first_image = ids.index(258880)  # the first image placeholder
+    assert [r.token for r in warm] == cold
+    # at most the text before the image is kept (here none: the sliding layers cannot rewind that far)
+    assert warm[0].prompt_tokens - warm[0].prefilled_tokens <= first_image
+    again = list(stream_generate(model, processor, prompt(mirrored), max_tokens=8, prompt_cache=cache))
+    assert [r.token for r in again] == cold
+    assert again[0].prefilled_tokens < 10
