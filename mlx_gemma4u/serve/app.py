@@ -41,7 +41,7 @@ from mlx_gemma4u.serve.media import MediaLimits, MediaReader
 from mlx_gemma4u.serve.messages import anthropic_messages, openai_messages
 from mlx_gemma4u.serve.metrics import CONTENT_TYPE
 from mlx_gemma4u.serve.pool import PreparePool
-from mlx_gemma4u.serve.responses import AnthropicMessage, OpenAIChat, OpenAICompletion
+from mlx_gemma4u.serve.responses import AnthropicMessage, OpenAIChat, OpenAICompletion, Transcript
 from mlx_gemma4u.serve.worker import DONE, Job, Token, Worker
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,43 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
         reply = AnthropicMessage(tokenizer, settings.model_name, body)
         return _sse(reply.stream(tokens), anthropic=True) if body.stream else await reply.whole(tokens)
 
+    async def transcribe(request: Request, task: str):
+        """OpenAI's audio endpoints: the multipart form's audio file and settings -> its text."""
+        form = await request.form()
+        upload, fields = form.get("file"), {k: v for k, v in form.items() if isinstance(v, str)}
+        if upload is None or isinstance(upload, str):
+            raise InputError("The form needs the audio as a file field named 'file'.")
+        data, name = await upload.read(), upload.filename or "audio"
+        body = schemas.Transcription(**fields)
+        instruction = TASKS[task] + (f" The speech is in {body.language}." if body.language else "")
+        instruction += f" Context: {body.prompt}" if body.prompt else ""
+
+        clip: dict = {}  # the audio's length, for verbose_json
+
+        def prepare(media: MediaReader) -> dict:
+            part = media.audio_bytes(data, name.rsplit(".", 1)[-1], "file")
+            samples, rate = part["audio"]
+            clip["seconds"] = len(samples) / rate
+            content = [part, {"type": "text", "text": instruction}]
+            return prepare_arrays(worker.processor, [{"role": "user", "content": content}])
+
+        params = _params(defaults, body, None, None)
+        tokens = await start(prepare, params, None, request)
+        reply = Transcript(body, task, clip)
+        return _sse(reply.stream(tokens)) if body.stream else await reply.whole(tokens)
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request):
+        return await transcribe(request, "transcribe")
+
+    @app.post("/v1/audio/translations")
+    async def translations(request: Request):
+        return await transcribe(request, "translate")
+
     return app
+
+
+TASKS = {"transcribe": "Transcribe this audio.", "translate": "Translate this audio into English."}
 
 
 def _handle_errors(app: FastAPI) -> None:

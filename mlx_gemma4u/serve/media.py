@@ -62,9 +62,13 @@ class MediaReader:
         raise InputError(f"The image has {size}; this server takes at most {self.limits.image_pixels:,} pixels.")
 
     def audio(self, data: str, fmt: str | None) -> dict:
+        return self.audio_bytes(_base64(data, "input_audio.data"), fmt or "audio", "input_audio")
+
+    def audio_bytes(self, data: bytes, fmt: str, where: str) -> dict:
+        """An audio file's bytes (any format soundfile reads) -> a content part of its samples."""
         import soundfile
 
-        raw = io.BytesIO(_base64(data, "input_audio.data"))
+        raw = io.BytesIO(data)
         try:
             info = soundfile.info(raw)
             seconds = info.frames / info.samplerate
@@ -72,7 +76,7 @@ class MediaReader:
                 raw.seek(0)
                 return {"type": "audio", "audio": soundfile.read(raw, dtype="float32")}
         except Exception:
-            raise InputError(f"input_audio holds no readable {fmt or 'audio'} data.") from None
+            raise InputError(f"{where} holds no readable {fmt} data.") from None
         raise InputError(
             f"The audio lasts {seconds:.1f} s; this server takes clips of at most {self.limits.audio_seconds:g} s."
         )

@@ -13,6 +13,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from starlette.responses import PlainTextResponse
+
 from mlx_gemma4u.generation.reply import Delta, Reply, ToolCall
 from mlx_gemma4u.serve import schemas
 from mlx_gemma4u.serve.worker import Token
@@ -304,3 +306,29 @@ class AnthropicMessage:
             "stop_sequence": sequence,
             "usage": self._usage(last),
         }
+
+
+class Transcript:
+    """Tokens -> OpenAI's transcription (or translation): {"text"} for json, the bare text for text,
+    task, language, duration and text for verbose_json; streamed as transcript.text.delta events
+    and a transcript.text.done."""
+
+    def __init__(self, body: schemas.Transcription, task: str, clip: dict):
+        self.body, self.task, self.clip = body, task, clip  # clip: the prepared audio's "seconds"
+
+    async def stream(self, tokens: AsyncIterator[Token]) -> AsyncIterator[dict]:
+        text = ""
+        async for token in tokens:
+            if token.text:
+                text += token.text
+                yield {"type": "transcript.text.delta", "delta": token.text}
+        yield {"type": "transcript.text.done", "text": text}
+
+    async def whole(self, tokens: AsyncIterator[Token]):
+        text = "".join([token.text async for token in tokens])
+        if self.body.response_format == "text":
+            return PlainTextResponse(text)
+        if self.body.response_format == "verbose_json":
+            language = self.body.language or "unknown"
+            return {"task": self.task, "language": language, "duration": self.clip["seconds"], "text": text}
+        return {"text": text}

@@ -5,7 +5,7 @@ generation settings are checked once, by SamplingParams; only limits of an API i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -84,3 +84,12 @@ class Message(Sampling, MessagePrompt):
     max_tokens: int
     stop_sequences: list[str] | None = None
     temperature: float = Field(0.0, ge=0, le=1)
+
+
+class Transcription(Sampling):
+    """OpenAI's audio transcription and translation form fields (the file comes apart)."""
+
+    model: str | None = None
+    language: str | None = None
+    prompt: str | None = None
+    response_format: Literal["json", "text", "verbose_json"] = "json"

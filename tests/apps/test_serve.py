@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -480,6 +481,51 @@ def test_an_idle_server_frees_the_weights_and_loads_them_again(demo_home, tmp_pa
     assert loaded_mb - unloaded_mb > 20, (loaded_mb, unloaded_mb)
     text = log.read_text()
     assert "unloaded the weights after 2 s" in text and "loading the weights again" in text
+
+
+def test_audio_transcriptions_and_translations_through_openai(server, local, fixtures_dir, tmp_path):
+    """audio.transcriptions.create on a fixture WAV and on an MP3 of it: the text generate() gives
+    for the same audio and instruction; streamed deltas add up to it; text and verbose_json
+    formats; translations use their own instruction; a file that is not audio is a 400."""
+    import soundfile
+
+    wav = fixtures_dir / "audio/speech_16k_mono.wav"
+    samples, rate = soundfile.read(wav, dtype="float32")
+    mp3 = tmp_path / "speech.mp3"
+    soundfile.write(mp3, samples, rate, format="MP3")
+    client = _openai(server)
+
+    def alone(path: Path, instruction: str) -> str:
+        """generate() on the samples the server decodes (soundfile reads the upload's bytes)."""
+        audio = {"type": "audio", "audio": soundfile.read(path, dtype="float32")}
+        return generate(
+            *local, [{"role": "user", "content": [audio, {"type": "text", "text": instruction}]}], max_tokens=32
+        )
+
+    for path in (wav, mp3):
+        with open(path, "rb") as f:
+            text = client.audio.transcriptions.create(model="demo", file=f).text
+        assert text == alone(path, "Transcribe this audio."), path
+    with open(wav, "rb") as f:
+        events = list(client.audio.transcriptions.create(model="demo", file=f, stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "transcript.text.delta")
+    assert deltas == events[-1].text == alone(wav, "Transcribe this audio.")
+    with open(wav, "rb") as f:
+        plain = client.audio.transcriptions.create(model="demo", file=f, response_format="text")
+    with open(wav, "rb") as f:
+        verbose = client.audio.transcriptions.create(
+            model="demo", file=f, response_format="verbose_json", language="en"
+        )
+    assert plain == alone(wav, "Transcribe this audio.")
+    assert verbose.text == alone(wav, "Transcribe this audio. The speech is in en.")
+    assert abs(verbose.duration - len(samples) / rate) < 1e-6 and verbose.language == "en"
+    with open(wav, "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the client marks translations deprecated
+        translated = client.audio.translations.create(model="demo", file=f).text
+    assert translated == alone(wav, "Translate this audio into English.")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.audio.transcriptions.create(model="demo", file=("notes.wav", b"not audio at all"))
+    assert "holds no readable" in refused.value.message
 
 
 def test_the_api_key_is_enforced(server):
