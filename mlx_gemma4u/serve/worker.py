@@ -134,14 +134,13 @@ class Worker:
         running: dict[int, tuple[Job, Any]] = {}  # uid -> (job, its PromptCache)
         while not self._stopping:
             try:
-                if generator.done and self.idle_unload and not self._take(self.idle_unload):
+                if generator is not None and generator.done and self.idle_unload and not self._take(self.idle_unload):
                     generator = None  # nothing came for idle_unload seconds: free the weights
                     self._unload()
-                    self._take(None)
-                    if self._stopping:
-                        break
-                    log.info("loading the weights again for a request; it waits until they are in")
-                    generator = self._load_weights()
+                if generator is None:
+                    generator = self._reload()
+                    if generator is None:
+                        continue
                 self._admit(generator, running, wait=generator.done)
                 for event in generator.step():
                     self._hand_out(generator, running, event)
@@ -183,6 +182,25 @@ class Worker:
         gc.collect()
         mx.clear_cache()
         log.info("unloaded the weights after %g s without a request", self.idle_unload)
+
+    def _reload(self) -> BatchGenerator | None:
+        """The weights are out: wait for a request and load them again for it -> the engine (None:
+        the server is stopping, or the load failed and the waiting requests were told so)."""
+        if not self._pending:
+            self._take(None)
+        if self._stopping:
+            return None
+        log.info("loading the weights again for a request; it waits until they are in")
+        try:
+            return self._load_weights()
+        except Exception:
+            log.exception("loading the weights again failed")
+            while self._pending:
+                job = self._pending.pop()
+                if job is not None:
+                    job.emit(Fault("The server could not load the model's weights again; see its log."))
+                    job.emit(DONE)
+            return None
 
     def _admit(self, generator, running: dict, wait: bool) -> None:
         """Hand the engine waiting requests while it has room (blocking for one when nothing runs);

@@ -528,6 +528,30 @@ def test_audio_transcriptions_and_translations_through_openai(server, local, fix
     assert "holds no readable" in refused.value.message
 
 
+def test_weights_that_cannot_be_loaded_again_fail_that_request_alone(demo_home, tmp_path):
+    """An unloaded server whose checkpoint went missing answers the next request with a 500 in
+    OpenAI's shape and stays up; once the files are back, the next request loads them and gets the
+    reply it got before."""
+    import shutil
+    import time
+
+    folder = tmp_path / "model"
+    shutil.copytree(demo_home / "demo-v1", folder)
+    with running(demo_home, tmp_path / "s.log", "--api-key", KEY, "--idle-unload", "1", model=folder) as (url, _):
+        before = _ask(url, "Again?", max_tokens=6).choices[0].message.content
+        for _ in range(60):  # at most 30 s
+            if not json.loads(urllib.request.urlopen(f"{url}/health", timeout=5).read())["loaded"]:
+                break
+            time.sleep(0.5)
+        (folder / "model.safetensors").rename(tmp_path / "away.safetensors")
+        with pytest.raises(openai.InternalServerError) as failed:
+            _ask(url, "Again?", max_tokens=6)
+        assert "could not load the model's weights again" in failed.value.message
+        assert _health(url)
+        (tmp_path / "away.safetensors").rename(folder / "model.safetensors")
+        assert _ask(url, "Again?", max_tokens=6).choices[0].message.content == before
+
+
 def test_the_api_key_is_enforced(server):
     with pytest.raises(openai.AuthenticationError):
         _openai(server, "wrong").chat.completions.create(
