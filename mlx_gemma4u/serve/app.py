@@ -26,6 +26,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response, StreamingResponse
@@ -199,7 +200,11 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
         if upload is None or isinstance(upload, str):
             raise InputError("The form needs the audio as a file field named 'file'.")
         data, name = await upload.read(), upload.filename or "audio"
-        body = schemas.Transcription(**fields)
+        try:
+            body = schemas.Transcription(**fields)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise InputError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
         instruction = TASKS[task] + (f" The speech is in {body.language}." if body.language else "")
         instruction += f" Context: {body.prompt}" if body.prompt else ""
 

@@ -526,6 +526,13 @@ def test_audio_transcriptions_and_translations_through_openai(server, local, fix
     with pytest.raises(openai.BadRequestError) as refused:
         client.audio.transcriptions.create(model="demo", file=("notes.wav", b"not audio at all"))
     assert "holds no readable" in refused.value.message
+    status, payload = _post(
+        server, "/v1/audio/transcriptions", b"", {"content-type": "multipart/form-data; boundary=x"}
+    )
+    assert status == 400 and "file" in payload["error"]["message"]
+    with open(wav, "rb") as f, pytest.raises(openai.BadRequestError) as refused:
+        client.audio.transcriptions.create(model="demo", file=f, response_format="srt")
+    assert "response_format" in refused.value.message
 
 
 def test_weights_that_cannot_be_loaded_again_fail_that_request_alone(demo_home, tmp_path):
