@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="info",
         help="what goes to stderr: info (default) has the start-up line and one line per request",
     )
+    parser.add_argument(
+        "--no-ui", action="store_true", help="no chat page at / (by default the server's address opens one)"
+    )
     parser.add_argument("--api-key", help="require this key (Authorization: Bearer KEY, or x-api-key: KEY)")
     parser.add_argument(
         "--allowed-origins",
@@ -175,6 +178,7 @@ def _settings(args: argparse.Namespace):
         allowed_origins=tuple(args.allowed_origins),
         allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
         max_body_bytes=int(args.max_request_mb * 1e6),
+        ui=not args.no_ui,
     )
 
 

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -29,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 
 from mlx_gemma4u.errors import Gemma4UError, InputError
 from mlx_gemma4u.generation.constraints import Constraint, ll_tokenizer
@@ -46,6 +47,7 @@ from mlx_gemma4u.serve.responses import AnthropicMessage, OpenAIChat, OpenAIComp
 from mlx_gemma4u.serve.worker import DONE, Job, Token, Worker
 
 log = logging.getLogger(__name__)
+PAGE = Path(__file__).with_name("chat.html")  # the chat page: one static file, its CSS and JS inline
 PREPARE_THREADS = 4  # requests prepared at once; fetches wait on the network, decoding on the CPU
 
 
@@ -59,6 +61,7 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: frozenset[str] | None = None  # None: any Host header
     max_body_bytes: int = 32 << 20
+    ui: bool = True  # the chat page at /
 
 
 def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI:
@@ -84,6 +87,12 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
         inputs = await pool.run(lambda: _prepared(prepare, settings.media))
         job = Job(inputs, params, time.monotonic() + settings.timeout, top_logprobs)
         return await _started(worker, job, request)
+
+    if settings.ui:
+
+        @app.get("/")
+        async def page():
+            return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health():
@@ -419,6 +428,8 @@ def serve(worker: Worker, settings: Settings, host: str, port: int, max_queue: i
     shown = f"[{host}]" if ":" in host else host
     banner = (
         f"Serving {settings.model_name} on http://{shown}:{port} (OpenAI /v1/chat/completions, "
-        "/v1/completions; Anthropic /v1/messages); Ctrl-C stops."
+        "/v1/completions, /v1/responses, /v1/audio; Anthropic /v1/messages"
+        + ("; the chat page at /" if settings.ui else "")
+        + "); Ctrl-C stops."
     )
     _Server(config, stop, banner).run()

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 access = logging.getLogger("mlx_gemma4u.serve.access")
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+OPEN_PATHS = {"/health", "/"}  # answered without the API key
 
 
 def error_response(path: str, status: int, kind: str, message: str) -> JSONResponse:
@@ -95,13 +96,14 @@ class HostCheck:
 
 
 class ApiKey:
-    """With a key: every path but /health needs `Authorization: Bearer KEY` or `x-api-key: KEY`."""
+    """With a key: every path but /health and the chat page needs `Authorization: Bearer KEY` or
+    `x-api-key: KEY` (the page asks for the key and sends it with its API calls)."""
 
     def __init__(self, app: ASGIApp, key: str | None):
         self.app, self.key = app, key.encode() if key else None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and self.key is not None and scope["path"] != "/health":
+        if scope["type"] == "http" and self.key is not None and scope["path"] not in OPEN_PATHS:
             authorization = _header(scope, b"authorization") or ""
             given = [
                 authorization[7:] if authorization.startswith("Bearer ") else "",
