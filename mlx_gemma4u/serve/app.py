@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -40,10 +41,11 @@ from mlx_gemma4u.serve import schemas
 from mlx_gemma4u.serve.errors import Fault
 from mlx_gemma4u.serve.guards import AccessLog, ApiKey, BodyLimit, HostCheck, error_response
 from mlx_gemma4u.serve.media import MediaLimits, MediaReader
-from mlx_gemma4u.serve.messages import anthropic_messages, openai_messages
+from mlx_gemma4u.serve.messages import anthropic_messages, openai_messages, responses_messages
 from mlx_gemma4u.serve.metrics import CONTENT_TYPE
 from mlx_gemma4u.serve.pool import PreparePool
 from mlx_gemma4u.serve.responses import AnthropicMessage, OpenAIChat, OpenAICompletion, Transcript
+from mlx_gemma4u.serve.responses_api import ResponseReply, ResponseStore, answer_format, function_tools, input_items
 from mlx_gemma4u.serve.worker import DONE, Job, Token, Worker
 
 log = logging.getLogger(__name__)
@@ -76,16 +78,24 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
     app.add_middleware(AccessLog, metrics=worker.metrics)
     _handle_errors(app)
     tokenizer = worker.processor.tokenizer
+    store = ResponseStore()
     # what a request leaves out: serve's flags, over the checkpoint's generation_config.json
     defaults = SamplingParams(**{**worker.processor.sampling_defaults, **settings.sampling})
 
     async def start(
-        prepare: Callable[[MediaReader], dict], params: SamplingParams, top_logprobs: int | None, request: Request
+        prepare: Callable[[MediaReader], dict],
+        params: SamplingParams,
+        top_logprobs: int | None,
+        request: Request,
+        cancelled: threading.Event | None = None,
     ) -> AsyncIterator:
+        """Prepare the request on the pool, queue it, wait for its first token -> its tokens
+        (`cancelled`: an event that ends it, besides its client leaving)."""
         if params.response_format is not None:  # llguidance's view of the vocabulary, built once, off the step loop
             await pool.run(lambda: ll_tokenizer(tokenizer, worker.model.config.text.vocab_size))
         inputs = await pool.run(lambda: _prepared(prepare, settings.media))
         job = Job(inputs, params, time.monotonic() + settings.timeout, top_logprobs)
+        job.cancelled = cancelled or job.cancelled
         return await _started(worker, job, request)
 
     if settings.ui:
@@ -177,6 +187,46 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
 
         return prepare, tools, thinking
 
+    @app.post("/v1/responses")
+    async def create_response(body: schemas.ResponseCreate, request: Request):
+        if body.background:
+            raise InputError("Background responses are not supported: stream the response instead.")
+        items = store.get_for_follow_up(body.previous_response_id) if body.previous_response_id else []
+        items = items + input_items(body.input)
+        tools = function_tools(body.tools)
+        thinking = _thinking((body.reasoning or {}).get("effort"), None)
+
+        def prepare(media: MediaReader) -> dict:
+            messages = responses_messages(body.instructions, items, media)
+            return prepare_arrays(worker.processor, messages, enable_thinking=thinking, tools=tools or None)
+
+        params = _params(
+            defaults,
+            body,
+            body.max_output_tokens,
+            None,
+            enable_thinking=thinking,
+            response_format=_answer_format(answer_format(body.text), tools, body.tool_choice),
+        )
+        reply = ResponseReply(tokenizer, settings.model_name, body, items)
+        tokens = await start(prepare, params, None, request, reply.cancelled)
+        if body.store:
+            store.add(reply)
+        return _sse(reply.stream(tokens), style="responses") if body.stream else await reply.whole(tokens)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str):
+        return store.get(response_id).snapshot()
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str):
+        store.delete(response_id)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str):
+        return store.cancel(response_id).snapshot()
+
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: schemas.MessagePrompt):
         prepare, _, _ = anthropic_prompt(body)
@@ -200,7 +250,7 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
             request,
         )
         reply = AnthropicMessage(tokenizer, settings.model_name, body)
-        return _sse(reply.stream(tokens), anthropic=True) if body.stream else await reply.whole(tokens)
+        return _sse(reply.stream(tokens), style="anthropic") if body.stream else await reply.whole(tokens)
 
     async def transcribe(request: Request, task: str):
         """OpenAI's audio endpoints: the multipart form's audio file and settings -> its text."""
@@ -368,22 +418,27 @@ async def _events(job: Job) -> AsyncIterator[Any]:
         job.cancelled.set()
 
 
-def _sse(chunks: AsyncIterator[dict], anthropic: bool = False) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[dict], style: str = "openai") -> StreamingResponse:
+    """Server-sent events in an API's style: "openai" (chat, completions: data lines, then [DONE]),
+    "anthropic" and "responses" (each event named by its type)."""
+    named = style != "openai"
+
     async def body():
         try:
             async for chunk in chunks:
-                name = f"event: {chunk['type']}\n" if anthropic else ""
+                name = f"event: {chunk['type']}\n" if named else ""
                 yield f"{name}data: {json.dumps(chunk)}\n\n"
         except Exception as e:  # after the headers went out, an error can only be an event
             message = str(e) if isinstance(e, Gemma4UError) else f"Internal error ({type(e).__name__})."
             kind = getattr(e, "kind", "invalid_request_error")
-            error = {"type": "error", "error": {"type": kind, "message": message}}
-            yield (
-                f"event: error\ndata: {json.dumps(error)}\n\n"
-                if anthropic
-                else f"data: {json.dumps({'error': {'message': message, 'type': kind}})}\n\n"
-            )
-        if not anthropic:
+            error = {
+                "openai": {"error": {"message": message, "type": kind}},
+                "anthropic": {"type": "error", "error": {"type": kind, "message": message}},
+                "responses": {"type": "error", "code": kind, "message": message, "param": None},
+            }[style]
+            name = "event: error\n" if named else ""
+            yield f"{name}data: {json.dumps(error)}\n\n"
+        if not named:
             yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")

@@ -21,3 +21,9 @@ class Fault(Gemma4UError):
     """A fault of ours, not of the request (HTTP 500); its traceback is in the server's log."""
 
     status, kind = 500, "api_error"
+
+
+class NotFound(Gemma4UError):
+    """What the request names does not exist here (HTTP 404): a stored response, say."""
+
+    status, kind = 404, "invalid_request_error"

@@ -1,4 +1,5 @@
-"""OpenAI and Anthropic chat messages -> the chat messages `stream_generate` takes.
+"""OpenAI and Anthropic chat messages, and OpenAI Responses input items -> the chat messages
+`stream_generate` takes.
 
 Media: images as data: URIs, http(s) URLs or (with --allow-local-files) local paths; audio as
 base64 with its format (OpenAI `input_audio`); video as `video_url` / `input_video` (an extension
@@ -32,6 +33,50 @@ def openai_messages(messages: list[dict], media: MediaReader) -> list[dict]:
             converted["tool_calls"] = [_openai_tool_call(call, names, i) for call in calls]
         out.append(converted)
     return out
+
+
+def responses_messages(instructions: str | None, items: list[dict], media: MediaReader) -> list[dict]:
+    """OpenAI Responses input items (messages, function_call, function_call_output; reasoning items
+    are left out, as Gemma 4's template leaves earlier thoughts out) -> ours, through their chat form."""
+    chat: list[dict] = [{"role": "system", "content": instructions}] if instructions else []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise InputError(f"Input item {i} must be an object.")
+        kind = item.get("type", "message")
+        if kind == "message":
+            content = item.get("content")
+            parts = [_chat_part(part, i) for part in content] if isinstance(content, list) else content
+            chat.append({"role": item.get("role"), "content": parts})
+        elif kind == "function_call":
+            function = {"name": item.get("name"), "arguments": item.get("arguments")}
+            call = {"id": item.get("call_id"), "function": function}
+            if chat and chat[-1]["role"] == "assistant":  # the calls of one model turn
+                chat[-1].setdefault("tool_calls", []).append(call)
+            else:
+                chat.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            chat.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output")})
+        elif kind != "reasoning":
+            raise InputError(
+                f"Input item {i} is of type {kind!r}; use message, function_call, function_call_output or reasoning."
+            )
+    return openai_messages(chat, media)
+
+
+def _chat_part(part: Any, i: int) -> Any:
+    """A Responses content part -> the chat part of the same content."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in ("input_text", "output_text", "refusal"):
+        return {"type": "text", "text": part.get("text", part.get("refusal", ""))}
+    if kind == "input_image":
+        return {"type": "image_url", "image_url": {"url": part.get("image_url")}}
+    if kind == "input_video":
+        return {"type": "video_url", "video_url": {"url": part.get("video_url")}}
+    if kind == "input_audio":
+        return part
+    raise InputError(
+        f"Input item {i} has a content part of type {kind!r}; use input_text, input_image, input_audio or input_video."
+    )
 
 
 def anthropic_messages(system: Any, messages: list[dict], media: MediaReader) -> list[dict]:

@@ -17,7 +17,11 @@ ENDPOINTS = frozenset(
         "/v1/completions",
         "/v1/messages",
         "/v1/messages/count_tokens",
+        "/v1/responses",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
         "/v1/models",
+        "/",
         "/health",
         "/metrics",
     }

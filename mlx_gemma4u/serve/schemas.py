@@ -93,3 +93,21 @@ class Transcription(Sampling):
     language: str | None = None
     prompt: str | None = None
     response_format: Literal["json", "text", "verbose_json"] = "json"
+
+
+class ResponseCreate(Sampling):
+    """OpenAI's Responses API request (POST /v1/responses)."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    max_output_tokens: int | None = None
+    text: dict[str, Any] | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+    background: bool = False
+    metadata: dict[str, str] | None = None
+    parallel_tool_calls: bool = True
