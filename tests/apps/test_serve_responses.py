@@ -3,6 +3,7 @@ on a free 127.0.0.1 port, driven by the official openai client; and the reply's 
 shapes on a scripted thought-and-answer reply. Every loop here is bounded."""
 
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -97,6 +98,30 @@ def test_a_response_equals_generate_and_its_stream_comes_in_openais_order(server
     assert text == whole.output_text == events[-1].response.output_text
     assert events[-1].response.usage.output_tokens == 16
     assert client.responses.retrieve(events[-1].response.id).output_text == text
+
+
+def test_image_and_audio_parts_count_as_in_chat(server, fixtures_dir):
+    """input_image and input_audio parts reach the prompt as chat's image_url and input_audio do."""
+    image = base64.b64encode((fixtures_dir / "images/tiny_coffee_40x27.png").read_bytes()).decode()
+    audio = base64.b64encode((fixtures_dir / "audio/speech_16k_mono.wav").read_bytes()).decode()
+    parts = [
+        (
+            {"type": "input_image", "image_url": f"data:image/png;base64,{image}"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+        ),
+        ({"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}},) * 2,
+    ]
+    client = _client(server)
+    text_only = client.responses.create(model="demo", input="Describe it.", max_output_tokens=1).usage.input_tokens
+    for ours, chats in parts:
+        content = [ours, {"type": "input_text", "text": "Describe it."}]
+        reply = client.responses.create(model="demo", input=[{"role": "user", "content": content}], max_output_tokens=1)
+        chat = client.chat.completions.create(
+            model="demo",
+            messages=[{"role": "user", "content": [chats, {"type": "text", "text": "Describe it."}]}],
+            max_tokens=1,
+        )
+        assert reply.usage.input_tokens == chat.usage.prompt_tokens > text_only + 10
 
 
 def test_a_function_call_round_trip_and_previous_response_id(server, local):
