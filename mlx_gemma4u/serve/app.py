@@ -45,7 +45,7 @@ from mlx_gemma4u.serve.messages import anthropic_messages, openai_messages, resp
 from mlx_gemma4u.serve.metrics import CONTENT_TYPE
 from mlx_gemma4u.serve.pool import PreparePool
 from mlx_gemma4u.serve.responses import AnthropicMessage, OpenAIChat, OpenAICompletion, Transcript
-from mlx_gemma4u.serve.responses_api import ResponseReply, ResponseStore, answer_format, function_tools, input_items
+from mlx_gemma4u.serve.responses_api import ResponseReply, ResponseStore, function_tools, input_items, response_format
 from mlx_gemma4u.serve.worker import DONE, Job, Token, Worker
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,11 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
         return await _started(worker, job, request)
 
     if settings.ui:
+        page_html = PAGE.read_text(encoding="utf-8")
 
         @app.get("/")
         async def page():
-            return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+            return HTMLResponse(page_html)
 
     @app.get("/health")
     async def health():
@@ -206,7 +207,7 @@ def create_app(worker: Worker, pool: PreparePool, settings: Settings) -> FastAPI
             body.max_output_tokens,
             None,
             enable_thinking=thinking,
-            response_format=_answer_format(answer_format(body.text), tools, body.tool_choice),
+            response_format=_answer_format(response_format(body.text), tools, body.tool_choice),
         )
         reply = ResponseReply(tokenizer, settings.model_name, body, items)
         tokens = await start(prepare, params, None, request, reply.cancelled)

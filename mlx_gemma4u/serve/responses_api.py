@@ -49,7 +49,7 @@ def function_tools(tools: list[dict] | None) -> list[dict]:
     return out
 
 
-def answer_format(text: dict | None) -> dict | None:
+def response_format(text: dict | None) -> dict | None:
     """`text.format` -> chat's response_format ({"type": "json_schema", "schema": ...} moves into
     "json_schema"); None for free text."""
     form = (text or {}).get("format")
@@ -67,7 +67,8 @@ class ResponseReply:
         self.id, self.created_at = f"resp_{uuid.uuid4().hex}", int(time.time())
         self.reply = Reply(tokenizer)
         self.cancelled = threading.Event()  # set by POST .../cancel: the worker drops the job
-        self.status, self.error, self.incomplete, self.usage = "in_progress", None, None, None
+        self.status, self.error, self.incomplete = "in_progress", None, None
+        self.last: Token | None = None  # the latest token: its counts are the usage so far
         self.output: list[dict] = []
         self.open: dict | None = None  # the reasoning or message item text is streaming into
         self.sequence = 0
@@ -97,7 +98,7 @@ class ResponseReply:
                 "tool_choice": body.tool_choice or "auto",
                 "tools": body.tools or [],
                 "truncation": "disabled",
-                "usage": self.usage,
+                "usage": None if self.last is None else _usage(self.last, self.reasoning_tokens),
                 "metadata": body.metadata or {},
                 "background": False,
             }
@@ -150,7 +151,7 @@ class ResponseReply:
         thinking = self.reply.in_thought
         delta = self.reply.add(token.token, token.text)
         self.reasoning_tokens += thinking or self.reply.in_thought
-        self.usage = _usage(token, self.reasoning_tokens)
+        self.last = token
         return self._events(delta)
 
     def _finish(self, last: Token | None) -> list[dict]:
@@ -248,13 +249,14 @@ class ResponseStore:
     def __init__(self, max_responses: int = 256, max_bytes: int = 256 << 20):
         self.max_responses, self.max_bytes = max_responses, max_bytes
         self._replies: OrderedDict[str, tuple[ResponseReply, int]] = OrderedDict()
+        self._bytes = 0  # the sizes in _replies, added up
 
     def add(self, reply: ResponseReply) -> None:
-        self._replies[reply.id] = (reply, len(json.dumps(reply.items)))
-        while len(self._replies) > 1 and (
-            len(self._replies) > self.max_responses or sum(size for _, size in self._replies.values()) > self.max_bytes
-        ):
-            self._replies.popitem(last=False)
+        size = len(json.dumps(reply.items))
+        self._replies[reply.id] = (reply, size)
+        self._bytes += size
+        while len(self._replies) > 1 and (len(self._replies) > self.max_responses or self._bytes > self.max_bytes):
+            self._bytes -= self._replies.popitem(last=False)[1][1]
 
     def get(self, response_id: str) -> ResponseReply:
         found = self._replies.get(response_id)
@@ -272,7 +274,7 @@ class ResponseStore:
 
     def delete(self, response_id: str) -> None:
         self.get(response_id)
-        del self._replies[response_id]
+        self._bytes -= self._replies.pop(response_id)[1]
 
     def cancel(self, response_id: str) -> ResponseReply:
         reply = self.get(response_id)

@@ -139,12 +139,18 @@ def test_markdown_is_rendered_without_letting_html_or_scripts_through(browser, s
     assert "snake_case_name" in found["text"] and found["text"].endswith(" deep")  # no emphasis; no stack overflow
 
 
+def _text_only_then_new_chat(page, text: str) -> int:
+    """Send `text` alone (greedy, 4 tokens) -> its prompt's tokens; then start a new chat."""
+    set_settings(page, temperature=0, max_tokens=4)
+    send(page, text)
+    tokens = finished_reply(page)["prompt_tokens"]
+    page.click("#new-chat")
+    return tokens
+
+
 def test_an_attached_image_adds_its_tokens(browser, server, fixtures_dir):
     with open_page(browser, server[0]) as page:
-        set_settings(page, temperature=0, max_tokens=4)
-        send(page, "Describe it.")
-        text_only = finished_reply(page)["prompt_tokens"]
-        page.click("#new-chat")
+        text_only = _text_only_then_new_chat(page, "Describe it.")
         page.set_input_files("#file", fixtures_dir / "images/tiny_coffee_40x27.png")
         video = base64.b64encode((fixtures_dir / "video/pan_coffee_240x160_15fps_2s_vp9.webm").read_bytes()).decode()
         dropped = page.evaluate_handle(
@@ -170,10 +176,7 @@ def test_an_attached_image_adds_its_tokens(browser, server, fixtures_dir):
 
 def test_recorded_voice_and_audio_files_are_sent_as_16k_mono_wav(browser, server, fixtures_dir):
     with open_page(browser, server[0]) as page:
-        set_settings(page, temperature=0, max_tokens=4)
-        send(page, "What did I say?")
-        text_only = finished_reply(page)["prompt_tokens"]
-        page.click("#new-chat")
+        text_only = _text_only_then_new_chat(page, "What did I say?")
         page.click("#record")  # the fake microphone: a beep, no permission prompt
         expect(page.locator("#record")).to_have_attribute("aria-pressed", "true")
         page.wait_for_timeout(1500)  # the fake microphone beeps twice a second
