@@ -10,20 +10,21 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
+from mlx.utils import tree_unflatten
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, save_prompt_cache
 
 from mlx_gemma4u.errors import CheckpointError, InputError
 from mlx_gemma4u.files import replacing
 from mlx_gemma4u.media import KINDS
-from mlx_gemma4u.models.cache import can_rewind, rewind
+from mlx_gemma4u.models.cache import SlidingKVCache, can_rewind, rewind
 from mlx_gemma4u.weights.loading import check_safetensors
 
-FORMAT = "mlx-gemma4u prompt cache 1"
+FORMAT = "mlx-gemma4u prompt cache 2"
+CACHE_TYPES = {c.__name__: c for c in (KVCache, QuantizedKVCache, SlidingKVCache)}
 # What a cache's keys and values depend on besides its tokens, in the order a mismatch is reported.
 FINGERPRINT = ("quantization", "dtype", "vision_mask", "config")
 
@@ -107,7 +108,7 @@ class PromptCache:
         while 0 < n < len(ids) and blocks[n] >= 0 and blocks[n] == blocks[n - 1]:
             n -= 1
         surplus = len(self.tokens) - n
-        if surplus and not all(can_rewind(c, surplus, self.config) for c in self.caches):
+        if surplus and not all(can_rewind(c, surplus) for c in self.caches):
             return 0
         return n
 
@@ -192,11 +193,15 @@ def _check_belongs(path: Path, wanted: dict[str, str]) -> None:
 
 
 def _read(path: Path) -> tuple[list, dict]:
-    """mlx-lm's load_prompt_cache on `path`, whatever its name: mx.load infers the format from the
-    suffix, so the file is read through a link that ends in .safetensors."""
-    with tempfile.TemporaryDirectory() as folder:
-        link = Path(folder) / "cache.safetensors"
-        link.symlink_to(path.resolve())
-        caches, metadata = load_prompt_cache(str(link), return_metadata=True)
-        mx.eval([c.state for c in caches])
+    """The caches and metadata of a file in mlx-lm's prompt-cache layout (save_prompt_cache: each
+    cache's state, its class name, and which state entries were numbers or None)."""
+    arrays, header = mx.load(str(path), format="safetensors", return_metadata=True)
+    metadata, classes, scalars = tree_unflatten(list(header.items()))
+    for key, kind in scalars[1:]:
+        arrays[key] = arrays[key].item() if kind == "scalar" else None
+    states = tree_unflatten(list(arrays.items()))
+    if any(name not in CACHE_TYPES for name in classes):
+        raise InputError(f"{path} holds a kind of cache this version does not make; make a new cache.")
+    caches = [CACHE_TYPES[name].from_state(state) for name, state in zip(classes, states)]
+    mx.eval([c.state for c in caches])
     return caches, metadata

@@ -1,69 +1,126 @@
-"""KV caches: mlx-lm's `KVCache` for full layers and `RotatingKVCache` for sliding layers.
+"""KV caches: mlx-lm's `KVCache` for full layers and `SlidingKVCache` for sliding layers.
 
-A sliding layer's query sees the last W keys (itself included). Its rotating cache holds W plus
-`rewind_room` (another W) more tokens, so a conversation can take back up to that many tokens even
-after the buffer wrapped (the next turn's prompt may re-render the last reply differently from the
-tokens generated). The masks hide keys older than the window. Layers that reuse another layer's
-keys and values (KV sharing) get no cache at all. `key_positions` says which absolute position
-each returned key holds, including the rotated order of a full rotating buffer.
+A sliding layer's query sees the last W keys (itself included), so a decode step attends to
+exactly W keys. The cache keeps more than that, `rewind_room` tokens more, so a conversation can
+take back tokens after the window has moved on (a rejected draft; a next turn whose prompt
+re-renders the last reply differently from the tokens generated). It keeps them in time order in
+one buffer, so the keys a step attends to are always one contiguous slice of it, never a copy.
+Layers that reuse another layer's keys and values (KV sharing) get no cache at all.
 """
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache, _BaseCache
 
 from mlx_gemma4u.models.config import SLIDING, TextConfig
+
+
+class SlidingKVCache(_BaseCache):
+    """The keys and values of one sliding layer: (B, kv_heads, T, head_dim) in, in time order.
+
+    The buffer holds at most `window + room` tokens. When it is full the oldest `room // 8` (at
+    least one) are dropped together and the rest move to the front, one copy per that many tokens,
+    so at least `room - room // 8` tokens can always be taken back (`can_rewind` says exactly).
+    """
+
+    def __init__(self, window: int, room: int):
+        self.window, self.room = window, room
+        self.keys = self.values = None
+        self.offset = 0  # tokens seen
+        self.start = 0  # the position of the buffer's first slot
+
+    @property
+    def held(self) -> int:
+        return self.offset - self.start
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append T tokens -> the keys and values the T new queries can see: the W - 1 before
+        them and themselves (a decode step: exactly W), a view of the buffer."""
+        T, end = keys.shape[2], self.held + keys.shape[2]
+        if self.keys is None or end > self.keys.shape[2]:
+            self._make_room(keys, values)
+            end = self.held + T
+        self.keys[..., end - T : end, :] = keys
+        self.values[..., end - T : end, :] = values
+        self.offset += T
+        first = max(0, end - (self.window - 1 + T))
+        return self.keys[..., first:end, :], self.values[..., first:end, :]
+
+    def _make_room(self, keys: mx.array, values: mx.array) -> None:
+        """A buffer of at least window + room slots (more for a long prompt chunk) that holds the
+        newest tokens, up to window + room less the batch dropped, at its front."""
+        T, size = keys.shape[2], self.window + self.room
+        keep = min(self.held, size - max(1, self.room // 8), max(size - T, self.window - 1))
+        length = max(size, keep + T)
+
+        def moved(old: mx.array | None, new: mx.array) -> mx.array:
+            shape = (*new.shape[:2], length - keep, new.shape[3])
+            fresh = mx.zeros(shape, new.dtype)
+            return fresh if not keep else mx.concatenate([old[..., self.held - keep : self.held, :], fresh], axis=2)
+
+        self.keys, self.values = moved(self.keys, keys), moved(self.values, values)
+        self.start = self.offset - keep
+
+    def keys_and_values(self, last: int | None = None) -> tuple[mx.array, mx.array]:
+        """The newest `last` cached keys and values (all held if None), a view in time order."""
+        first = 0 if last is None else max(0, self.held - last)
+        return self.keys[..., first : self.held, :], self.values[..., first : self.held, :]
+
+    def can_rewind(self, n: int) -> bool:
+        """Whether the last n tokens can be taken back: the next query still finds its W - 1 keys."""
+        return n <= self.offset if self.start == 0 else n <= self.held - self.window + 1
+
+    def trim(self, n: int) -> int:
+        n = min(n, self.held)
+        self.offset -= n
+        return n
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def size(self) -> int:
+        return self.held
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self):
+        keys, values = (None, None) if self.keys is None else self.keys_and_values()
+        return keys, values, self.offset, self.window, self.room
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values, self.offset, self.window, self.room = v
+        self.start = self.offset - (0 if self.keys is None else self.keys.shape[2])
 
 
 def make_cache(config: TextConfig) -> list:
     """One cache per layer that owns keys and values, in layer order."""
     return [
-        RotatingKVCache(max_size=config.sliding_window + rewind_room(config))
-        if spec.layer_type == SLIDING
-        else KVCache()
+        SlidingKVCache(config.sliding_window, rewind_room(config)) if spec.layer_type == SLIDING else KVCache()
         for spec in config.layers
         if spec.kv_mode != "reuse"
     ]
 
 
 def rewind_room(config: TextConfig) -> int:
-    """Tokens a wrapped sliding cache can take back: one window's worth."""
+    """Tokens a sliding cache keeps beyond its window, to take back: one window's worth."""
     return config.sliding_window
 
 
-def can_rewind(cache, n: int, config: TextConfig) -> bool:
-    if isinstance(cache, RotatingKVCache) and cache.offset >= cache.max_size:
-        return n <= cache.max_size - config.sliding_window
-    return cache.is_trimmable()
+def can_rewind(cache, n: int) -> bool:
+    return cache.can_rewind(n) if isinstance(cache, SlidingKVCache) else cache.is_trimmable()
 
 
 def rewind(cache, n: int) -> None:
-    """Forget the last n tokens (check `can_rewind` first).
-
-    A wrapped rotating buffer is laid out in time order, cut, and padded at the old end back to
-    its full size: the padding sits at positions older than any future query's window.
-    """
-    if not (isinstance(cache, RotatingKVCache) and cache.offset >= cache.max_size):
-        cache.trim(n)
-        return
-    size = cache.max_size
-    kept_k = cache._temporal_order(cache.keys)[..., : -n or None, :][..., -size:, :]
-    kept_v = cache._temporal_order(cache.values)[..., : -n or None, :][..., -size:, :]
-    pad = [(0, 0)] * 2 + [(size - kept_k.shape[2], 0), (0, 0)]
-    cache.keys, cache.values = mx.pad(kept_k, pad), mx.pad(kept_v, pad)
-    cache.offset -= n
-    cache._idx = size
+    """Forget the last n tokens (check `can_rewind` first)."""
+    cache.trim(n)
 
 
 def key_positions(cache, n_keys: int) -> mx.array:
-    """Absolute positions (n_keys,) of the keys the cache just returned from `update_and_fetch`.
-
-    A rotating buffer that has wrapped holds position `offset - idx + j` in slot j < idx and one
-    window earlier in the slots after it; an unwrapped cache holds the last n_keys positions in order.
-    """
-    end = cache.offset
-    idx = getattr(cache, "_idx", n_keys)
-    slots = mx.arange(n_keys)
-    positions = end - idx + slots
-    if isinstance(cache, RotatingKVCache) and idx < n_keys:
-        positions = mx.where(slots >= idx, positions - cache.max_size, positions)
-    return positions
+    """Absolute positions (n_keys,) of the keys the cache just returned: the last n_keys, in order."""
+    return mx.arange(cache.offset - n_keys, cache.offset)

@@ -27,7 +27,6 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_gemma4u.errors import CheckpointError, ConfigError, InputError
-from mlx_gemma4u.models import cache as caches
 from mlx_gemma4u.models.config import FULL, TextConfig, dataclass_from_dict, read_config, require, require_positive
 from mlx_gemma4u.models.decoder import RowSteps, Step, TextModel
 
@@ -122,16 +121,11 @@ class DraftModel(nn.Module):
     def attend_to(self, shared_kv: dict, position: int) -> Step:
         """The Step of a drafting round: the target's caches by layer type (Model.shared_kv, holding
         exactly the positions < `position`) and the constant query position."""
-        window = self.config.text.sliding_window
-
-        def make_mask(layer_type, cache, n_keys):
-            if layer_type == FULL:
-                return None
-            return caches.key_positions(cache, n_keys) >= position - 1 - window
-
-        step = Step(position, make_mask)
+        step = Step(position, lambda *_: None)
         for layer_type, cache in shared_kv.items():
-            step.shared[layer_type] = (*cache.keys_and_values(), cache)
+            # a sliding query of the drafter sees the last W + 1 cached keys
+            last = (self.config.text.sliding_window + 1,) if layer_type != FULL else ()
+            step.shared[layer_type] = (*cache.keys_and_values(*last), cache)
         return step
 
     def __call__(self, token_embedding: mx.array, hidden: mx.array, step: Step) -> tuple[mx.array, mx.array]:
