@@ -33,9 +33,9 @@ import numpy as np
 from mlx_gemma4u.files import write_text
 
 from .checkpoints import ensure_checkpoint
-from .report import IMPLS, PEERS, machine, markdown, print_tables
+from .report import IMPLS, PAIRS, machine, markdown, print_tables
 
-NEEDS = {"ours": ("mlx",), "mlx-vlm": ("mlx_vlm",), "transformers": ("torch", "transformers")}
+NEEDS = {"ours": ("mlx",), "ours-1core": ("mlx",), "mlx-vlm": ("mlx_vlm",), "transformers": ("torch", "transformers")}
 DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "4bit": 0.5 + 2 * 2 / 64}  # 4-bit: bf16 scale and bias per 64
 KV_BYTES = {"float32": 4, "bfloat16": 2, "4bit": 2}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,14 +77,14 @@ FULL = Plan(
         Run("demo", "float32", (512, 4096), 128),
         Run("demo", "bfloat16", (512, 4096), 128),
         Run("demo", "4bit", (512,), 32),
-        Run("mid", "bfloat16", (512,), 32, media=False),
-        Run("12b-2l", "bfloat16", (64,), 8, media=False),
+        *(Run("mid", dtype, (512,), 32, media=False) for dtype in ALL_DTYPES),
+        *(Run("12b-2l", dtype, (64,), 8, media=False) for dtype in ALL_DTYPES),
     ),
     repeats=2,
     correctness=("demo", "mid"),
     notes=(
         MLX_CPU_NOTE,
-        "Full: 4,096-token prefill on the demo only; mid and 12b-2l in bfloat16, text "
+        "Full: 4,096-token prefill on the demo only (past its 128-token window); mid and 12b-2l text "
         "prompts only (12b-2l: 64-token prefill, 8 decode tokens); float32 logits on demo and mid.",
     ),
 )
@@ -177,10 +177,12 @@ def run_job(job: dict, work: Path, timeout_s: int) -> dict:
     job = {**job, "out": str(path.with_suffix(".out"))}
     path.write_text(json.dumps(job))
     root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MLX_GEMMA4U_CPU_CORES": "1"} if job["impl"] == "ours-1core" else None
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.workers", str(path)],
             cwd=root,
+            env=env,
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -248,17 +250,17 @@ def _stats(values: list[float]) -> dict:
 
 
 def ratios(results: dict) -> dict:
-    """size -> dtype -> peer -> metric -> how many times better ours is (>1: ours faster or smaller)."""
+    """size -> dtype -> "ours vs peer" -> metric -> how many times better ours is (>1: faster or smaller),
+    for each pair of report.PAIRS that both ran."""
     out: dict = {}
     for size, by_dtype in results.items():
         for dtype, cells in by_dtype.items():
-            ours = cells.get("ours", {})
-            for peer in PEERS:
-                theirs = cells.get(peer, {})
+            for mine, peer in PAIRS:
+                ours, theirs = cells.get(mine, {}), cells.get(peer, {})
                 shared = [m for m in ours if m in theirs and m != "n/a"]
                 if "n/a" in ours or "n/a" in theirs or not shared:
                     continue
-                out.setdefault(size, {}).setdefault(dtype, {})[peer] = {
+                out.setdefault(size, {}).setdefault(dtype, {})[f"{mine} vs {peer}"] = {
                     m: _better(m, ours[m]["median"], theirs[m]["median"]) for m in shared
                 }
     return out
@@ -294,7 +296,7 @@ def correctness(plan: Plan, checkpoints: dict[str, Path], inputs: Path, work: Pa
     out: dict = {}
     for size in plan.correctness:
         logits = {}
-        for impl in (i for i in plan.impls if i not in unavailable):
+        for impl in (i for i in plan.impls if i not in unavailable and i != "ours-1core"):  # the cut is exact
             job = {
                 "impl": impl,
                 "size": size,

@@ -2,7 +2,8 @@
 
     python -m benchmarks.workers JOB.json
 
-The job names the implementation ("ours", "mlx-vlm", "transformers"), the checkpoint folder, the
+The job names the implementation ("ours", "ours-1core": ours with the CPU-core cut off, set by the
+harness through MLX_GEMMA4U_CPU_CORES; "mlx-vlm", "transformers"), the checkpoint folder, the
 dtype ("float32", "bfloat16", "4bit"), the inputs file (an .npz the harness wrote once: the same
 token ids and processor arrays for every implementation) and what to do:
 
@@ -167,7 +168,12 @@ class _Stamps:
         pass
 
 
-IMPLEMENTATIONS: dict[str, Callable] = {"ours": Ours, "mlx-vlm": MlxVlm, "transformers": Transformers}
+IMPLEMENTATIONS: dict[str, Callable] = {
+    "ours": Ours,
+    "ours-1core": Ours,
+    "mlx-vlm": MlxVlm,
+    "transformers": Transformers,
+}
 
 
 def timed_stream(impl, case: dict, n: int) -> tuple[float, float | None]:

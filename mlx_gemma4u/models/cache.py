@@ -22,6 +22,8 @@ class SlidingKVCache(_BaseCache):
     so at least `room - room // 8` tokens can always be taken back (`can_rewind` says exactly).
     """
 
+    step = 256
+
     def __init__(self, window: int, room: int):
         self.window, self.room = window, room
         self.keys = self.values = None
@@ -46,15 +48,20 @@ class SlidingKVCache(_BaseCache):
         return self.keys[..., first:end, :], self.values[..., first:end, :]
 
     def _make_room(self, keys: mx.array, values: mx.array) -> None:
-        """A buffer of at least window + room slots (more for a long prompt chunk) that holds the
-        newest tokens, up to window + room less the batch dropped, at its front."""
+        """Room for T more tokens: the buffer grows 256 slots at a time up to window + room; once
+        that is full, the oldest tokens are dropped (a batch of them, keeping the W - 1 the new
+        queries need) and the rest move to the front. A prompt chunk longer than the room gets a
+        buffer of its own length."""
         T, size = keys.shape[2], self.window + self.room
-        keep = min(self.held, size - max(1, self.room // 8), max(size - T, self.window - 1))
-        length = max(size, keep + T)
+        keep = self.held
+        if keep + T > size:
+            keep = min(keep, size - max(1, self.room // 8), max(size - T, self.window - 1))
+            length = max(size, keep + T)
+        else:
+            length = min(size, -(-(keep + T) // self.step) * self.step)
 
         def moved(old: mx.array | None, new: mx.array) -> mx.array:
-            shape = (*new.shape[:2], length - keep, new.shape[3])
-            fresh = mx.zeros(shape, new.dtype)
+            fresh = mx.zeros((*new.shape[:2], length - keep, new.shape[3]), new.dtype)
             return fresh if not keep else mx.concatenate([old[..., self.held - keep : self.held, :], fresh], axis=2)
 
         self.keys, self.values = moved(self.keys, keys), moved(self.values, values)
