@@ -186,7 +186,10 @@ LAYERS = {
 class CutMLP(_Cut, MLP):
     def __call__(self, x: mx.array) -> mx.array:
         """Gate and up are cut together, each piece gated on its own, so neither is ever whole in
-        memory: a cut of each, joined and then gated, would hold both twice over."""
+        memory: a cut of each, joined and then gated, would hold both twice over. With adapters on
+        the projections (models/lora.py) it is the plain MLP over them, their own layers cut."""
+        if not (isinstance(self.gate_proj, _Rows) and isinstance(self.up_proj, _Rows)):
+            return super().__call__(x)
         hidden = self.gate_proj.weight.shape[0]
 
         def gated(lo, hi):

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     params = sampling_params(args)
     console = Console(highlight=False)
     with console.status("Loading the model…"):
-        model, processor = load_from_args(args)
+        model, processor = load_from_args(args, args.adapter_path)
         draft = draft_kwargs(args, model)
     conversation = Conversation(system=args.system, thinking=args.think or args.hide_thinking)
     Chat(console, model, processor, conversation, params, show_thinking=not args.hide_thinking, draft=draft).run()

@@ -12,7 +12,9 @@ import sys
 DEMO_MAX_TOKENS = 32  # the demo's replies are nonsense: a first run shows a line of it, not a page
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, adapters: bool = True) -> None:
+    """--model or --demo, --vision-mask, --no-memory-check; and --adapter-path unless `adapters` is
+    False (the lora command, whose --adapter-path is where it writes)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a local model folder or a Hugging Face repo id")
     source.add_argument(
@@ -29,6 +31,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-memory-check", action="store_true", help="load even if the weights look larger than this machine's memory"
     )
+    if adapters:
+        parser.add_argument(
+            "--adapter-path", help="a folder of adapters trained by `mlx-gemma4u lora` to add to the model"
+        )
 
 
 def add_draft_args(parser: argparse.ArgumentParser) -> None:
@@ -123,14 +129,22 @@ WHOLE = checked(int, lambda v: True, "a whole number")
 NUMBER = checked(float, lambda v: True, "a number")
 
 
-def load_from_args(args: argparse.Namespace):
+def load_from_args(args: argparse.Namespace, adapter_path: str | None = None):
+    """(model, processor) from add_model_args' flags, with the adapters of `adapter_path` if given."""
     from mlx_gemma4u.weights.demo import WARNING, ensure_demo
     from mlx_gemma4u.weights.loading import load
 
+    if adapter_path is not None:
+        from mlx_gemma4u.weights.adapters import read_config
+
+        read_config(adapter_path)  # a wrong folder is refused before the model loads
     if args.demo:
         print(WARNING, file=sys.stderr)
     return load(
-        ensure_demo() if args.demo else args.model, vision_mask=args.vision_mask, check_memory=not args.no_memory_check
+        ensure_demo() if args.demo else args.model,
+        vision_mask=args.vision_mask,
+        check_memory=not args.no_memory_check,
+        adapter_path=adapter_path,
     )
 
 

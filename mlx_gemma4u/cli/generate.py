@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
 
     params = flags.sampling_params(args, response_format=_response_format(args))
     flags.check_media_files(args)
-    model, processor = flags.load_from_args(args)
+    model, processor = flags.load_from_args(args, args.adapter_path)
     draft = flags.draft_kwargs(args, model)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})

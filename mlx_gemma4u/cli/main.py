@@ -1,4 +1,4 @@
-"""`mlx-gemma4u`: the command line. Subcommands: generate, chat, serve, convert (a module each).
+"""`mlx-gemma4u`: the command line. Subcommands: generate, chat, serve, lora, fuse, convert (a module each).
 
 Errors the user can fix are printed as one line with exit code 1; `--debug`, anywhere on the command line,
 shows the traceback instead.
@@ -32,6 +32,19 @@ SUBCOMMANDS = {
         "an OpenAI- and Anthropic-compatible HTTP server",
         "Serve the model over HTTP: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, "
         "Anthropic's /v1/messages, with images, audio, video, thinking and tools.",
+    ),
+    "lora": (
+        "mlx_gemma4u.cli.lora",
+        "fine-tune LoRA adapters on your own data (text, images, audio)",
+        "Fine-tune adapters (LoRA, DoRA or whole layers) on a folder of JSONL data in mlx-lm's chat, tools, "
+        "completions or text form, with images, audio and video by path; then pass --adapter-path to "
+        "generate, chat or serve.",
+    ),
+    "fuse": (
+        "mlx_gemma4u.cli.fuse",
+        "fold trained adapters into the model and write it",
+        "Fold the adapters of `mlx-gemma4u lora` into the model's weights and write an MLX folder "
+        "(optionally de-quantized or uploaded) that loads like any other.",
     ),
     "convert": (
         "mlx_gemma4u.cli.convert",

@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> None:
         drafter = lambda: load_draft_model(args.draft_model, check_memory=not args.no_memory_check)  # noqa: E731
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
     worker = Worker(
-        lambda: load_from_args(args),
+        lambda: load_from_args(args, args.adapter_path),
         max_queue=args.max_queue,
         max_concurrency=args.max_concurrency,
         load_drafter=drafter,

@@ -37,11 +37,13 @@ from mlx_gemma4u.convert.upload import upload, upload_token, write_model_card
 from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.files import replacing_folder
 from mlx_gemma4u.models import layouts as checkpoints
+from mlx_gemma4u.models import lora
 from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.models.drafter import MODEL_TYPE as ASSISTANT_TYPE
 from mlx_gemma4u.models.drafter import DraftConfig, DraftModel
 from mlx_gemma4u.models.model import Model
-from mlx_gemma4u.weights.loading import DTYPES, check_complete, check_safetensors, quantize_like, resolve, weight_files
+from mlx_gemma4u.weights.headers import check_safetensors
+from mlx_gemma4u.weights.loading import DTYPES, check_complete, load_model, quantize_like, resolve, weight_files
 
 EXTRA_FILES = (
     "tokenizer.json",
@@ -152,10 +154,12 @@ def convert(
     force: bool = False,
     quiet: bool = False,
     shard_gb: int = 5,
+    adapter_path: str | os.PathLike | None = None,
 ) -> Summary:
     """Convert `hf_path` (folder or repo id: a model in any layout checkpoints.py knows, or its MTP
     assistant) into the MLX folder `mlx_path`, written in the mlx-community layout (an assistant in
-    its own) -> what was written."""
+    its own) -> what was written. adapter_path: fold these adapters (`mlx-gemma4u lora`) into the
+    weights first (`mlx-gemma4u fuse`)."""
     options = options or Options()
     _check_options(options, _recipe(options, qat=False))
     dst = Path(mlx_path).expanduser()
@@ -164,12 +168,14 @@ def convert(
     src = resolve(hf_path)
     raw = json.loads((src / "config.json").read_text())
     assistant = raw.get("model_type") == ASSISTANT_TYPE
+    if assistant and adapter_path is not None:
+        raise InputError("Adapters are trained for a model, not for its assistant (drafter).")
     recipe = _recipe(options, is_qat(hf_path, src))
     body = _check_options(options, recipe)
     dtype = _output_dtype(options.dtype, raw)
     layout = checkpoints.ASSISTANT if assistant else checkpoints.COMMUNITY
     with _progress(quiet) as bars, _no_buffer_cache():
-        model, weights, stored = _read_source(src, bars, assistant)
+        model, weights, stored = _read_source(src, bars, assistant, adapter_path, options.dequantize)
         outputs, quantization = _convert(model, weights, stored, options, recipe, body, dtype)
         del weights
         outputs = checkpoints.in_layout(outputs, layout)
@@ -249,9 +255,18 @@ def _output_dtype(requested: str | None, raw: dict) -> str | None:
     return requested or (declared if declared in DTYPES else None)
 
 
-def _read_source(src: Path, bars: Progress, assistant: bool) -> tuple[nn.Module, dict[str, mx.array], dict | None]:
+def _read_source(
+    src: Path,
+    bars: Progress,
+    assistant: bool,
+    adapter_path: str | os.PathLike | None = None,
+    dequantize: bool = False,
+) -> tuple[nn.Module, dict[str, mx.array], dict | None]:
     """The source, as load_model (an assistant: load_draft_model) reads it -> (a float model of its
-    config, its tensors lazily under our names, its "quantization" entry keyed by our module paths or None)."""
+    config, its tensors lazily under our names, its "quantization" entry keyed by our module paths or None).
+
+    With `adapter_path`, the tensors are those of the source with the adapters folded in (mlx-lm's
+    fuse: a quantized layer is quantized again as it was stored, unless `dequantize`), read whole."""
     weights = _read(src, bars)
     if assistant:
         config, build, layout = DraftConfig.from_file(src / "config.json"), DraftModel, checkpoints.ASSISTANT
@@ -259,11 +274,16 @@ def _read_source(src: Path, bars: Progress, assistant: bool) -> tuple[nn.Module,
         layout = checkpoints.detect(weights)
         config = checkpoints.without_absent_media(ModelConfig.from_file(src / "config.json"), weights, layout)
         build = Model
-    source = build(config)
-    if not config.quantization:
-        return source, source.sanitize(weights), None
-    quantize_like(source, config.quantization, weights, layout)
-    return build(config), source.sanitize(weights), checkpoints.quantization_in_our_names(config.quantization, layout)
+    source, stored = build(config), None
+    if config.quantization:
+        quantize_like(source, config.quantization, weights, layout)
+        stored = checkpoints.quantization_in_our_names(config.quantization, layout)
+    if adapter_path is not None:
+        fused = lora.fuse(load_model(src, adapter_path=adapter_path), dequantize)
+        tensors = dict(tree_flatten(fused.parameters()))
+    else:
+        tensors = source.sanitize(weights)
+    return (build(config) if stored else source), tensors, stored
 
 
 def _read(src: Path, bars: Progress) -> dict[str, mx.array]:

@@ -21,7 +21,7 @@ from mlx_gemma4u.errors import CheckpointError, InputError
 from mlx_gemma4u.files import replacing
 from mlx_gemma4u.media import KINDS
 from mlx_gemma4u.models.cache import SlidingKVCache, can_rewind, rewind
-from mlx_gemma4u.weights.loading import check_safetensors
+from mlx_gemma4u.weights.headers import check_safetensors
 
 FORMAT = "mlx-gemma4u prompt cache 2"
 CACHE_TYPES = {c.__name__: c for c in (KVCache, QuantizedKVCache, SlidingKVCache)}

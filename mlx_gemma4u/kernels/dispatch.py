@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import mlx.core as mx
 
@@ -50,8 +51,23 @@ def metal_available() -> bool:
     return mx.metal.is_available() and mx.default_device() == mx.gpu
 
 
+_references_only = 0  # > 0 inside `references_only()`
+
+
 def forced_reference() -> bool:
-    return os.environ.get(ENV, "").strip().lower() in OFF_VALUES
+    return _references_only > 0 or os.environ.get(ENV, "").strip().lower() in OFF_VALUES
+
+
+@contextmanager
+def references_only() -> Iterator[None]:
+    """Every kernel called inside runs its MLX reference: what training differentiates, since a
+    Metal kernel has no gradient."""
+    global _references_only
+    _references_only += 1
+    try:
+        yield
+    finally:
+        _references_only -= 1
 
 
 def metal_kernel(name: str, inputs: list[str], outputs: list[str], source: str, header: str = "") -> Callable:

@@ -59,12 +59,28 @@ class Model(nn.Module):
         once for a whole prompt (generation prefills a long prompt in chunks). return_hidden: also
         return the final-normed hidden states the logits come from (what an MTP drafter reads).
         """
+        hidden = self.hidden_states(
+            input_ids, cache, attention_mask, mm_token_type_ids, logits_to_keep, inputs_embeds, **media
+        )
+        return (self.logits(hidden), hidden) if return_hidden else self.logits(hidden)
+
+    def hidden_states(
+        self,
+        input_ids: mx.array,
+        cache: list | None = None,
+        attention_mask: mx.array | None = None,
+        mm_token_type_ids: mx.array | None = None,
+        logits_to_keep: int = 0,
+        inputs_embeds: mx.array | None = None,
+        **media,
+    ) -> mx.array:
+        """The final-normed (B, T, D) hidden states the logits come from (see __call__): training
+        takes the head of only the positions its loss reads."""
         if input_ids.ndim != 2:
             raise InputError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}.")
         h = self.embed(input_ids, **media) if inputs_embeds is None else inputs_embeds
         step = self._step(input_ids.shape, cache, attention_mask, mm_token_type_ids)
-        hidden = self.language_model(h, step, cache, keep=logits_to_keep)
-        return (self.logits(hidden), hidden) if return_hidden else self.logits(hidden)
+        return self.language_model(h, step, cache, keep=logits_to_keep)
 
     def rows(
         self, tokens: mx.array, caches: list[list], return_hidden: bool = False

@@ -8,9 +8,7 @@ a checkpoint is ever executed.
 from __future__ import annotations
 
 import json
-import math
 import os
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,27 +22,10 @@ from mlx_gemma4u.models import layouts as checkpoints
 from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.models.drafter import DraftConfig, DraftModel
 from mlx_gemma4u.models.model import Model
+from mlx_gemma4u.weights.adapters import load_adapters
+from mlx_gemma4u.weights.headers import FLOAT_DTYPES, SAFETENSORS_DTYPES, check_safetensors
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-_SAFETENSORS_DTYPES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "U32": 4,
-    "U16": 2,
-    "U64": 8,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
-_FLOATS = {"F64", "F32", "F16", "BF16"}
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 def resolve(path_or_repo: str | os.PathLike) -> Path:
@@ -72,18 +53,23 @@ def resolve(path_or_repo: str | os.PathLike) -> Path:
 
 
 def load(
-    path_or_repo: str | os.PathLike, vision_mask: str = "gemma4", dtype: str | None = None, check_memory: bool = True
+    path_or_repo: str | os.PathLike,
+    vision_mask: str = "gemma4",
+    dtype: str | None = None,
+    check_memory: bool = True,
+    adapter_path: str | os.PathLike | None = None,
 ):
     """Load a checkpoint -> (model, processor).
 
     vision_mask: "gemma4" (default) or "hf-forward", see masks.py. dtype: cast floating weights
     ("float32", "float16", "bfloat16"); by default they stay as stored. check_memory: refuse
-    weights larger than the machine's memory instead of swapping.
+    weights larger than the machine's memory instead of swapping. adapter_path: a folder of LoRA
+    adapters (`mlx-gemma4u lora`) to add to the model.
     """
     path = resolve(path_or_repo)
     with ThreadPoolExecutor(1) as pool:  # the tokenizer (about 1 s to parse) loads while the weights do
         processor = pool.submit(load_processor, path)
-        model = load_model(path, vision_mask=vision_mask, dtype=dtype, check_memory=check_memory)
+        model = load_model(path, vision_mask, dtype, check_memory, adapter_path)
         return model, processor.result()
 
 
@@ -125,9 +111,15 @@ def _stop_ids(path: Path) -> list[int]:
     return sorted(ids)
 
 
-def load_model(path: Path, vision_mask: str = "gemma4", dtype: str | None = None, check_memory: bool = True) -> Model:
+def load_model(
+    path: Path,
+    vision_mask: str = "gemma4",
+    dtype: str | None = None,
+    check_memory: bool = True,
+    adapter_path: str | os.PathLike | None = None,
+) -> Model:
     """config.json + *.safetensors in `path` (any layout checkpoints.py knows) -> a Model with every
-    weight checked against the config."""
+    weight checked against the config (and the adapters of `adapter_path` added)."""
     path = Path(path)
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
@@ -137,6 +129,8 @@ def load_model(path: Path, vision_mask: str = "gemma4", dtype: str | None = None
     config = checkpoints.without_absent_media(config, weights, layout)
     model = Model(config, vision_mask=vision_mask)
     install_weights(model, weights, layout, config.quantization, dtype)
+    if adapter_path is not None:
+        load_adapters(model, adapter_path)
     return model
 
 
@@ -235,7 +229,7 @@ def read_weights(path: Path, dtype: str | None = None, check_memory: bool = True
 def _check_memory(sizes: dict[str, int], dtype: str | None) -> None:
     """Refuse weights that cannot fit: over 90% of the machine's memory once cast to `dtype`."""
     scale = DTYPES[dtype].size if dtype in DTYPES else None
-    need = sum(n * scale // _SAFETENSORS_DTYPES[k] if scale and k in _FLOATS else n for k, n in sizes.items())
+    need = sum(n * scale // SAFETENSORS_DTYPES[k] if scale and k in FLOAT_DTYPES else n for k, n in sizes.items())
     have = machine_memory()
     if need > 0.9 * have:
         raise MemoryLimitError(
@@ -249,51 +243,6 @@ def machine_memory() -> int:
     if mx.metal.is_available():
         return int(mx.metal.device_info()["memory_size"])
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def check_safetensors(file: Path) -> dict[str, int]:
-    """Check a safetensors header against the file before loading (sizes, dtypes, bounds, overlaps)
-    -> the bytes of tensor data per safetensors dtype."""
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing.")
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{file} is truncated: it is too short to be a safetensors file.")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER):
-            raise CheckpointError(f"{file} is truncated or not a safetensors file (its header claims {n} bytes).")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{file} has an unreadable safetensors header.") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file} has an unreadable safetensors header.")
-    spans, sizes = [], {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            count = math.prod(int(d) for d in shape)
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{file}: the header entry for {name!r} is malformed.") from None
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{file}: tensor {name!r} has an unsupported dtype {dtype!r}.")
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= size - 8 - n):
-            raise CheckpointError(f"{file} is truncated: tensor {name!r} lies past the end of the file.")
-        if end - start != count * _SAFETENSORS_DTYPES[dtype]:
-            raise CheckpointError(
-                f"{file}: tensor {name!r} claims shape {shape} but holds {end - start} bytes; the file is corrupt."
-            )
-        spans.append((start, end, name))
-        sizes[dtype] = sizes.get(dtype, 0) + end - start
-    spans.sort()
-    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
-        if start_b < end_a:
-            raise CheckpointError(f"{file}: tensors {a!r} and {b!r} overlap; the file is corrupt.")
-    return sizes
 
 
 def load_draft_model(

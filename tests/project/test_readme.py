@@ -10,6 +10,7 @@ thousand of them would make this test the slowest of the suite).
 """
 
 import ast
+import json
 import os
 import re
 import shlex
@@ -38,6 +39,7 @@ STAND_INS = {
     "mlx-community/gemma-4-12B-it-8bit": ["-q", "--q-bits", "8"],
     "google/gemma-4-12B-it-assistant": "drafter",
 }
+DATA = "my_data"  # the fine-tuning data folder the README names: a few chat lines stand in
 MEDIA = {
     "photo.jpg": "images/landscape_rocket_640x427.jpg",
     "speech.wav": "audio/speech_16k_mono.wav",
@@ -132,6 +134,10 @@ def scratch(demo_home, fixtures_dir, tmp_path_factory) -> Path:
     demo, drafter = demo_home / "demo-v1", ensure_demo_drafter(demo_home / "demo-drafter-v1")
     for name, source in MEDIA.items():
         shutil.copy(fixtures_dir / source, root / name)
+    (root / DATA).mkdir()
+    chat = [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w}]} for w in ("a", "b")]
+    for split in ("train", "valid"):
+        (root / DATA / f"{split}.jsonl").write_text("\n".join(json.dumps(line) for line in chat))
     for repo, stand_in in STAND_INS.items():
         folder = root / repo
         folder.parent.mkdir(exist_ok=True)
@@ -157,7 +163,10 @@ def words(line: str) -> list[str]:
 
 
 def shortened(argv: list[str]) -> list[str]:
-    """The command with its replies cut to SHORT tokens."""
+    """The command with its replies cut to SHORT tokens (and a training run to SHORT steps)."""
+    if argv[0] == "lora" and "--iters" in argv:
+        at = argv.index("--iters") + 1
+        return [*argv[:at], str(SHORT), *argv[at + 1 :]]
     if argv[0] not in ("generate", "chat", "serve") or "--help" in argv:
         return argv
     if "--max-tokens" in argv:
@@ -186,8 +195,12 @@ def test_every_command_runs(scratch, demo_home):
             assert "tokens/s" in done.stdout, line  # the status line after the reply
         elif argv[0] == "convert":
             assert (scratch / argv[argv.index("--mlx-path") + 1] / "config.json").is_file(), line
+        elif argv[0] == "lora":
+            assert (scratch / "adapters" / "adapters.safetensors").is_file() and "train loss" in done.stderr, line
+        elif argv[0] == "fuse":
+            assert (scratch / argv[argv.index("--save-path") + 1] / "config.json").is_file(), line
         ran.add(argv[0])
-    assert ran == {"generate", "chat", "convert"}
+    assert ran == {"generate", "chat", "convert", "lora", "fuse"}
 
 
 @pytest.mark.parametrize("example", [e for e in python_examples() if SERVER not in e])
