@@ -106,7 +106,7 @@ def test_unreadable_flags_are_argparse_usage_errors(command, flag, value, messag
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def no_loading(args):
+def no_loading(args, adapter_path=None):
     raise AssertionError("the model was loaded before the flags were checked")
 
 

@@ -561,7 +561,7 @@ def test_a_drafter_for_another_model_is_refused_in_one_line(demo_pair, demo_home
     with pytest.raises(InputError, match="sliding_attention queries .4 heads of 16. cannot attend"):
         drafter.check_target(other_heads)
     monkeypatch.setenv("MLX_GEMMA4U_HOME", str(demo_home))
-    monkeypatch.setattr("mlx_gemma4u.cli.flags.load_from_args", lambda args: (wider, None))
+    monkeypatch.setattr("mlx_gemma4u.cli.flags.load_from_args", lambda args, adapter_path=None: (wider, None))
     assert main(["generate", "--demo", "--prompt", "Hi", "--draft-model", "demo"]) == 1
     assert capsys.readouterr().err.startswith("error: This drafter does not fit the model")
 
