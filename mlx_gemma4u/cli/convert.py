@@ -38,8 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.demo:
-        print(WARNING, file=sys.stderr)
     options = Options(
         dtype=args.dtype,
         quantize=args.quantize,
@@ -49,13 +47,21 @@ def run(args: argparse.Namespace) -> None:
         quant_recipe=args.quant_recipe,
         dequantize=args.dequantize,
     )
+    convert_and_report(args, args.hf_path, args.mlx_path, options)
+
+
+def convert_and_report(args: argparse.Namespace, source: str, destination: str, options: Options, **more) -> None:
+    """convert() with the shared flags (--demo, --upload-repo, --force, --quiet), its summary on stderr."""
+    if args.demo:
+        print(WARNING, file=sys.stderr)
     summary = convert(
-        ensure_demo() if args.demo else args.hf_path,
-        args.mlx_path,
+        ensure_demo() if args.demo else source,
+        destination,
         options,
         upload_repo=args.upload_repo,
         force=args.force,
         quiet=args.quiet,
+        **more,
     )
     print(summary, file=sys.stderr)
     if summary.url:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from mlx_gemma4u.convert.converter import Options, convert
-from mlx_gemma4u.weights.demo import WARNING, ensure_demo
+from mlx_gemma4u.cli.convert import convert_and_report
+from mlx_gemma4u.convert.converter import Options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,17 +21,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.demo:
-        print(WARNING, file=sys.stderr)
-    summary = convert(
-        ensure_demo() if args.demo else args.model,
-        args.save_path,
-        Options(dequantize=args.dequantize),
-        upload_repo=args.upload_repo,
-        force=args.force,
-        quiet=args.quiet,
-        adapter_path=args.adapter_path,
-    )
-    print(summary, file=sys.stderr)
-    if summary.url:
-        print(f"uploaded to {summary.url}", file=sys.stderr)
+    options = Options(dequantize=args.dequantize)
+    convert_and_report(args, args.model, args.save_path, options, adapter_path=args.adapter_path)

@@ -74,7 +74,7 @@ def train(
 ) -> Path:
     """Train `model`'s adapters (already applied) for steps start+1..iters -> the adapter folder.
 
-    Ctrl-C saves the adapters as they are and stops after the step under way."""
+    Ctrl-C stops at once and saves the adapters as the last finished step left them."""
     folder = Path(args.adapter_path)
     optimizer = optim.Adam(learning_rate=args.learning_rate)
     step_fn = nn.value_and_grad(model, loss)

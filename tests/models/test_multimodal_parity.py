@@ -35,7 +35,6 @@ from mlx_gemma4u.weights.loading import load_model, read_weights
 SEMANTICS = ("gemma4", "hf-forward")
 CASES = ("one_image", "two_images", "video", "audio", "image_and_audio", "batch_padded")
 STEPS = 20
-QK_NORM_SCALE = 0.4
 
 
 def bound(ref: np.ndarray) -> float:
@@ -44,12 +43,8 @@ def bound(ref: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """reference.py's "full" checkpoint with q_norm / k_norm weights scaled by QK_NORM_SCALE."""
-    model = reference.build(reference.TEXT_CONFIGS["full"], seed=11)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                param.mul_(QK_NORM_SCALE)
+    """reference.py's well-conditioned "full" checkpoint (q_norm / k_norm weights scaled down)."""
+    model = reference.well_conditioned(seed=11)
     return model, reference.save(model, tmp_path_factory.mktemp("multimodal") / "saved")
 
 

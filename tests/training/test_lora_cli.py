@@ -26,6 +26,23 @@ PROMPT = [{"role": "user", "content": "Say sky."}]
 TRAIN = ("--batch-size", "2", "--learning-rate", "0.02", "--steps-per-report", "2", "--num-layers", "-1")
 
 
+def lora_args(data, out, iters: int, *more: str) -> list[str]:
+    """`mlx-gemma4u lora` on the demo: train `iters` steps on `data`, adapters to `out`."""
+    return [
+        "lora",
+        "--demo",
+        "--train",
+        "--data",
+        str(data),
+        "--iters",
+        str(iters),
+        "--adapter-path",
+        str(out),
+        *TRAIN,
+        *more,
+    ]
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
@@ -38,19 +55,7 @@ def data(tmp_path_factory):
 def trained(data, demo_home, tmp_path_factory):
     """Adapters of a 6-step run, and what the command printed."""
     out = tmp_path_factory.mktemp("run") / "adapters"
-    run = cli(
-        "lora",
-        "--demo",
-        "--train",
-        "--data",
-        str(data),
-        "--iters",
-        "6",
-        "--adapter-path",
-        str(out),
-        *TRAIN,
-        home=demo_home,
-    )
+    run = cli(*lora_args(data, out, 6), home=demo_home)
     assert run.returncode == 0, run.stderr
     return out, run.stderr
 
@@ -97,21 +102,7 @@ def test_adapters_give_the_same_reply_in_generate_batch_generate_and_serve(train
 def test_resume_continues_from_the_saved_step(trained, data, demo_home, tmp_path):
     out, printed = trained
     again = tmp_path / "again"
-    run = cli(
-        "lora",
-        "--demo",
-        "--train",
-        "--data",
-        str(data),
-        "--iters",
-        "8",
-        "--adapter-path",
-        str(again),
-        "--resume-adapter-file",
-        str(out / WEIGHTS),
-        *TRAIN,
-        home=demo_home,
-    )
+    run = cli(*lora_args(data, again, 8, "--resume-adapter-file", str(out / WEIGHTS)), home=demo_home)
     assert run.returncode == 0, run.stderr
     assert json.loads((again / CONFIG).read_text())["iteration"] == 8
     steps = [
@@ -154,19 +145,7 @@ def test_a_bad_data_line_is_refused_with_its_file_line_and_reason(line, reason, 
 
 def _train_in_background(data, demo_home, out, *more):
     env = {**os.environ, "MLX_GEMMA4U_HOME": str(demo_home)}
-    args = [
-        "lora",
-        "--demo",
-        "--train",
-        "--data",
-        str(data),
-        "--iters",
-        "100000",
-        "--adapter-path",
-        str(out),
-        *TRAIN,
-        *more,
-    ]
+    args = lora_args(data, out, 100000, *more)
     return subprocess.Popen([sys.executable, "-m", "mlx_gemma4u", *args], env=env, stderr=subprocess.PIPE, text=True)
 
 

@@ -23,17 +23,12 @@ from mlx_gemma4u.models import lora
 from mlx_gemma4u.training.batches import Example, collate, loss
 from mlx_gemma4u.weights.loading import load_model
 
-QK_NORM_SCALE = 0.4  # as in tests/models/test_multimodal_parity.py: a well-conditioned checkpoint
 RANK, SCALE = 4, 2.0
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model = reference.build(reference.TEXT_CONFIGS["full"], seed=11)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                param.mul_(QK_NORM_SCALE)
+    model = reference.well_conditioned(seed=11)
     return model, reference.save(model, tmp_path_factory.mktemp("lora") / "saved")
 
 
