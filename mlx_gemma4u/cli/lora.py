@@ -1,6 +1,7 @@
 """`mlx-gemma4u lora`: fine-tune adapters (LoRA, DoRA or full layers) on a folder of JSONL data.
 
-mlx-lm's flags where they apply; a YAML --config may set any of them (the command line wins).
+mlx-lm's flags where they apply; a YAML --config may set any of them (the command line wins). Flags
+parse only their type; every setting, from either, is checked once in `settings` (CHECKS).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ DEFAULTS = {
     "max_seq_length": 2048,
     "seed": 0,
 }
-POSITIVE = flags.checked(int, lambda v: v > 0, "a whole number > 0")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,11 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="a YAML file of these settings (the command line wins)")
     parser.add_argument("--fine-tune-type", choices=["lora", "dora", "full"], help="what trains (default lora)")
     parser.add_argument("--num-layers", type=flags.WHOLE, help="adapt the last N decoder layers, -1 all (default 16)")
-    parser.add_argument("--rank", type=POSITIVE, help="LoRA rank (default 8)")
+    parser.add_argument("--rank", type=flags.WHOLE, help="LoRA rank (default 8)")
     parser.add_argument("--scale", type=flags.NUMBER, help="LoRA scale (default 20)")
     parser.add_argument("--dropout", type=flags.NUMBER, help="LoRA dropout (default 0)")
-    parser.add_argument("--iters", type=POSITIVE, help="training steps (default 1000)")
-    parser.add_argument("--batch-size", type=POSITIVE, help="examples per step (default 4)")
+    parser.add_argument("--iters", type=flags.WHOLE, help="training steps (default 1000)")
+    parser.add_argument("--batch-size", type=flags.WHOLE, help="examples per step (default 4)")
     parser.add_argument("--learning-rate", type=flags.NUMBER, help="Adam's learning rate (default 1e-5)")
     parser.add_argument(
         "--mask-prompt",
@@ -56,15 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-path", help="where the adapters are saved (default: adapters)")
     parser.add_argument("--resume-adapter-file", type=Path, help="start from these adapters (a folder or its file)")
     parser.add_argument("--val-batches", type=flags.WHOLE, help="validation batches per evaluation, -1 all (25)")
-    parser.add_argument("--steps-per-report", type=POSITIVE, help="steps between loss reports (default 10)")
-    parser.add_argument("--steps-per-eval", type=POSITIVE, help="steps between validations (default 200)")
-    parser.add_argument("--save-every", type=POSITIVE, help="steps between saved adapters (default 100)")
-    parser.add_argument("--max-seq-length", type=POSITIVE, help="tokens per example at most (default 2048)")
-    parser.add_argument(
-        "--seed",
-        type=flags.checked(int, lambda v: v >= 0, "a whole number >= 0"),
-        help="random seed of the adapters and the batch order (0)",
-    )
+    parser.add_argument("--steps-per-report", type=flags.WHOLE, help="steps between loss reports (default 10)")
+    parser.add_argument("--steps-per-eval", type=flags.WHOLE, help="steps between validations (default 200)")
+    parser.add_argument("--save-every", type=flags.WHOLE, help="steps between saved adapters (default 100)")
+    parser.add_argument("--max-seq-length", type=flags.WHOLE, help="tokens per example at most (default 2048)")
+    parser.add_argument("--seed", type=flags.WHOLE, help="random seed of the adapters and the batch order (0)")
 
 
 CHECKS = {  # setting -> (what it must be, the check)

@@ -197,11 +197,13 @@ def _read(path: Path) -> tuple[list, dict]:
     cache's state, its class name, and which state entries were numbers or None)."""
     arrays, header = mx.load(str(path), format="safetensors", return_metadata=True)
     metadata, classes, scalars = tree_unflatten(list(header.items()))
+    if any(name not in CACHE_TYPES for name in classes) or any(
+        kind not in ("scalar", "none") for _, kind in scalars[1:]
+    ):
+        raise InputError(f"{path} holds a kind of cache this version does not make; make a new cache.")
     for key, kind in scalars[1:]:
         arrays[key] = arrays[key].item() if kind == "scalar" else None
     states = tree_unflatten(list(arrays.items()))
-    if any(name not in CACHE_TYPES for name in classes):
-        raise InputError(f"{path} holds a kind of cache this version does not make; make a new cache.")
     caches = [CACHE_TYPES[name].from_state(state) for name, state in zip(classes, states)]
     mx.eval([c.state for c in caches])
     return caches, metadata

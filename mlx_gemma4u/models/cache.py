@@ -81,17 +81,9 @@ class SlidingKVCache(_BaseCache):
         self.offset -= n
         return n
 
-    def is_trimmable(self) -> bool:
-        return True
-
-    def size(self) -> int:
-        return self.held
-
-    def empty(self) -> bool:
-        return self.keys is None
-
     @property
     def nbytes(self) -> int:
+        """Bytes the buffer holds (the server's KV-memory metric reads it)."""
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
     @property
@@ -126,8 +118,3 @@ def can_rewind(cache, n: int) -> bool:
 def rewind(cache, n: int) -> None:
     """Forget the last n tokens (check `can_rewind` first)."""
     cache.trim(n)
-
-
-def key_positions(cache, n_keys: int) -> mx.array:
-    """Absolute positions (n_keys,) of the keys the cache just returned: the last n_keys, in order."""
-    return mx.arange(cache.offset - n_keys, cache.offset)

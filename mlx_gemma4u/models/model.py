@@ -183,7 +183,7 @@ class Model(nn.Module):
         def make_mask(layer_type, layer_cache, n_keys):
             if blocks is None and key_valid is None and (layer_type == FULL or n_keys <= text.sliding_window):
                 return None if T == 1 else "causal"
-            k_pos = caches.key_positions(layer_cache, n_keys) if layer_cache is not None else mx.arange(n_keys)
+            k_pos = mx.arange(past + T - n_keys, past + T)  # every cache returns the last n_keys, in order
             k_blocks = None
             if blocks is not None:
                 local = k_pos - past

@@ -21,7 +21,6 @@ from mlx_gemma4u.errors import Gemma4UError, InputError
 from mlx_gemma4u.media import ARRAYS, BY_NAME
 from mlx_gemma4u.training.batches import Example
 
-SPLITS = ("train", "valid", "test")
 PATH_KEYS = ("path", "url")  # besides the kind's own name ("image": "photo.jpg")
 
 

@@ -40,13 +40,12 @@ class TrainingArgs:
 
 
 def batches(examples: list[Example], batch_size: int, rng: np.random.Generator, loop: bool) -> Iterator:
-    """Batches of examples of about the same length (fewer padded tokens), in a random order of
-    batches; again and again if `loop`."""
+    """Batches of examples of about the same length (fewer padded tokens), each padded once, in a
+    random order of batches; again and again if `loop`."""
     order = np.argsort([len(e) for e in examples], kind="stable")
-    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    padded = [collate([examples[i] for i in order[k : k + batch_size]]) for k in range(0, len(order), batch_size)]
     while True:
-        for g in rng.permutation(len(groups)) if loop else range(len(groups)):
-            yield collate([examples[i] for i in groups[g]])
+        yield from (padded[g] for g in rng.permutation(len(padded))) if loop else padded
         if not loop:
             return
 

@@ -205,3 +205,25 @@ def test_the_fused_model_equals_base_plus_adapters(trained, demo_home, tmp_path)
     gap, change = mx.abs(merged - adapted).max().item(), mx.abs(base - adapted).max().item()
     print(f"fused vs adapted {gap:.3g}, base vs adapted {change:.3g}, max|logit| {mx.abs(adapted).max().item():.3g}")
     assert gap <= 0.05 * mx.abs(adapted).max().item() and gap <= 0.05 * change
+
+
+@pytest.mark.parametrize(
+    "flags, config, message",
+    [
+        (["--iters", "0"], None, "iters must be a whole number > 0"),
+        (["--seed", "-1"], None, "seed must be a whole number >= 0"),
+        ([], "batch_size: 0\n", "batch-size must be a whole number > 0"),
+        ([], "learning_rate: 1e-5\nrank: eight\n", "rank must be a whole number > 0"),
+        ([], "epochs: 3\n", "unknown setting 'epochs'"),
+    ],
+)
+def test_a_bad_setting_is_refused_in_one_sentence_before_the_model_loads(flags, config, message, data, tmp_path):
+
+    extra = []
+    if config is not None:
+        (tmp_path / "c.yaml").write_text(config)
+        extra = ["--config", str(tmp_path / "c.yaml")]
+    run = cli(
+        "lora", "--model", str(tmp_path / "nowhere"), "--train", "--data", str(data), *flags, *extra, home=tmp_path
+    )
+    assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
