@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mlx_gemma4u.cli import flags
 from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.processing.patches import SUPPORTED_BUDGETS
 
 DEFAULTS = {
     "iters": 1000,
@@ -29,7 +30,11 @@ DEFAULTS = {
     "save_every": 100,
     "max_seq_length": 2048,
     "seed": 0,
+    "grad_checkpoint": False,
+    "adapt_media": False,
+    "max_soft_tokens": None,
 }
+SWITCHES = ("mask_prompt", "grad_checkpoint", "adapt_media")  # the settings that are true or false
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=flags.WHOLE, help="LoRA rank (default 8)")
     parser.add_argument("--scale", type=flags.NUMBER, help="LoRA scale (default 20)")
     parser.add_argument("--dropout", type=flags.NUMBER, help="LoRA dropout (default 0)")
+    parser.add_argument(
+        "--adapt-media",
+        action="store_true",
+        default=None,
+        help="also adapt the patch and audio projections (what an image or a sound becomes); lora or full",
+    )
     parser.add_argument("--iters", type=flags.WHOLE, help="training steps (default 1000)")
     parser.add_argument("--batch-size", type=flags.WHOLE, help="examples per step (default 4)")
     parser.add_argument("--learning-rate", type=flags.NUMBER, help="Adam's learning rate (default 1e-5)")
@@ -60,7 +71,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-per-eval", type=flags.WHOLE, help="steps between validations (default 200)")
     parser.add_argument("--save-every", type=flags.WHOLE, help="steps between saved adapters (default 100)")
     parser.add_argument("--max-seq-length", type=flags.WHOLE, help="tokens per example at most (default 2048)")
+    parser.add_argument(
+        "--max-soft-tokens",
+        type=flags.WHOLE,
+        help=f"soft tokens per image at most, one of {', '.join(map(str, SUPPORTED_BUDGETS))}: fewer train "
+        "faster; give the processor the same when you run the adapters (default: the checkpoint's, 280)",
+    )
     parser.add_argument("--seed", type=flags.WHOLE, help="random seed of the adapters and the batch order (0)")
+    parser.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        default=None,
+        help="recompute each layer's activations in the backward pass: less memory, more time (each layer runs twice)",
+    )
 
 
 CHECKS = {  # setting -> (what it must be, the check)
@@ -80,7 +103,10 @@ CHECKS = {  # setting -> (what it must be, the check)
     "max_seq_length": ("a whole number > 1", lambda v: isinstance(v, int) and v > 1),
     "seed": ("a whole number >= 0", lambda v: isinstance(v, int) and v >= 0),
     "data": ("a folder name", lambda v: isinstance(v, str) and v),
-    "mask_prompt": ("true or false", lambda v: isinstance(v, bool)),
+    "mask_prompt": ("true or false", lambda v: True),
+    "grad_checkpoint": ("true or false", lambda v: True),
+    "adapt_media": ("true or false", lambda v: True),
+    "max_soft_tokens": (f"one of {', '.join(map(str, SUPPORTED_BUDGETS))}", lambda v: v in SUPPORTED_BUDGETS),
 }
 
 
@@ -91,8 +117,10 @@ def settings(args: argparse.Namespace) -> dict:
         merged.update(_read_yaml(args.config))
     merged.update({k: v for k, v in vars(args).items() if v is not None and k in CHECKS})
     for key, value in merged.items():
+        if value is None and key in DEFAULTS and DEFAULTS[key] is None:  # left to the checkpoint
+            continue
         what, ok = CHECKS[key]
-        if isinstance(value, bool) != (key == "mask_prompt") or not ok(value):
+        if isinstance(value, bool) != (key in SWITCHES) or not ok(value):
             raise InputError(f"{key.replace('_', '-')} must be {what}, got {value!r}.")
     return merged
 
@@ -137,13 +165,22 @@ def run(args: argparse.Namespace) -> None:
     config = (
         read_config(trained_before)
         if trained_before
-        else lora.AdapterConfig(s["fine_tune_type"], s["num_layers"], s["rank"], s["scale"], s["dropout"])
+        else lora.AdapterConfig(
+            s["fine_tune_type"],
+            s["num_layers"],
+            s["rank"],
+            s["scale"],
+            s["dropout"],
+            lora.DECODER_KEYS + (lora.MEDIA_KEYS if s["adapt_media"] else ()),
+        )
     )
     mx.random.seed(s["seed"])
     model, processor = flags.load_from_args(args)
 
     def split(name: str):
-        return data.load_split(s["data"], name, processor, s.get("mask_prompt"), s["max_seq_length"])
+        return data.load_split(
+            s["data"], name, processor, s.get("mask_prompt"), s["max_seq_length"], s["max_soft_tokens"]
+        )
 
     train_set = split("train") if args.train else None
     if args.train and train_set is None:

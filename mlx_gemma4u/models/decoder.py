@@ -17,6 +17,7 @@ post-norm + residual + next pre-norm, the GELU gate), which run their MLX refere
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -222,6 +223,7 @@ class TextModel(nn.Module):
         self._cache_slot = {layer: slot for slot, layer in enumerate(owners)}
         # the last layer whose keys and values are computed (none in an MTP drafter, draft.py)
         self._last_owner = owners[-1] if owners else None
+        self.checkpointed = False  # training: recompute each layer in the backward pass (`recomputed`)
 
     def embed(self, input_ids: mx.array) -> mx.array:
         """(B, T) ids -> (B, T, D) embeddings times sqrt(D), the scale rounded to the embeddings' dtype
@@ -244,5 +246,32 @@ class TextModel(nn.Module):
         for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
             slot = self._cache_slot.get(i)
             layer_cache = cache[slot] if cache is not None and slot is not None else None
-            h, normed = layer.forward(h, normed, next_norm, step, layer_cache, keep if i == self._last_owner else 0)
+            if self.checkpointed and cache is None and not keep:
+                h, normed = recomputed(layer, h, normed, next_norm, step)
+            else:
+                h, normed = layer.forward(h, normed, next_norm, step, layer_cache, keep if i == self._last_owner else 0)
         return normed
+
+
+def recomputed(layer: DecoderLayer, h: mx.array, normed: mx.array, next_norm: mx.array, step: Step) -> tuple:
+    """layer.forward (no cache, every position) with its activations recomputed in the backward pass
+    instead of kept: gradient checkpointing, one layer's activations alive at a time.
+
+    The layer's trainable parameters are inputs of the checkpoint, so their gradients flow; the
+    keys and values a "store" layer hands on are outputs of it, and a "reuse" layer's are inputs.
+    """
+    attn = layer.self_attn
+    kind = attn.layer_type
+    handed = step.shared[kind][:2] if attn.reuse else ()
+
+    def run(params, h, normed, next_norm, *kv):
+        layer.update(params)
+        inner = copy.copy(step)  # the masks are shared; the keys and values handed on are this call's
+        inner.shared = {kind: (*kv, None)} if kv else {}
+        out = layer.forward(h, normed, next_norm, inner)
+        return (*out, *inner.shared[kind][:2]) if attn.store else out
+
+    out = mx.checkpoint(run)(layer.trainable_parameters(), h, normed, next_norm, *handed)
+    if attn.store:
+        step.shared[kind] = (out[2], out[3], None)
+    return out[0], out[1]

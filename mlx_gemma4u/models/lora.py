@@ -1,5 +1,6 @@
 """Low-rank adapters: mlx-lm's LoRALinear and DoRALinear swapped in for the attention and MLP
-projections of the last `num_layers` decoder layers, the way nn.quantize swaps layers.
+projections of the last `num_layers` decoder layers (and optionally for the patch and audio
+projections, MEDIA_KEYS), the way nn.quantize swaps layers.
 
     y = W x + scale * B (A dropout(x))        A (in, rank), B (rank, out); DoRA also rescales W's columns
 
@@ -28,6 +29,11 @@ DECODER_KEYS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
+MEDIA_KEYS = (  # the patch and audio projections, by their paths in the model (optional: `--adapt-media`)
+    "embed_vision.patch_dense",
+    "embed_vision.multimodal_embedder.embedding_projection",
+    "embed_audio.embedding_projection",
+)
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 ADAPTER_PARAMETERS = ("lora_a", "lora_b", "m")  # the leaves an adapter file holds (m: DoRA's magnitudes)
 
@@ -53,9 +59,12 @@ class AdapterConfig:
             raise InputError(f"The LoRA rank must be at least 1, got {self.rank}.")
         if not 0 <= self.dropout < 1:
             raise InputError(f"The LoRA dropout must be in [0, 1), got {self.dropout}.")
-        unknown = sorted(set(self.keys) - set(DECODER_KEYS))
+        unknown = sorted(set(self.keys) - set(DECODER_KEYS + MEDIA_KEYS))
         if unknown:
-            raise InputError(f"Unknown LoRA key {unknown[0]!r}; the keys are {', '.join(DECODER_KEYS)}.")
+            keys = ", ".join(DECODER_KEYS + MEDIA_KEYS)
+            raise InputError(f"Unknown LoRA key {unknown[0]!r}; the keys are {keys}.")
+        if self.fine_tune_type == "dora" and set(self.keys) & set(MEDIA_KEYS):
+            raise InputError("DoRA adapts the decoder only; adapt the media projections with LoRA or full.")
 
     def layers(self, model) -> list:
         """The decoder layers this config adapts."""
@@ -69,9 +78,7 @@ def apply(model, config: AdapterConfig):
     model.freeze()
     for layer in config.layers(model):
         if config.fine_tune_type == "full":
-            if any(isinstance(m, nn.QuantizedLinear) for _, m in layer.named_modules()):
-                raise InputError("A quantized model cannot train whole layers; use LoRA or DoRA (QLoRA).")
-            layer.unfreeze()
+            _unfreeze(layer)
             continue
         swaps = [
             (name, _adapter(module, config))
@@ -79,7 +86,27 @@ def apply(model, config: AdapterConfig):
             if name in config.keys and isinstance(module, (nn.Linear, nn.QuantizedLinear))
         ]
         layer.update_modules(tree_unflatten(swaps))
+    _apply_to_media(model, config)
     return model
+
+
+def _apply_to_media(model, config: AdapterConfig) -> None:
+    """Adapt (or, with "full", unfreeze) the media projections among config.keys that the model has."""
+    wanted = [key for key in MEDIA_KEYS if key in config.keys]
+    present = [(name, module) for name, module in model.named_modules() if name in wanted]
+    if wanted and not present:
+        raise InputError("This checkpoint has no patch or audio projection to adapt (a text-only model).")
+    if config.fine_tune_type == "full":
+        for _, module in present:
+            _unfreeze(module)
+        return
+    model.update_modules(tree_unflatten([(name, _adapter(module, config)) for name, module in present]))
+
+
+def _unfreeze(module: nn.Module) -> None:
+    if any(isinstance(m, nn.QuantizedLinear) for _, m in module.named_modules()):
+        raise InputError("A quantized model cannot train whole layers; use LoRA or DoRA (QLoRA).")
+    module.unfreeze()
 
 
 def _adapter(linear: nn.Module, config: AdapterConfig) -> nn.Module:

@@ -47,8 +47,12 @@ def project(layer: nn.Module, x: mx.array, dtype: mx.Dtype) -> mx.array:
 
     A quantized layer has no transformers counterpart to match, so it gets float32 inputs: MLX's
     quantized matmul sums in its input dtype (on the CPU backend 5% off in bfloat16, 0.6% in float32).
-    A float32 layer sums its products in pieces (`summed_in_pieces`).
+    A float32 layer sums its products in pieces (`summed_in_pieces`). A LoRA adapter (models/lora.py)
+    adds its low-rank update to its base layer's result.
     """
+    if "lora_a" in layer:
+        low_rank = (layer.dropout(x) @ layer.lora_a) @ layer.lora_b
+        return project(layer.linear, x, dtype) + (layer.scale * low_rank).astype(dtype)
     if isinstance(layer, nn.QuantizedLinear):
         return layer(x.astype(mx.float32)).astype(dtype)
     if dtype == mx.float32:
@@ -78,7 +82,8 @@ def summed_in_pieces(layer: nn.Linear, x: mx.array, piece: int = PIECE) -> mx.ar
 
 def compute_dtype(layer: nn.Module) -> mx.Dtype:
     """The floating dtype a (possibly quantized) layer computes in: its weights', an affine layer's
-    scales', else bfloat16 (what MLX dequantizes mxfp4 / nvfp4 / mxfp8 layers to)."""
+    scales', else bfloat16 (what MLX dequantizes mxfp4 / nvfp4 / mxfp8 layers to); an adapter's base's."""
+    layer = layer.linear if "linear" in layer else layer
     for a in (layer.weight, getattr(layer, "scales", None)):
         if a is not None and mx.issubdtype(a.dtype, mx.floating):
             return a.dtype

@@ -5,10 +5,17 @@
 
 A bad message fails here with one sentence naming the message and what is wrong, instead of a
 template error or, worse, a prompt that silently drops part of the conversation.
+
+Tool turns come in OpenAI's form (an assistant message with `tool_calls`, then one `role: "tool"`
+message per result, by `tool_call_id`, then the assistant's answer) from the server and from
+training data; `with_tool_turns` folds them into the one model turn Gemma 4 writes: its
+`tool_calls`, their `tool_responses`, then the answer as its content.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
 from mlx_gemma4u.errors import InputError
@@ -53,3 +60,73 @@ def _check_item(item: Any, where: str) -> None:
             )
     else:
         raise InputError(f"{where} has type {kind!r}; use 'text', 'image', 'audio' or 'video'.")
+
+
+def with_tool_turns(messages: list[dict], content: Callable[[Any, int], Any] | None = None) -> list[dict]:
+    """OpenAI-form chat messages -> the template's (see the module docstring); `content(content, i)`
+    converts every other message's content (the server reads its media there)."""
+    out: list[dict] = []
+    names: dict[str, str] = {}  # tool_call_id -> function name
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InputError(f"Message {i} must be an object with a role.")
+        role = message["role"]
+        if role == "tool":
+            attach_tool_response(out, names, message.get("tool_call_id"), text_of(message.get("content"), i), i)
+            continue
+        body = message.get("content")
+        body = content(body, i) if content else body if body is not None else ""
+        if role == "assistant" and _awaits_answer(out) and not message.get("tool_calls"):
+            out[-1]["content"] = body  # the answer after the results, in the same model turn
+            continue
+        converted = {"role": role, "content": body}
+        if role == "assistant" and message.get("tool_calls"):
+            calls = message["tool_calls"]
+            if not isinstance(calls, list):
+                raise InputError(f"Message {i} tool_calls must be a list of tool calls.")
+            converted["tool_calls"] = [_tool_call(call, names, i) for call in calls]
+        out.append(converted)
+    return out
+
+
+def _awaits_answer(out: list[dict]) -> bool:
+    last = out[-1] if out else {}
+    return last.get("role") == "assistant" and bool(last.get("tool_responses")) and not last.get("content")
+
+
+def _tool_call(call: Any, names: dict, i: int) -> dict:
+    """An OpenAI tool call (arguments as JSON text or an object) -> the template's; notes its id."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise InputError(f"Message {i} has a tool call without a function name.")
+    arguments = function.get("arguments") or "{}"
+    try:
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        raise InputError(f"Message {i} has a tool call whose arguments are not JSON.") from None
+    if not isinstance(arguments, dict):
+        raise InputError(f"Message {i} has a tool call whose arguments are not a JSON object.")
+    names[str(call.get("id", ""))] = function["name"]
+    return {"function": {"name": function["name"], "arguments": arguments}}
+
+
+def attach_tool_response(out: list[dict], names: dict, call_id: str | None, text: str, i: int) -> None:
+    """A tool result joins the model turn that called the tool, as the template expects."""
+    if not out or out[-1].get("role") != "assistant" or "tool_calls" not in out[-1]:
+        raise InputError(f"Message {i} is a tool result that does not follow an assistant message with tool calls.")
+    try:
+        response = json.loads(text)
+    except ValueError:
+        response = text
+    out[-1].setdefault("tool_responses", []).append(
+        {"name": names.get(str(call_id or ""), "unknown"), "response": response}
+    )
+
+
+def text_of(content: Any, where) -> str:
+    """A string, or the text of a list of text blocks."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        return "".join(str(b.get("text", "")) for b in content if isinstance(b, dict) and b.get("type") == "text")
+    raise InputError(f"Message {where} content must be text.")

@@ -9,30 +9,16 @@ become one model turn with `tool_calls` and `tool_responses`, the form Gemma 4's
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from mlx_gemma4u.errors import InputError
+from mlx_gemma4u.processing.messages import attach_tool_response, text_of, with_tool_turns
 from mlx_gemma4u.serve.media import MediaReader
 
 
 def openai_messages(messages: list[dict], media: MediaReader) -> list[dict]:
     """OpenAI chat messages -> ours (roles system/developer/user/assistant/tool)."""
-    out: list[dict] = []
-    names: dict[str, str] = {}  # tool_call_id -> function name
-    for i, message in enumerate(messages):
-        role = _role(message, i)
-        if role == "tool":
-            _attach_tool_response(out, names, message.get("tool_call_id"), _text(message.get("content"), i), i)
-            continue
-        converted = {"role": role, "content": _openai_content(message.get("content"), media, i)}
-        if role == "assistant" and message.get("tool_calls"):
-            calls = message["tool_calls"]
-            if not isinstance(calls, list):
-                raise InputError(f"Message {i} tool_calls must be a list of tool calls.")
-            converted["tool_calls"] = [_openai_tool_call(call, names, i) for call in calls]
-        out.append(converted)
-    return out
+    return with_tool_turns(messages, lambda content, i: _openai_content(content, media, i))
 
 
 def responses_messages(instructions: str | None, items: list[dict], media: MediaReader) -> list[dict]:
@@ -81,7 +67,7 @@ def _chat_part(part: Any, i: int) -> Any:
 
 def anthropic_messages(system: Any, messages: list[dict], media: MediaReader) -> list[dict]:
     """Anthropic messages (+ the top-level system prompt) -> ours."""
-    out: list[dict] = [{"role": "system", "content": _text(system, "system")}] if system else []
+    out: list[dict] = [{"role": "system", "content": text_of(system, "system")}] if system else []
     names: dict[str, str] = {}
     for i, message in enumerate(messages):
         role, content = _role(message, i), message.get("content")
@@ -94,13 +80,13 @@ def anthropic_messages(system: Any, messages: list[dict], media: MediaReader) ->
                 raise InputError(f"Message {i} has a content block that is not an object.")
             kind = block.get("type")
             if kind == "tool_result":
-                _attach_tool_response(out, names, block.get("tool_use_id"), _text(block.get("content"), i), i)
+                attach_tool_response(out, names, block.get("tool_use_id"), text_of(block.get("content"), i), i)
             elif kind == "tool_use":
                 calls.append(_anthropic_tool_use(block, names, i))
             elif kind == "image":
                 parts.append(_anthropic_image(block.get("source") or {}, media, i))
             elif kind == "text":
-                parts.append({"type": "text", "text": _text(block.get("text"), i)})
+                parts.append({"type": "text", "text": text_of(block.get("text"), i)})
             elif kind not in ("thinking", "redacted_thinking"):
                 raise InputError(f"Message {i} has a content block of type {kind!r}, which this server does not read.")
         if parts or calls or not blocks:
@@ -135,40 +121,12 @@ def _openai_content(content: Any, media: MediaReader, i: int) -> str | list:
     return parts
 
 
-def _openai_tool_call(call: Any, names: dict, i: int) -> dict:
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise InputError(f"Message {i} has a tool call without a function name.")
-    arguments = function.get("arguments") or "{}"
-    try:
-        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-    except ValueError:
-        raise InputError(f"Message {i} has a tool call whose arguments are not JSON.") from None
-    if not isinstance(arguments, dict):
-        raise InputError(f"Message {i} has a tool call whose arguments are not a JSON object.")
-    names[str(call.get("id", ""))] = function["name"]
-    return {"function": {"name": function["name"], "arguments": arguments}}
-
-
 def _anthropic_tool_use(block: dict, names: dict, i: int) -> dict:
     name, arguments = block.get("name"), block.get("input") or {}
     if not isinstance(name, str) or not isinstance(arguments, dict):
         raise InputError(f"Message {i} has a tool_use block without a name or whose input is not an object.")
     names[str(block.get("id", ""))] = name
     return {"function": {"name": name, "arguments": arguments}}
-
-
-def _attach_tool_response(out: list[dict], names: dict, call_id: str | None, text: str, i: int) -> None:
-    """A tool result joins the model turn that called the tool, as the template expects."""
-    if not out or out[-1].get("role") != "assistant" or "tool_calls" not in out[-1]:
-        raise InputError(f"Message {i} is a tool result that does not follow an assistant message with tool calls.")
-    try:
-        response = json.loads(text)
-    except ValueError:
-        response = text
-    out[-1].setdefault("tool_responses", []).append(
-        {"name": names.get(str(call_id or ""), "unknown"), "response": response}
-    )
 
 
 def _anthropic_image(source: Any, media: MediaReader, i: int) -> dict:
@@ -185,15 +143,6 @@ def _role(message: Any, i: int) -> str:
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise InputError(f"Message {i} must be an object with a role.")
     return message["role"]
-
-
-def _text(content: Any, where) -> str:
-    """A string, or the text of a list of text blocks."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        return "".join(str(b.get("text", "")) for b in content if isinstance(b, dict) and b.get("type") == "text")
-    raise InputError(f"Message {where} content must be text.")
 
 
 def _url(value: Any, i: int) -> str:

@@ -6,7 +6,9 @@
     text          {"text": "..."}
 
 Chat, tools and completions are rendered with the checkpoint's chat template; with `mask_prompt`
-(their default) only the last message, the reply, counts in the loss. Media paths are relative to
+(their default) only the last message, the reply, counts in the loss. Tool turns may come in
+OpenAI's form (`tool_calls`, then `role: "tool"` results, then the answer: processing/messages.py);
+after tool results only the answer is trained, the calls before them are prompt. Media paths are relative to
 the data folder. A bad line is refused with its file, line number and reason, before any training.
 """
 
@@ -19,13 +21,22 @@ import numpy as np
 
 from mlx_gemma4u.errors import Gemma4UError, InputError
 from mlx_gemma4u.media import ARRAYS, BY_NAME
+from mlx_gemma4u.processing.messages import with_tool_turns
 from mlx_gemma4u.training.batches import Example
 
 PATH_KEYS = ("path", "url")  # besides the kind's own name ("image": "photo.jpg")
 
 
-def load_split(folder: str | Path, split: str, processor, mask_prompt: bool | None = None, max_length: int = 2048):
-    """The examples of `folder/<split>.jsonl`, or None if the file is not there."""
+def load_split(
+    folder: str | Path,
+    split: str,
+    processor,
+    mask_prompt: bool | None = None,
+    max_length: int = 2048,
+    image_budget: int | None = None,
+):
+    """The examples of `folder/<split>.jsonl`, or None if the file is not there. image_budget: soft
+    tokens per image at most (the processor's max_soft_tokens; None: the checkpoint's)."""
     file = Path(folder) / f"{split}.jsonl"
     if not file.is_file():
         return None
@@ -39,7 +50,7 @@ def load_split(folder: str | Path, split: str, processor, mask_prompt: bool | No
             except ValueError as error:
                 raise InputError(f"{file}:{number}: not JSON ({error})") from None
             try:
-                examples.append(example(record, processor, Path(folder), mask_prompt, max_length))
+                examples.append(example(record, processor, Path(folder), mask_prompt, max_length, image_budget))
             except (Gemma4UError, OSError, ValueError) as error:
                 raise InputError(f"{file}:{number}: {error}") from None
     if not examples:
@@ -47,7 +58,9 @@ def load_split(folder: str | Path, split: str, processor, mask_prompt: bool | No
     return examples
 
 
-def example(record, processor, folder: Path, mask_prompt: bool | None, max_length: int) -> Example:
+def example(
+    record, processor, folder: Path, mask_prompt: bool | None, max_length: int, image_budget: int | None = None
+) -> Example:
     """One JSONL record -> an Example (see the module docstring for the forms)."""
     if not isinstance(record, dict):
         raise InputError("a line must be a JSON object")
@@ -69,12 +82,16 @@ def example(record, processor, folder: Path, mask_prompt: bool | None, max_lengt
         raise InputError('a line needs "messages", "prompt" and "completion", or "text"')
     if not isinstance(messages, list) or len(messages) < 2 or not all(isinstance(m, dict) for m in messages):
         raise InputError('"messages" must be a list of at least two messages (a prompt and its reply)')
+    if any(m.get("role") == "tool" for m in messages):
+        messages = with_tool_turns(messages)  # OpenAI's form -> the template's
     messages = [_with_local_media(m, folder) for m in messages]
     template = {"tools": tools} if tools else {}
+    if image_budget:
+        template["processor_kwargs"] = {"images_kwargs": {"max_soft_tokens": image_budget}}
     whole = _render(processor, messages, False, template)
     first = 1
     if mask_prompt is not False:
-        prompt = _render(processor, messages[:-1], True, template)["input_ids"][0]
+        prompt = _render(processor, _before_reply(messages), True, template)["input_ids"][0]
         first = _common_prefix(prompt, whole["input_ids"][0])
     ids = whole["input_ids"][0]
     media = {k: v for k, v in whole.items() if k in ARRAYS}
@@ -90,6 +107,14 @@ def _render(processor, messages: list[dict], generation_prompt: bool, template: 
         return_tensors="np",
         **template,
     )
+
+
+def _before_reply(messages: list[dict]) -> list[dict]:
+    """The conversation up to the reply the loss trains: the last message's content; after tool
+    calls and their results in the same model turn, just that turn's answer (the results are the
+    tools', not the model's)."""
+    last = messages[-1]
+    return [*messages[:-1], {**last, "content": ""}] if last.get("tool_responses") else messages[:-1]
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:

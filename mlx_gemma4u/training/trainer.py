@@ -37,6 +37,7 @@ class TrainingArgs:
     save_every: int = 100
     adapter_path: str = "adapters"
     seed: int = 0
+    grad_checkpoint: bool = False  # recompute each layer in the backward pass: less memory, more time
 
 
 def batches(examples: list[Example], batch_size: int, rng: np.random.Generator, loop: bool) -> Iterator:
@@ -79,6 +80,7 @@ def train(
     step_fn = nn.value_and_grad(model, loss)
     stream = batches(train_set, args.batch_size, np.random.default_rng(args.seed), loop=True)
     model.train()
+    model.language_model.checkpointed = args.grad_checkpoint
     losses, tokens, since = [], 0, time.perf_counter()
     done, last_good = start, model.trainable_parameters()
     try:
@@ -112,6 +114,7 @@ def train(
         model.update(last_good)  # the adapters as the last finished step left them
         report({"step": done, "interrupted": True})
     model.eval()
+    model.language_model.checkpointed = False
     save_adapters(folder, model, config, {"iteration": done})
     report({"step": done, "saved": str(folder), "final": True})
     return folder

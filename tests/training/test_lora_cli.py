@@ -22,8 +22,15 @@ CHAT = [
     {"messages": [{"role": "user", "content": f"Say {word}."}, {"role": "assistant", "content": word}]}
     for word in ("hello", "world", "sea", "sky", "stone", "tree")
 ]
+PICTURE = {
+    "messages": [
+        {"role": "user", "content": [{"type": "image", "image": "photo.png"}, {"type": "text", "text": "Say what."}]},
+        {"role": "assistant", "content": "camera"},
+    ]
+}
 PROMPT = [{"role": "user", "content": "Say sky."}]
 TRAIN = ("--batch-size", "2", "--learning-rate", "0.02", "--steps-per-report", "2", "--num-layers", "-1")
+MEDIA = ("--adapt-media", "--max-soft-tokens", "70")  # the patch projection trains on the picture
 
 
 def lora_args(data, out, iters: int, *more: str) -> list[str]:
@@ -44,18 +51,19 @@ def lora_args(data, out, iters: int, *more: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, fixtures_dir):
     folder = tmp_path_factory.mktemp("data")
+    (folder / "photo.png").write_bytes((fixtures_dir / "images" / "gray_camera_512x512.png").read_bytes())
     for split in ("train", "valid"):
-        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(line) for line in CHAT))
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(line) for line in [*CHAT, PICTURE]))
     return folder
 
 
 @pytest.fixture(scope="module")
 def trained(data, demo_home, tmp_path_factory):
-    """Adapters of a 6-step run, and what the command printed."""
+    """Adapters of a 6-step run (decoder and media projections), and what the command printed."""
     out = tmp_path_factory.mktemp("run") / "adapters"
-    run = cli(*lora_args(data, out, 6), home=demo_home)
+    run = cli(*lora_args(data, out, 6, *MEDIA), home=demo_home)
     assert run.returncode == 0, run.stderr
     return out, run.stderr
 
@@ -67,6 +75,9 @@ def test_a_run_reports_and_saves_its_adapters(trained):
     assert "train loss" in printed and "val loss" in printed and "tok/s" in printed and "peak" in printed
     assert "Trainable parameters" in printed
     assert not list(out.glob("*.partial*"))
+    weights = mx.load(str(out / WEIGHTS))
+    assert mx.abs(weights["embed_vision.patch_dense.lora_b"]).max().item() > 0  # trained on the picture
+    assert mx.abs(weights["embed_audio.embedding_projection.lora_b"]).max().item() == 0  # no audio in the data
 
 
 def test_adapters_give_the_same_reply_in_generate_batch_generate_and_serve(trained, demo_home, tmp_path):
@@ -100,9 +111,11 @@ def test_adapters_give_the_same_reply_in_generate_batch_generate_and_serve(train
 
 
 def test_resume_continues_from_the_saved_step(trained, data, demo_home, tmp_path):
+    """A resumed run (here with gradient checkpointing on) goes on from the saved step and loss."""
     out, printed = trained
     again = tmp_path / "again"
-    run = cli(*lora_args(data, again, 8, "--resume-adapter-file", str(out / WEIGHTS)), home=demo_home)
+    resume = ("--resume-adapter-file", str(out / WEIGHTS), "--grad-checkpoint")
+    run = cli(*lora_args(data, again, 8, *resume), home=demo_home)
     assert run.returncode == 0, run.stderr
     assert json.loads((again / CONFIG).read_text())["iteration"] == 8
     steps = [
@@ -215,6 +228,7 @@ def test_the_fused_model_equals_base_plus_adapters(trained, demo_home, tmp_path)
         ([], "batch_size: 0\n", "batch-size must be a whole number > 0"),
         ([], "learning_rate: 1e-5\nrank: eight\n", "rank must be a whole number > 0"),
         ([], "epochs: 3\n", "unknown setting 'epochs'"),
+        ([], "grad_checkpoint: 3\n", "grad-checkpoint must be true or false"),
     ],
 )
 def test_a_bad_setting_is_refused_in_one_sentence_before_the_model_loads(flags, config, message, data, tmp_path):

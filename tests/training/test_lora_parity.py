@@ -3,11 +3,12 @@ checkpoint (the multimodal parity test's) and one right-padded batch of an image
 prompt and a text prompt, each with its first half masked out of the loss as a prompt.
 
 Both sides run the same forward pass: ours with transformers' plain-forward vision mask
-("hf-forward", what `model(**inputs, labels=...)` computes), every adapter with the same A and B
-(B non-zero, so both gradients are), transformers' LoRA written out as y = W x + s (x A) B.
+("hf-forward", what `model(**inputs, labels=...)` computes), adapters on every decoder projection
+and on the patch and audio projections, each with the same A and B on both sides (B non-zero, so
+both gradients are), transformers' LoRA written out as y = W x + s (x A) B.
 
 Bounds, float32: loss within 1e-5 relative; each gradient matrix within 1e-4 of its largest entry.
-Measured: loss 16.193949 against 16.193951 (1.2e-7 relative); gradients 2.5e-6 at most, relative
+Measured: loss 18.410124 against 18.410126 (1.1e-7 relative); gradients 2.5e-6 at most, relative
 to each matrix's largest entry.
 """
 
@@ -17,9 +18,10 @@ import numpy as np
 import pytest
 import reference
 import torch
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_gemma4u.models import lora
+from mlx_gemma4u.models.decoder import DecoderLayer
 from mlx_gemma4u.training.batches import Example, collate, loss
 from mlx_gemma4u.weights.loading import load_model
 
@@ -45,28 +47,19 @@ def examples(golden_dir) -> list[Example]:
 
 
 def adapted(path, vision_mask: str, seed: int = 0):
-    """Our model with adapters on every decoder projection, A and B random (seeded)."""
+    """Our model with adapters on every decoder projection and on the patch and audio projections,
+    A and B random (seeded)."""
+    keys = lora.DECODER_KEYS + lora.MEDIA_KEYS
     model = lora.apply(
-        load_model(path, vision_mask=vision_mask), lora.AdapterConfig(num_layers=-1, rank=RANK, scale=SCALE)
+        load_model(path, vision_mask=vision_mask),
+        lora.AdapterConfig(num_layers=-1, rank=RANK, scale=SCALE, keys=keys),
     )
     rng = np.random.default_rng(seed)
+    trainable = tree_flatten(model.trainable_parameters())
     model.update(
-        {
-            "language_model": mx_tree(
-                {
-                    name: mx.array(rng.standard_normal(value.shape).astype(np.float32) * 0.1)
-                    for name, value in tree_flatten(model.language_model.trainable_parameters())
-                }
-            )
-        }
+        tree_unflatten([(k, mx.array(rng.standard_normal(v.shape).astype(np.float32) * 0.1)) for k, v in trainable])
     )
     return model
-
-
-def mx_tree(flat: dict):
-    from mlx.utils import tree_unflatten
-
-    return tree_unflatten(list(flat.items()))
 
 
 class TorchLoRA(torch.nn.Module):
@@ -74,6 +67,10 @@ class TorchLoRA(torch.nn.Module):
         super().__init__()
         self.base = base
         self.a, self.b = torch.nn.Parameter(torch.from_numpy(a)), torch.nn.Parameter(torch.from_numpy(b))
+
+    @property
+    def weight(self):  # transformers reads the media projections' dtype from it
+        return self.base.weight
 
     def forward(self, x):
         return self.base(x) + SCALE * ((x @ self.a) @ self.b)
@@ -84,14 +81,14 @@ def theirs(torch_model, ours_model, batch, examples) -> tuple[float, dict]:
     model = torch_model
     model.requires_grad_(False)
     wrapped = {}
-    for name, _ in tree_flatten(ours_model.language_model.trainable_parameters()):
-        module_name = name.rsplit(".", 1)[0]  # layers.0.self_attn.q_proj
+    for name, _ in tree_flatten(ours_model.trainable_parameters()):
+        module_name = name.rsplit(".", 1)[0]  # language_model.layers.0.self_attn.q_proj, embed_audio...
         if module_name in wrapped:
             continue
-        adapter = _get(ours_model.language_model, module_name)
+        adapter = _get(ours_model, module_name)
         a, b = np.array(adapter.lora_a), np.array(adapter.lora_b)
-        parent_name, attr = module_name.rsplit(".", 1)
-        parent = model.model.language_model.get_submodule(parent_name)
+        parent_name, attr = f"model.{module_name}".rsplit(".", 1)  # transformers' path is "model." + ours
+        parent = model.get_submodule(parent_name)
         wrapped[module_name] = TorchLoRA(getattr(parent, attr), a, b)
         setattr(parent, attr, wrapped[module_name])
     length = max(len(e) for e in examples)
@@ -111,8 +108,8 @@ def theirs(torch_model, ours_model, batch, examples) -> tuple[float, dict]:
         grads[f"{module_name}.lora_a"] = module.a.grad.numpy()
         grads[f"{module_name}.lora_b"] = module.b.grad.numpy()
     for module_name, module in wrapped.items():  # put the plain layers back
-        parent_name, attr = module_name.rsplit(".", 1)
-        setattr(model.model.language_model.get_submodule(parent_name), attr, module.base)
+        parent_name, attr = f"model.{module_name}".rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), attr, module.base)
     return float(out.loss.detach()), grads
 
 
@@ -129,8 +126,8 @@ def test_loss_and_lora_gradients_equal_transformers(checkpoint, examples):
     ref_loss, ref_grads = theirs(checkpoint[0], model, batch, examples)
     assert n.item() == sum(len(e) - e.first_target for e in examples)
     assert abs(value.item() - ref_loss) <= 1e-5 * abs(ref_loss)
-    ours = {k.removeprefix("language_model."): np.array(v) for k, v in tree_flatten(grads)}
-    assert set(ours) == set(ref_grads)
+    ours = {k: np.array(v) for k, v in tree_flatten(grads)}
+    assert set(ours) == set(ref_grads) and {k.rsplit(".", 1)[0] for k in ours} >= set(lora.MEDIA_KEYS)
     worst = max(np.abs(ours[k] - ref_grads[k]).max() / np.abs(ref_grads[k]).max() for k in ours)
     print(f"loss {value.item():.6f} vs {ref_loss:.6f}; worst relative gradient |Δ| {worst:.2e}")
     assert worst <= 1e-4
@@ -151,3 +148,31 @@ def test_the_image_block_mask_matters_to_the_loss(checkpoint, examples):
         causal = collate([Example(e.input_ids, 0 * e.mm_token_type_ids, e.first_target, e.media) for e in examples])
         blocked, flat = loss(model, batch)[0].item(), loss(model, causal)[0].item()
         assert abs(blocked - flat) > 1e-3 * abs(blocked), semantics
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(checkpoint, examples, monkeypatch):
+    """Layers recomputed in the backward pass (--grad-checkpoint: each layer runs twice) give the
+    loss and gradients of layers kept, through the KV-shared layers too (the tiny checkpoint's last
+    two reuse keys and values). Measured: the same loss and gradients, to the last bit."""
+    batch = collate(examples)
+    model = adapted(checkpoint[1], "gemma4")
+    layers = model.language_model.layers
+    assert any(layer.self_attn.reuse for layer in layers)
+    runs = []
+    forward = DecoderLayer.forward
+    monkeypatch.setattr(DecoderLayer, "forward", lambda self, *a, **k: runs.append(1) or forward(self, *a, **k))
+
+    def run():
+        runs.clear()
+        (value, _), grads = mx.value_and_grad(lambda p: _loss(model, p, batch))(model.trainable_parameters())
+        grads = {k: np.array(v) for k, v in tree_flatten(grads)}
+        return value.item(), grads, len(runs)
+
+    kept_loss, kept, kept_runs = run()
+    model.language_model.checkpointed = True
+    again_loss, again, again_runs = run()
+    assert (kept_runs, again_runs) == (len(layers), 2 * len(layers))
+    assert again_loss == pytest.approx(kept_loss, rel=1e-6)
+    worst = max(np.abs(again[k] - kept[k]).max() / np.abs(kept[k]).max() for k in kept)
+    print(f"loss {again_loss} vs {kept_loss}; worst relative gradient |Δ| {worst:.1e}")
+    assert worst <= 1e-5
