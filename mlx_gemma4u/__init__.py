@@ -13,6 +13,7 @@ from mlx_gemma4u import lazy_mlx_lm  # noqa: F401  (first: mlx-lm's modules with
 _EXPORTS = {
     "load": "weights.loading",
     "load_draft_model": "weights.loading",
+    "sharded_load": "weights.sharded",
     "generate": "generation.api",
     "stream_generate": "generation.api",
     "batch_generate": "generation.api",

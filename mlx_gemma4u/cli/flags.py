@@ -37,6 +37,58 @@ def add_model_args(parser: argparse.ArgumentParser, adapters: bool = True) -> No
         )
 
 
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    """--pipeline / --tensor-parallel: one model across the processes `mlx.launch` started."""
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="under mlx.launch: each process runs a share of the decoder layers and loads only their weights",
+    )
+    split.add_argument(
+        "--tensor-parallel",
+        action="store_true",
+        help="under mlx.launch: each process runs a share of every layer's heads and MLP",
+    )
+
+
+def parallel_group(args: argparse.Namespace):
+    """The group of processes mlx.launch started, if --pipeline or --tensor-parallel is given."""
+    if not (getattr(args, "pipeline", False) or getattr(args, "tensor_parallel", False)):
+        return None
+    import mlx.core as mx
+
+    from mlx_gemma4u.errors import InputError
+
+    group = mx.distributed.init()
+    if group.size() == 1:
+        flag = "--pipeline" if args.pipeline else "--tensor-parallel"
+        raise InputError(f"{flag} needs several processes: start it with `mlx.launch -n 2 ... mlx-gemma4u ...`.")
+    if getattr(args, "adapter_path", None) or getattr(args, "draft_model", None):
+        raise InputError("--adapter-path and --draft-model do not work with --pipeline or --tensor-parallel yet.")
+    return group
+
+
+def same_seed(params, group):
+    """SamplingParams whose seed is the same on every process of `group` (rank 0's, if none was given),
+    so that all of them sample the same tokens."""
+    if group is None or params.seed is not None:
+        return params
+    import dataclasses
+    import random
+
+    import mlx.core as mx
+
+    mine = mx.array(random.getrandbits(31) if group.rank() == 0 else 0)
+    return dataclasses.replace(params, seed=int(mx.distributed.all_sum(mine, group=group).item()))
+
+
+def is_first_process(args: argparse.Namespace) -> bool:
+    """Whether this process prints: the only one, or rank 0 of a --pipeline / --tensor-parallel group."""
+    group = parallel_group(args)
+    return group is None or group.rank() == 0
+
+
 def add_draft_args(parser: argparse.ArgumentParser) -> None:
     """Speculative decoding with an MTP assistant (generate and chat)."""
     parser.add_argument(
@@ -138,8 +190,14 @@ def load_from_args(args: argparse.Namespace, adapter_path: str | None = None):
         from mlx_gemma4u.weights.adapters import read_config
 
         read_config(adapter_path)  # a wrong folder is refused before the model loads
-    if args.demo:
+    group = parallel_group(args)
+    if args.demo and (group is None or group.rank() == 0):
         print(WARNING, file=sys.stderr)
+    if group is not None:
+        from mlx_gemma4u.weights.sharded import sharded_load
+
+        split = {"pipeline_group" if args.pipeline else "tensor_group": group}
+        return sharded_load(ensure_demo() if args.demo else args.model, vision_mask=args.vision_mask, **split)
     return load(
         ensure_demo() if args.demo else args.model,
         vision_mask=args.vision_mask,

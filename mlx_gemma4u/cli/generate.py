@@ -32,6 +32,7 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
         "--grammar", metavar="FILE", help="hold the reply to the Lark grammar in FILE (from rule `start`)"
     )
     add_draft_args(gen)
+    flags.add_parallel_args(gen)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -41,13 +42,18 @@ def run(args: argparse.Namespace) -> None:
     flags.check_media_files(args)
     model, processor = flags.load_from_args(args, args.adapter_path)
     draft = flags.draft_kwargs(args, model)
+    params = flags.same_seed(params, flags.parallel_group(args))
+    shown = flags.is_first_process(args)  # under mlx.launch every process generates, the first prints
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     last = None
     for last in stream_generate(
         model, processor, messages, images=args.image, videos=args.video, audio=args.audio, params=params, **draft
     ):
-        print(last.text, end="", flush=True)
+        if shown:
+            print(last.text, end="", flush=True)
+    if not shown:
+        return
     print()
     if last is not None:
         print(

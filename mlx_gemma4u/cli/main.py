@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except RuntimeError as e:  # MLX's distributed backends: a process of the group is gone
+        if args.debug or not str(e).startswith(("[ring]", "[jaccl]", "[mpi]")):
+            raise
+        print(f"error: another process of the group stopped ({e}); its own output says why.", file=sys.stderr)
+        return 1
     return 0
 
 

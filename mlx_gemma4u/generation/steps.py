@@ -52,7 +52,8 @@ def prefill(
     start = prompt_cache.reused = prompt_cache.reusable(ids, blocks, keys, int(media[0]) if len(media) else len(ids))
     prompt_cache.keep(start)
     cache = prompt_cache.caches
-    embeds = model.embed(input_ids, soft_tokens=prompt_cache.media.of(model, inputs, keys))
+    soft = prompt_cache.media.of(model, inputs, keys) if model.embeds_inputs else None  # (pipeline stages)
+    embeds = model.embed(input_ids, soft_tokens=soft)
     extra = {"return_hidden": True} if return_hidden else {}
     for lo, hi in prefill_chunks(start, len(ids), prefill_step_size, blocks):
         out = model(

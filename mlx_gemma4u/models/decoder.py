@@ -224,6 +224,7 @@ class TextModel(nn.Module):
         # the last layer whose keys and values are computed (none in an MTP drafter, draft.py)
         self._last_owner = owners[-1] if owners else None
         self.checkpointed = False  # training: recompute each layer in the backward pass (`recomputed`)
+        self.stage = None  # a pipeline stage: this process runs some of the layers (parallel.py)
 
     def embed(self, input_ids: mx.array) -> mx.array:
         """(B, T) ids -> (B, T, D) embeddings times sqrt(D), the scale rounded to the embeddings' dtype
@@ -241,16 +242,36 @@ class TextModel(nn.Module):
         With RowSteps (B sequences decoding together), cache[slot] holds one cache per row.
         """
         keep = keep if 0 < keep < h.shape[1] else 0
-        next_norms = [layer.input_layernorm.weight for layer in self.layers[1:]] + [self.norm.weight]
-        normed = self.layers[0].input_layernorm(h)
-        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
+        n, stage = len(self.layers), self.stage
+        first, end = (0, n) if stage is None else (stage.start, stage.end)
+        if first > 0:  # a later pipeline stage: the stream arrives from the one before
+            if keep and self._last_owner < first:
+                step.narrow(h.shape[1], keep)
+            h, normed = stage.receive(self._shape_before(first, h.shape, keep), h.dtype)
+        else:
+            normed = self.layers[0].input_layernorm(h)
+        for i in range(first, end):
+            layer = self.layers[i]
+            next_norm = self.layers[i + 1].input_layernorm.weight if i + 1 < n else self.norm.weight
             slot = self._cache_slot.get(i)
             layer_cache = cache[slot] if cache is not None and slot is not None else None
             if self.checkpointed and cache is None and not keep:
                 h, normed = recomputed(layer, h, normed, next_norm, step)
             else:
                 h, normed = layer.forward(h, normed, next_norm, step, layer_cache, keep if i == self._last_owner else 0)
-        return normed
+        return normed if stage is None else stage.hand_over(h, normed, self._shape_before(n, h.shape, keep))
+
+    def _shape_before(self, i: int, shape: tuple, keep: int) -> tuple:
+        """The (B, T, D) shape of the stream entering layer i (or leaving the last, i = L): T is
+        `keep` once the layer that cuts the pass to `keep` positions is behind."""
+        B, T, D = shape
+        return (B, keep if keep and self._last_owner < i else T, D)
+
+    def past(self, cache: list) -> int:
+        """Tokens already in `cache`, read from a cache this process fills (a pipeline stage fills
+        only its layers')."""
+        first = 0 if self.stage is None else self.stage.start
+        return cache[min(slot for layer, slot in self._cache_slot.items() if layer >= first)].offset
 
 
 def recomputed(layer: DecoderLayer, h: mx.array, normed: mx.array, next_norm: mx.array, step: Step) -> tuple:

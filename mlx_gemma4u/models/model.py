@@ -18,11 +18,12 @@ from mlx_gemma4u.errors import CheckpointError, InputError
 from mlx_gemma4u.kernels import softcap
 from mlx_gemma4u.models import cache as caches
 from mlx_gemma4u.models import layouts as checkpoints
+from mlx_gemma4u.models import parallel
 from mlx_gemma4u.models.audio import AudioEmbedder
 from mlx_gemma4u.models.config import FULL, ModelConfig
 from mlx_gemma4u.models.decoder import RowSteps, Step, TextModel
 from mlx_gemma4u.models.masks import SEMANTICS, build_mask, vision_blocks
-from mlx_gemma4u.models.multimodal import placeholder_positions, scatter_soft_tokens
+from mlx_gemma4u.models.multimodal import compute_dtype, placeholder_positions, scatter_soft_tokens
 from mlx_gemma4u.models.vision import VisionEmbedder
 
 
@@ -112,6 +113,9 @@ class Model(nn.Module):
         `soft_tokens`, e.g. kept from an earlier turn); a kind given here needs no media arrays.
         num_frames_per_video is accepted for parity with transformers; frames are already in order.
         """
+        if not self.embeds_inputs:
+            text = self.language_model
+            return mx.zeros((*input_ids.shape, text.config.hidden_size), compute_dtype(text.embed_tokens))
         c = self.config
         placeholder = {"image": c.image_token_id, "video": c.video_token_id, "audio": c.audio_token_id}
         ids = mx.where(_isin(input_ids, set(placeholder.values())), c.text.pad_token_id, input_ids)
@@ -128,6 +132,13 @@ class Model(nn.Module):
         for kind, features in soft.items():
             h = scatter_soft_tokens(h, placeholder_positions(input_ids, placeholder[kind]), features, kind)
         return h
+
+    @property
+    def embeds_inputs(self) -> bool:
+        """False on a later pipeline stage, whose decoder input arrives from the stage before (its
+        `embed` gives zeros of the right shape, and it has no media embedders)."""
+        stage = self.language_model.stage
+        return stage is None or stage.start == 0
 
     def soft_tokens(self, kind: str, values: mx.array, extra: mx.array | None) -> mx.array:
         """The (M, D) soft tokens of one kind of media: "image" / "video" with their pixel values and
@@ -166,7 +177,7 @@ class Model(nn.Module):
         """Positions and masks of one forward pass over T new tokens after `past` cached ones."""
         B, T = shape
         text = self.config.text
-        past = cache[0].offset if cache else 0
+        past = self.language_model.past(cache) if cache else 0
         offset, key_valid = past, None
         if attention_mask is not None:
             key_valid, pads = _left_padding(attention_mask, B, past + T)
@@ -198,6 +209,19 @@ class Model(nn.Module):
         keys and values an MTP drafter attends to (draft.py), whether or not later layers reuse them."""
         slots = self.language_model._cache_slot  # layer index -> cache index, in layer order
         return {self.config.text.layers[i].layer_type: cache[s] for i, s in sorted(slots.items())}
+
+    def pipeline(self, group) -> None:
+        """Keep only this rank's pipeline stage (models/parallel.py), before the weights load: its
+        decoder layers, and the media embedders on the first rank only (they feed it alone)."""
+        parallel.pipeline(self.language_model, group)
+        if group.rank() > 0:
+            for name in ("embed_vision", "embed_audio"):
+                if name in self:
+                    delattr(self, name)
+
+    def shard(self, group) -> None:
+        """Tensor parallel: every layer's heads and MLP split across `group` (models/parallel.py)."""
+        parallel.shard(self.language_model, group)
 
     def make_cache(self) -> list:
         """Fresh caches for generation: one per layer that owns keys and values."""

@@ -137,11 +137,21 @@ def load_model(
 def install_weights(
     model: nn.Module, weights: dict, layout: checkpoints.Layout, quantization: dict | None, dtype: str | None
 ) -> None:
-    """Load a checkpoint's tensors (named as in `layout`) into `model`, a Model or a DraftModel, and
-    evaluate them. The layers stored quantized become quantized layers first (config.json's
-    `quantization`), so that their names are there to check; the sanitized weights must then be
-    exactly the model's, and the floating ones (not the quantization scales and biases) are cast to `dtype`.
-    Last, on a CPU, the model's large work is cut across the cores (backends/cpu_cores.py)."""
+    """Load a checkpoint's tensors (named as in `layout`) into `model`, a Model or a DraftModel
+    (`set_weights`), and evaluate them. Last, on a CPU, the model's large work is cut across the
+    cores (backends/cpu_cores.py)."""
+    set_weights(model, weights, layout, quantization, dtype)
+    mx.eval(model.parameters())
+    cpu_cores.apply(model)
+
+
+def set_weights(
+    model: nn.Module, weights: dict, layout: checkpoints.Layout, quantization: dict | None, dtype: str | None
+) -> None:
+    """Set a checkpoint's tensors (named as in `layout`) as `model`'s, unevaluated. The layers stored
+    quantized become quantized layers first (config.json's `quantization`), so that their names are
+    there to check; the sanitized weights must then be exactly the model's, and the floating ones
+    (not the quantization scales and biases) are cast to `dtype`."""
     if quantization:
         quantize_like(model, quantization, weights, layout)
     weights = model.sanitize(weights)
@@ -155,8 +165,6 @@ def install_weights(
         }
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
-    mx.eval(model.parameters())
-    cpu_cores.apply(model)
 
 
 def quantize_like(model: nn.Module, quantization: dict, weights: dict, layout: checkpoints.Layout) -> None:
@@ -207,13 +215,16 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def read_weights(path: Path, dtype: str | None = None, check_memory: bool = True) -> dict[str, mx.array]:
-    """Every tensor of the folder's safetensors files (sharded, with or without an index).
+def read_weights(
+    path: Path, dtype: str | None = None, check_memory: bool = True, files: list[Path] | None = None
+) -> dict[str, mx.array]:
+    """Every tensor of the folder's safetensors files (sharded, with or without an index), or of
+    just `files`.
 
     All headers are checked, and the memory the weights will take is compared with the machine's,
     before anything is loaded.
     """
-    files = weight_files(path)
+    files = weight_files(path) if files is None else files
     sizes: dict[str, int] = {}
     for f in files:
         for kind, nbytes in check_safetensors(f).items():
@@ -222,7 +233,7 @@ def read_weights(path: Path, dtype: str | None = None, check_memory: bool = True
         _check_memory(sizes, dtype)
     weights = {}
     for f in files:
-        weights.update(mx.load(str(f)))
+        weights.update(mx.load(str(f)))  # lazy: a tensor is read when it is first evaluated
     return weights
 
 

@@ -580,3 +580,32 @@ def test_cli_generate_with_the_demo_drafter(demo_home, capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "'demo': the built-in demo drafter for --demo (random weights: nonsense drafts" in help_text
     assert "0 drafts none (every step a plain one)" in help_text
+
+
+def test_an_adapted_target_still_gets_exactly_its_own_greedy_reply(torch_models, models, tmp_path):
+    """A drafter keeps working on a target with LoRA adapters: it reads the adapted target's hidden
+    states and keys, and verification keeps the reply exactly the adapted target's own. The drafter
+    was trained for the base, so acceptance falls as far as the adapters move the target's choices
+    (docs/training.md); here the pass-through drafter follows the adapted head and keeps drafting."""
+    from mlx.utils import tree_unflatten
+
+    from mlx_gemma4u.models import lora
+
+    _, drafters = models
+    adapted = lora.apply(
+        load_model(reference.save(torch_models[0], tmp_path / "target")), lora.AdapterConfig(num_layers=-1)
+    )
+    rng = np.random.default_rng(0)
+    trainable = tree_flatten(adapted.trainable_parameters())
+    adapted.update(tree_unflatten([(k, mx.array(rng.normal(0, 0.05, v.shape), dtype=v.dtype)) for k, v in trainable]))
+    adapted.eval()
+    base_stats, adapted_stats = DraftStats(), DraftStats()
+    base_reply = run(models[0], text_prompt(), PromptCache(models[0]), drafters["passthrough"], stats=base_stats)
+    plain = run(adapted, text_prompt(), PromptCache(adapted))
+    drafted = run(adapted, text_prompt(), PromptCache(adapted), drafters["passthrough"], stats=adapted_stats)
+    print(
+        f"accepted per draft: base {base_stats.accepted / base_stats.drafted:.2f}, "
+        f"adapted {adapted_stats.accepted / adapted_stats.drafted:.2f}"
+    )
+    assert drafted == plain != base_reply
+    assert adapted_stats.accepted > 0
