@@ -173,26 +173,26 @@ def run_worker(config: dict, timeout_s: int = 1800) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| training | checkpointing | ours tok/s | mlx-vlm tok/s | ratio | ours peak MB | mlx-vlm peak MB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| training | checkpointing | ours s/step | mlx-vlm s/step | ours tok/s | mlx-vlm tok/s | ratio "
+        "| ours peak MB | mlx-vlm peak MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in MODES:
         for checkpointed in (False, True):
             cell = {r["impl"]: r for r in rows if r["mode"] == mode and r["checkpointed"] == checkpointed}
             a, b = cell.get("ours", {}), cell.get("mlx-vlm", {})
-            ratio = (
-                f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x" if "tokens_per_s" in a and "tokens_per_s" in b else "-"
-            )
+            ratio = f"{b['step_s'] / a['step_s']:.2f}x" if "step_s" in a and "step_s" in b else "-"
             lines.append(
                 f"| {NAMES[mode]} | {'on' if checkpointed else 'off'} "
-                f"| {_figure(a, 'tokens_per_s')} | {_figure(b, 'tokens_per_s')} | {ratio} "
-                f"| {_figure(a, 'peak_memory_mb')} | {_figure(b, 'peak_memory_mb')} |"
+                f"| {_figure(a, 'step_s', '.1f')} | {_figure(b, 'step_s', '.1f')} "
+                f"| {_figure(a, 'tokens_per_s', '.2f')} | {_figure(b, 'tokens_per_s', '.2f')} | {ratio} "
+                f"| {_figure(a, 'peak_memory_mb', '.0f')} | {_figure(b, 'peak_memory_mb', '.0f')} |"
             )
     return "\n".join(lines)
 
 
-def _figure(record: dict, key: str) -> str:
-    return f"{record[key]:.0f}" if key in record else record.get("error", "-")
+def _figure(record: dict, key: str, form: str) -> str:
+    return format(record[key], form) if key in record else record.get("error", "-")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(rows[-1]), file=sys.stderr)
     report = {"machine": machine(), "size": args.size, "batch": args.batch, "reply": args.reply, "rows": rows}
     write_text(args.out, json.dumps(report, indent=1))
+    write_text(args.out.with_suffix(".md"), table(rows) + "\n")
     print(table(rows))
     return 0
 

@@ -190,14 +190,15 @@ def load_from_args(args: argparse.Namespace, adapter_path: str | None = None):
         from mlx_gemma4u.weights.adapters import read_config
 
         read_config(adapter_path)  # a wrong folder is refused before the model loads
-    group = parallel_group(args)
-    if args.demo and (group is None or group.rank() == 0):
+    if args.demo and is_first_process(args):
         print(WARNING, file=sys.stderr)
+    group = parallel_group(args)
     if group is not None:
         from mlx_gemma4u.weights.sharded import sharded_load
 
         split = {"pipeline_group" if args.pipeline else "tensor_group": group}
-        return sharded_load(ensure_demo() if args.demo else args.model, vision_mask=args.vision_mask, **split)
+        source = ensure_demo() if args.demo else args.model
+        return sharded_load(source, vision_mask=args.vision_mask, check_memory=not args.no_memory_check, **split)
     return load(
         ensure_demo() if args.demo else args.model,
         vision_mask=args.vision_mask,

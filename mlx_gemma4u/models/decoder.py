@@ -239,7 +239,9 @@ class TextModel(nn.Module):
         Those positions are cut out in the last layer that computes keys and values, right after
         it has: every layer's keys and values still cover all T tokens (a prefill must fill the
         caches), while that layer's queries, MLP and all later layers run for `keep` positions only.
-        With RowSteps (B sequences decoding together), cache[slot] holds one cache per row.
+        With RowSteps (B sequences decoding together), cache[slot] holds one cache per row. On a
+        pipeline stage (parallel.py) only this process's layers run: the stream arrives from the
+        stage before, and every stage gets the last one's result.
         """
         keep = keep if 0 < keep < h.shape[1] else 0
         n, stage = len(self.layers), self.stage

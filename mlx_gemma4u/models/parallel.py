@@ -41,7 +41,7 @@ def split(config: TextConfig, size: int) -> list[int]:
     for r in range(1, size):
         while starts[r] > starts[r - 1] and not _can_start_at(config, starts[r]):
             starts[r] -= 1
-        if starts[r] <= starts[r - 1]:
+        if starts[r] <= starts[r - 1] or starts[r] >= n:
             raise InputError(
                 f"{size} processes cannot split the {n} decoder layers into pipeline stages (each stage needs "
                 "a layer, and a KV-shared layer must stay with the layer it reads from); use fewer processes."

@@ -30,15 +30,23 @@ def sharded_load(
     tensor_group=None,
     vision_mask: str = "gemma4",
     dtype: str | None = None,
+    check_memory: bool = True,
 ):
     """This rank's part of a checkpoint -> (model, processor); every rank calls it with the same
-    arguments. The model then runs as the whole one does, each call a collective of its group."""
+    arguments. The model then runs as the whole one does, each call a collective of its group.
+    vision_mask, dtype, check_memory: as `load`'s (the memory check counts this rank's files)."""
     path = resolve(path_or_repo)
-    return sharded_load_model(path, pipeline_group, tensor_group, vision_mask, dtype), load_processor(path)
+    model = sharded_load_model(path, pipeline_group, tensor_group, vision_mask, dtype, check_memory)
+    return model, load_processor(path)
 
 
 def sharded_load_model(
-    path: Path, pipeline_group=None, tensor_group=None, vision_mask: str = "gemma4", dtype: str | None = None
+    path: Path,
+    pipeline_group=None,
+    tensor_group=None,
+    vision_mask: str = "gemma4",
+    dtype: str | None = None,
+    check_memory: bool = True,
 ) -> Model:
     """The model part of `sharded_load`, from a local folder."""
     if pipeline_group is None and tensor_group is None:
@@ -52,7 +60,7 @@ def sharded_load_model(
     own = {name for name, _ in tree_flatten(model.parameters())}
     wanted = {k for k in names if _belongs(layout.ours(k), own)}
     files = sorted({file_of[k] for k in wanted}) if file_of else None
-    weights = read_weights(path, dtype, files=files)
+    weights = read_weights(path, dtype, check_memory, files)
     set_weights(model, {k: v for k, v in weights.items() if k in wanted}, layout, config.quantization, dtype)
     if tensor_group is not None:
         model.shard(tensor_group)

