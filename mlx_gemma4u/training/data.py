@@ -8,8 +8,9 @@
 Chat, tools and completions are rendered with the checkpoint's chat template; with `mask_prompt`
 (their default) only the last message, the reply, counts in the loss. Tool turns may come in
 OpenAI's form (`tool_calls`, then `role: "tool"` results, then the answer: processing/messages.py);
-after tool results only the answer is trained, the calls before them are prompt. Media paths are relative to
-the data folder. A bad line is refused with its file, line number and reason, before any training.
+after tool results only the answer is trained, the calls before them are prompt. Media paths are
+relative to the data folder. A bad line is refused with its file, line number and reason, before
+any training.
 """
 
 from __future__ import annotations
