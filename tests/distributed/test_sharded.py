@@ -204,7 +204,8 @@ def test_a_4bit_checkpoint_shards(mode, checkpoints, inputs, tmp_path, demo_home
 
 def test_a_rank_that_dies_mid_reply_ends_the_others(checkpoints, inputs, tmp_path):
     _, output = launch(2, checkpoints["full"], "pipeline", inputs, tmp_path / "x.npz", env={"DIE_AT_TOKEN": "5"})
-    assert "connection to a peer was lost" in output and not (tmp_path / "x.npz").exists(), output[-2000:]
+    lost = "connection to a peer was lost" in output or "closed by the peer" in output  # (which, depends on timing)
+    assert lost and "exited with code 9" in output and not (tmp_path / "x.npz").exists(), output[-2000:]
     left = subprocess.run(["pgrep", "-f", str(SCRIPT)], capture_output=True, text=True).stdout
     assert not left.strip(), left
 

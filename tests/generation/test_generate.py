@@ -115,6 +115,8 @@ def test_seeded_sampling_is_reproducible(demo):
 class CraftedModel:
     """Stands in for the model: every step's logits are the same crafted distribution."""
 
+    embeds_inputs = True
+
     def __init__(self, logits):
         self.logits = mx.array(logits, dtype=mx.float32)
         self.config = SimpleNamespace(text=SimpleNamespace(max_position_embeddings=10**6))

@@ -71,7 +71,7 @@ def test_tests_are_grouped_by_kind_and_helpers_live_apart():
     named like a test (pytest would collect it)."""
     tests = ROOT / "tests"
     groups = {p.name for p in tests.iterdir() if p.is_dir() and p.name not in ("support", "__pycache__")}
-    assert groups == {"processing", "models", "weights", "generation", "training", "apps", "project"}
+    assert groups == {"processing", "models", "weights", "generation", "training", "distributed", "apps", "project"}
     for path in tests.rglob("*.py"):
         folder = path.parent.relative_to(tests).as_posix()
         if path.name == "conftest.py":

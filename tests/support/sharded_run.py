@@ -26,7 +26,9 @@ def main(checkpoint: str, mode: str, inputs: str, out: str, tokens: str) -> None
     group = mx.distributed.init(strict=True, backend="ring")
     read = []
     original = sharded.read_weights
-    sharded.read_weights = lambda *a, files=None, **k: read.append(files) or original(*a, files=files, **k)
+    sharded.read_weights = lambda path, dtype, check_memory, files: (
+        read.append(files) or original(path, dtype, check_memory, files)
+    )
     model = sharded.sharded_load_model(Path(checkpoint), **{f"{mode}_group": group})
     layers = [layer for layer in model.language_model.layers if layer is not None]
     decoder = sum(v.nbytes for layer in layers for _, v in tree_flatten(layer.parameters()))

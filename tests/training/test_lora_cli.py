@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import mlx.core as mx
@@ -163,10 +164,13 @@ def _train_in_background(data, demo_home, out, *more):
 
 
 def _wait_for(process, text: str, seconds: float = 120) -> None:
+    """Read the run's stderr up to a line with `text`; the rest is drained in the background, so
+    the run never blocks on a full pipe."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         line = process.stderr.readline()
         if text in line:
+            threading.Thread(target=process.stderr.read, daemon=True).start()
             return
         assert line or process.poll() is None, "the run ended early"
     raise AssertionError(f"no {text!r} within {seconds} s")
