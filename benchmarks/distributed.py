@@ -20,11 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_gemma4u.files import write_text
-
 from .checkpoints import ensure_checkpoint
 from .compare import CACHE, RESULTS
-from .report import machine
+from .report import save
 
 MODES = ("pipeline", "tensor")
 PROCESSES = (1, 2, 3)
@@ -144,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(launch(n, checkpoint, mode, args.prompt, args.tokens))
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
-    report = {"machine": machine(), "prompt": args.prompt, "tokens": args.tokens, "rows": rows}
-    write_text(args.out, json.dumps(report, indent=1))
-    write_text(args.out.with_suffix(".md"), table(rows) + "\n")
-    print(table(rows))
+    save(args.out, {"prompt": args.prompt, "tokens": args.tokens, "rows": rows}, table(rows))
     return 0
 
 

@@ -30,11 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_gemma4u.files import write_text
-
 from .checkpoints import ensure_checkpoint
 from .compare import CACHE, RESULTS
-from .report import machine
+from .report import save
 
 IMPLS = ("ours", "mlx-vlm")
 MODES = ("lora", "qlora")
@@ -217,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 record = run_worker({**config, "checkpoint": str(checkpoint), "batch": args.batch, "reply": args.reply})
                 rows.append({**config, **record})
                 print(json.dumps(rows[-1]), file=sys.stderr)
-    report = {"machine": machine(), "size": args.size, "batch": args.batch, "reply": args.reply, "rows": rows}
-    write_text(args.out, json.dumps(report, indent=1))
-    write_text(args.out.with_suffix(".md"), table(rows) + "\n")
-    print(table(rows))
+    save(args.out, {"size": args.size, "batch": args.batch, "reply": args.reply, "rows": rows}, table(rows))
     return 0
 
 

@@ -5,9 +5,13 @@ Both renderings come from the same rows, so the README shows exactly what the ru
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from mlx_gemma4u.files import write_text
 
 # "ours-1core": this package with the CPU-core cut off (MLX_GEMMA4U_CPU_CORES=1), one MLX stream as
 # on a Mac's GPU, so its ratio to mlx-vlm is the one that carries to a Mac.
@@ -167,3 +171,11 @@ def print_tables(report: dict) -> None:
         console.print(table)
     for note in notes(report):
         console.print(f"- {note}", highlight=False)
+
+
+def save(out: Path, report: dict, table: str) -> None:
+    """Write `report` (with this machine's description) to `out` (JSON) and `table` beside it
+    (Markdown, the same name), and print the table."""
+    write_text(out, json.dumps({"machine": machine(), **report}, indent=1))
+    write_text(out.with_suffix(".md"), table + "\n")
+    print(table)
