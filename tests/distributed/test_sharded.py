@@ -7,8 +7,8 @@ are compared with this process's single model on the same prompts.
   reads only the index's files that hold its layers and holds its layers' weights only.
 - Tensor parallel: logits within 3e-5 of max|logit| (the all_sums add in another order; measured
   5e-6 to 1e-5), greedy replies identical; a 4-bit checkpoint shards both ways.
-- A rank that dies mid-reply makes the others fail with the ring's error within seconds, and no
-  process is left.
+- A rank that dies mid-reply ends the run within seconds (the others fail on the lost connection or
+  mlx.launch stops them, whichever comes first), and no process is left.
 """
 
 import json
@@ -204,8 +204,8 @@ def test_a_4bit_checkpoint_shards(mode, checkpoints, inputs, tmp_path, demo_home
 
 def test_a_rank_that_dies_mid_reply_ends_the_others(checkpoints, inputs, tmp_path):
     _, output = launch(2, checkpoints["full"], "pipeline", inputs, tmp_path / "x.npz", env={"DIE_AT_TOKEN": "5"})
-    lost = "connection to a peer was lost" in output or "closed by the peer" in output  # (which, depends on timing)
-    assert lost and "exited with code 9" in output and not (tmp_path / "x.npz").exists(), output[-2000:]
+    # Rank 0 either fails on the lost connection first or is stopped by mlx.launch first (timing).
+    assert "Node with rank 1 exited with code 9" in output and not (tmp_path / "x.npz").exists(), output[-2000:]
     left = subprocess.run(["pgrep", "-f", str(SCRIPT)], capture_output=True, text=True).stdout
     assert not left.strip(), left
 

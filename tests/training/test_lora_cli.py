@@ -61,6 +61,15 @@ def data(tmp_path_factory, fixtures_dir):
 
 
 @pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    """The chat lines alone: the runs stopped by a signal need only short, even steps."""
+    folder = tmp_path_factory.mktemp("text_data")
+    for split in ("train", "valid"):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(line) for line in CHAT))
+    return folder
+
+
+@pytest.fixture(scope="module")
 def trained(data, demo_home, tmp_path_factory):
     """Adapters of a 6-step run (decoder and media projections), and what the command printed."""
     out = tmp_path_factory.mktemp("run") / "adapters"
@@ -176,9 +185,9 @@ def _wait_for(process, text: str, seconds: float = 120) -> None:
     raise AssertionError(f"no {text!r} within {seconds} s")
 
 
-def test_ctrl_c_saves_the_adapters_and_stops(data, demo_home, tmp_path):
+def test_ctrl_c_saves_the_adapters_and_stops(text_data, demo_home, tmp_path):
     out = tmp_path / "adapters"
-    process = _train_in_background(data, demo_home, out)
+    process = _train_in_background(text_data, demo_home, out)
     try:
         _wait_for(process, "train loss")
         process.send_signal(signal.SIGINT)
@@ -192,9 +201,9 @@ def test_ctrl_c_saves_the_adapters_and_stops(data, demo_home, tmp_path):
     assert generate(model, processor, PROMPT, max_tokens=2)
 
 
-def test_a_killed_run_leaves_the_last_good_adapters(data, demo_home, tmp_path):
+def test_a_killed_run_leaves_the_last_good_adapters(text_data, demo_home, tmp_path):
     out = tmp_path / "adapters"
-    process = _train_in_background(data, demo_home, out, "--save-every", "2")
+    process = _train_in_background(text_data, demo_home, out, "--save-every", "2")
     try:
         _wait_for(process, "adapters saved")
         time.sleep(1.0)  # more saves under way
