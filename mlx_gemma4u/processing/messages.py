@@ -75,7 +75,10 @@ def with_tool_turns(messages: list[dict], content: Callable[[Any, int], Any] | N
             attach_tool_response(out, names, message.get("tool_call_id"), text_of(message.get("content"), i), i)
             continue
         body = message.get("content")
-        body = content(body, i) if content else body if body is not None else ""
+        if content is not None:
+            body = content(body, i)
+        elif body is None:
+            body = ""  # a turn of tool calls alone
         if role == "assistant" and _awaits_answer(out) and not message.get("tool_calls"):
             out[-1]["content"] = body  # the answer after the results, in the same model turn
             continue

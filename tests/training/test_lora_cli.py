@@ -172,16 +172,17 @@ def _train_in_background(data, demo_home, out, *more):
     return subprocess.Popen([sys.executable, "-m", "mlx_gemma4u", *args], env=env, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(process, text: str, seconds: float = 120) -> None:
-    """Read the run's stderr up to a line with `text`; the rest is drained in the background, so
-    the run never blocks on a full pipe."""
+def _wait_for(process, text: str, seconds: float = 120) -> list[str]:
+    """Read the run's stderr up to a line with `text` -> the lines read; the rest is drained into
+    that list in the background, so the run never blocks on a full pipe."""
+    lines: list[str] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if text in line:
-            threading.Thread(target=process.stderr.read, daemon=True).start()
-            return
-        assert line or process.poll() is None, "the run ended early"
+        lines.append(process.stderr.readline())
+        if text in lines[-1]:
+            threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()
+            return lines
+        assert lines[-1] or process.poll() is None, "the run ended early"
     raise AssertionError(f"no {text!r} within {seconds} s")
 
 
@@ -189,9 +190,12 @@ def test_ctrl_c_saves_the_adapters_and_stops(text_data, demo_home, tmp_path):
     out = tmp_path / "adapters"
     process = _train_in_background(text_data, demo_home, out)
     try:
-        _wait_for(process, "train loss")
+        said = _wait_for(process, "train loss")
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run did not stop within 120 s of Ctrl-C; it printed:\n" + "".join(said[-40:]))
     finally:
         process.kill()
     assert process.returncode == 0
