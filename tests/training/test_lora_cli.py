@@ -169,7 +169,19 @@ def test_a_bad_data_line_is_refused_with_its_file_line_and_reason(line, reason, 
 def _train_in_background(data, demo_home, out, *more):
     env = {**os.environ, "MLX_GEMMA4U_HOME": str(demo_home)}
     args = lora_args(data, out, 100000, *more)
-    return subprocess.Popen([sys.executable, "-m", "mlx_gemma4u", *args], env=env, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlx_gemma4u", *args],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
+    )
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A shell's background job (a CI script run with &) ignores SIGINT, and so would the run: give
+    it the default disposition, as a terminal's foreground command has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(process, text: str, seconds: float = 120) -> list[str]:
