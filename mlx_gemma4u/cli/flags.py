@@ -83,12 +83,6 @@ def same_seed(params, group):
     return dataclasses.replace(params, seed=int(mx.distributed.all_sum(mine, group=group).item()))
 
 
-def is_first_process(args: argparse.Namespace) -> bool:
-    """Whether this process prints: the only one, or rank 0 of a --pipeline / --tensor-parallel group."""
-    group = parallel_group(args)
-    return group is None or group.rank() == 0
-
-
 def add_draft_args(parser: argparse.ArgumentParser) -> None:
     """Speculative decoding with an MTP assistant (generate and chat)."""
     parser.add_argument(
@@ -190,9 +184,9 @@ def load_from_args(args: argparse.Namespace, adapter_path: str | None = None):
         from mlx_gemma4u.weights.adapters import read_config
 
         read_config(adapter_path)  # a wrong folder is refused before the model loads
-    if args.demo and is_first_process(args):
-        print(WARNING, file=sys.stderr)
     group = parallel_group(args)
+    if args.demo and (group is None or group.rank() == 0):
+        print(WARNING, file=sys.stderr)
     if group is not None:
         from mlx_gemma4u.weights.sharded import sharded_load
 

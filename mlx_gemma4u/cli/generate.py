@@ -42,8 +42,9 @@ def run(args: argparse.Namespace) -> None:
     flags.check_media_files(args)
     model, processor = flags.load_from_args(args, args.adapter_path)
     draft = flags.draft_kwargs(args, model)
-    params = flags.same_seed(params, flags.parallel_group(args))
-    shown = flags.is_first_process(args)  # under mlx.launch every process generates, the first prints
+    group = flags.parallel_group(args)
+    params = flags.same_seed(params, group)
+    shown = group is None or group.rank() == 0  # under mlx.launch every process generates, the first prints
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     last = None

@@ -50,20 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=flags.WHOLE, help="LoRA rank (default 8)")
     parser.add_argument("--scale", type=flags.NUMBER, help="LoRA scale (default 20)")
     parser.add_argument("--dropout", type=flags.NUMBER, help="LoRA dropout (default 0)")
-    parser.add_argument(
-        "--adapt-media",
-        action="store_true",
-        default=None,
-        help="also adapt the patch and audio projections (what an image or a sound becomes); lora or full",
-    )
+    _switch(parser, "--adapt-media", "also adapt the patch and audio projections (LoRA or full, not DoRA)")
     parser.add_argument("--iters", type=flags.WHOLE, help="training steps (default 1000)")
     parser.add_argument("--batch-size", type=flags.WHOLE, help="examples per step (default 4)")
     parser.add_argument("--learning-rate", type=flags.NUMBER, help="Adam's learning rate (default 1e-5)")
-    parser.add_argument(
-        "--mask-prompt",
-        action=argparse.BooleanOptionalAction,
-        help="train on the replies only (the default for chat, tools and completions data; text has no prompt)",
-    )
+    _switch(parser, "--mask-prompt", "train on the replies only (default for chat, tools, completions data)")
     parser.add_argument("--adapter-path", help="where the adapters are saved (default: adapters)")
     parser.add_argument("--resume-adapter-file", type=Path, help="start from these adapters (a folder or its file)")
     parser.add_argument("--val-batches", type=flags.WHOLE, help="validation batches per evaluation, -1 all (25)")
@@ -78,12 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "faster; give the processor the same when you run the adapters (default: the checkpoint's, 280)",
     )
     parser.add_argument("--seed", type=flags.WHOLE, help="random seed of the adapters and the batch order (0)")
-    parser.add_argument(
-        "--grad-checkpoint",
-        action="store_true",
-        default=None,
-        help="recompute each layer's activations in the backward pass: less memory, more time (each layer runs twice)",
-    )
+    _switch(parser, "--grad-checkpoint", "recompute each layer in the backward pass: less memory, more time")
+
+
+def _switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """A true/false setting: --flag or --no-flag, None when left out (then the YAML or the default)."""
+    parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
 
 
 CHECKS = {  # setting -> (what it must be, the check)

@@ -45,10 +45,11 @@ def batches(examples: list[Example], batch_size: int, rng: np.random.Generator, 
     random order of batches; again and again if `loop`."""
     order = np.argsort([len(e) for e in examples], kind="stable")
     padded = [collate([examples[i] for i in order[k : k + batch_size]]) for k in range(0, len(order), batch_size)]
+    if not loop:
+        yield from padded
+        return
     while True:
-        yield from (padded[g] for g in rng.permutation(len(padded))) if loop else padded
-        if not loop:
-            return
+        yield from (padded[g] for g in rng.permutation(len(padded)))
 
 
 def evaluate(model, examples: list[Example], batch_size: int, max_batches: int) -> float:
