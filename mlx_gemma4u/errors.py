@@ -28,3 +28,12 @@ class DownloadError(Gemma4UError, OSError):
 
 class MemoryLimitError(Gemma4UError, MemoryError):
     """The model would not fit in this machine's memory."""
+
+
+class GroupError(Gemma4UError, RuntimeError):
+    """A process of an mx.distributed group failed, hung or loaded another model. Every process
+    raises it; `shown` is False where the CLI should leave the message to the first process."""
+
+    def __init__(self, message: str, shown: bool = True):
+        super().__init__(message)
+        self.shown = shown

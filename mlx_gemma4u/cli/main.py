@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     except Gemma4UError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if getattr(e, "shown", True):  # a GroupError is told once, by the first process
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

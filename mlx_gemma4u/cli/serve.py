@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from mlx_gemma4u.cli import flags
 from mlx_gemma4u.cli.flags import DEMO_MAX_TOKENS, NUMBER, WHOLE, add_model_args, checked, load_from_args
 from mlx_gemma4u.serve.fetch import FetchPolicy
 from mlx_gemma4u.serve.guards import allowed_hosts
@@ -102,6 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=600.0,
         help="seconds a request may generate before it is cut off (finish_reason 'timeout'; default 600)",
     )
+    flags.add_parallel_args(parser)
     limits = parser.add_argument_group("limits on what a request may bring")
     limits.add_argument(
         "--max-request-mb", type=POSITIVE_NUMBER, default=32.0, help="request body size (default 32 MB)"
@@ -194,10 +196,20 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
+    from mlx_gemma4u.errors import GroupError, InputError
     from mlx_gemma4u.serve.app import serve
     from mlx_gemma4u.serve.worker import Worker
 
     settings = _settings(args)
+    group = flags.parallel_group(args)
+    if group is not None and args.idle_unload:
+        raise InputError("--idle-unload does not work with --pipeline or --tensor-parallel.")
+    if group is not None and group.rank() > 0:  # the first process serves; the others step its engine with it
+        from mlx_gemma4u.generation.lockstep import follow
+
+        model, processor = load_from_args(args, args.adapter_path)
+        follow(model, processor, group, args.max_concurrency)
+        return
     drafter = None
     if args.draft_model:
         from mlx_gemma4u.weights.loading import load_draft_model
@@ -210,5 +222,8 @@ def run(args: argparse.Namespace) -> None:
         max_concurrency=args.max_concurrency,
         load_drafter=drafter,
         idle_unload=args.idle_unload,
+        group=group,
     )
     serve(worker, settings, args.host, args.port, args.max_queue)
+    if worker.failure:
+        raise GroupError(f"The server stopped: {worker.failure}.")

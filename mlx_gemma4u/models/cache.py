@@ -73,7 +73,10 @@ class SlidingKVCache(_BaseCache):
         return self.keys[..., first : self.held, :], self.values[..., first : self.held, :]
 
     def can_rewind(self, n: int) -> bool:
-        """Whether the last n tokens can be taken back: the next query still finds its W - 1 keys."""
+        """Whether the last n tokens can be taken back: the next query still finds its W - 1 keys. An
+        empty cache (a layer another pipeline stage runs) has nothing to take back."""
+        if self.offset == 0:
+            return True
         return n <= self.offset if self.start == 0 else n <= self.held - self.window + 1
 
     def trim(self, n: int) -> int:

@@ -11,6 +11,11 @@ A prompt-prefix cache across requests (least recently used, bounded in bytes): a
 from the cached conversation that shares the longest prefix with its prompt, so a conversation's
 next turn prefills only its new tokens. A request whose client went away, or whose time ran out,
 leaves the batch at once.
+
+With a model split across processes (`group`: mx.distributed, this process rank 0), the other
+processes follow this engine: before each step they are sent what joins and leaves the batch
+(generation/lockstep.py). If a step fails there, the group is broken: every request ends with an
+error and the server stops.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import gc
 import logging
 import os
 import queue
+import random
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +38,7 @@ import numpy as np
 
 from mlx_gemma4u.errors import Gemma4UError, InputError
 from mlx_gemma4u.generation.engine import BatchGenerator
+from mlx_gemma4u.generation.lockstep import Add, Plan, share
 from mlx_gemma4u.generation.params import SamplingParams
 from mlx_gemma4u.generation.prompt_cache import PromptCache
 from mlx_gemma4u.serve.errors import STOPPING, Busy, Fault, ShuttingDown
@@ -91,13 +99,16 @@ class Worker:
         cache_bytes: int = 2 << 30,
         load_drafter: Callable | None = None,
         idle_unload: float | None = None,
+        group=None,
     ):
         self.cache_bytes, self.max_concurrency, self.idle_unload = cache_bytes, max_concurrency, idle_unload
         self._load, self._load_drafter = load, load_drafter
         self.loaded = False
         self._pending: list = []  # a request taken from the queue while idle, for _admit to take first
         self._queue: queue.Queue = queue.Queue(max_queue)
-        self._caches: list = []  # PromptCaches of finished requests, most recently used last
+        self._caches: dict = {}  # the PromptCaches of finished requests by their uids, most recently used last
+        self.group, self._plan = group, Plan()
+        self.failure: str | None = None  # why a split model's group broke (the server then stops)
         self._stopping = False
         self.metrics = Metrics()
         self._loaded = threading.Event()
@@ -142,15 +153,25 @@ class Worker:
                     if generator is None:
                         continue
                 self._admit(generator, running, wait=generator.done)
+                if self._stopping:
+                    break
+                if self.group is not None:
+                    share(self._plan, self.group)
+                self._plan = Plan()  # what the other processes hear before the next step
                 for event in generator.step():
                     self._hand_out(generator, running, event)
-            except Exception:  # a fault of the engine itself, in no one sequence: it starts over
+                self._expire(generator, running)
+                self._measure(running)
+            except Exception as e:  # a fault of the engine itself, in no one sequence: it starts over
                 log.exception("the batch failed")
+                if self.group is not None:
+                    self._break(running, e)
+                    break
                 self._end_all(running, Fault("Internal error: the batch failed; retry the request."))
                 generator = self._generator()
-            self._expire(generator, running)
-            self._measure(running)
         self._end_all(running, ShuttingDown(STOPPING))
+        if self.group is not None and self.failure is None:
+            share(Plan(stop=True), self.group)
         while not self._queue.empty():
             job = self._queue.get_nowait()
             if job is not None:
@@ -162,6 +183,14 @@ class Worker:
         self.drafter = self._load_drafter() if self._load_drafter else None
         self.loaded = True
         return self._generator()
+
+    def _break(self, running: dict, error: Exception) -> None:
+        """A step of a split model failed: the processes are out of step (or one is gone), so every
+        request ends and the server stops (cli/serve.py then reports `failure`)."""
+        self.failure = f"a step of the model split across processes failed ({error})"
+        self._stopping = True
+        self._end_all(running, Fault("The server's model processes stopped; see its log."))
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _generator(self) -> BatchGenerator:
         return BatchGenerator(self.model, self.processor, max_batch=self.max_concurrency, draft_model=self.drafter)
@@ -215,16 +244,18 @@ class Worker:
                 if job is not None:
                     job.emit(DONE)
                 continue
+            continues, cache = self._cache_for(job.inputs["input_ids"][0].tolist(), job.params.kv_bits)
+            if self.group is not None and job.params.seed is None:  # every process draws the same tokens
+                job.params = job.params.replace(seed=random.getrandbits(63))
             try:
-                cache = self._cache_for(job.inputs["input_ids"][0].tolist(), job.params.kv_bits)
                 uid = generator.add({k: mx.array(v) for k, v in job.inputs.items()}, job.params, cache)
-            except InputError as e:  # a prompt past the context, say
+                self._plan.adds.append(Add(job.inputs, job.params, continues))
+            except Exception as e:  # this request's fault alone (a prompt past the context, say)
+                if not isinstance(e, InputError):
+                    log.exception("admitting a request failed")
+                    e = Fault(f"Internal error ({type(e).__name__}).")
+                self._forget(continues)
                 job.emit(e)
-                job.emit(DONE)
-                continue
-            except Exception as e:  # this request's fault alone
-                log.exception("admitting a request failed")
-                job.emit(Fault(f"Internal error ({type(e).__name__})."))
                 job.emit(DONE)
                 continue
             running[uid] = (job, cache)
@@ -243,7 +274,7 @@ class Worker:
                 token.logprob, token.top_logprobs = _logprobs(event.logprobs, event.token, job.top_logprobs)
         except Exception as e:  # this request's fault alone
             log.exception("handing out a token failed")
-            generator.cancel(event.uid)
+            self._cancel(generator, event.uid)
             running[event.uid][0].emit(Fault(f"Internal error ({type(e).__name__})."))
             self._finish(running, event.uid)
             return
@@ -258,14 +289,19 @@ class Worker:
         """The load gauges, after each step."""
         self.metrics.queued.set(self._queue.qsize())
         self.metrics.running.set(len(running))
-        self.metrics.kv_bytes.set(sum(_nbytes(c) for c in [cache for _, cache in running.values()] + self._caches))
+        held = [cache for _, cache in running.values()] + list(self._caches.values())
+        self.metrics.kv_bytes.set(sum(_nbytes(c) for c in held))
+
+    def _cancel(self, generator, uid: int) -> None:
+        generator.cancel(uid)
+        self._plan.cancels.append(uid)
 
     def _expire(self, generator, running: dict) -> None:
         """Requests whose client left or whose time ran out leave the batch (the latter told so)."""
         for uid, (job, _) in list(running.items()):
             timed_out = time.monotonic() > job.deadline
             if job.cancelled.is_set() or timed_out:
-                generator.cancel(uid)
+                self._cancel(generator, uid)
                 if timed_out:
                     r = generator.responses[uid]
                     job.emit(Token("", None, "timeout", r.prompt_tokens, r.prefilled_tokens, r.generation_tokens))
@@ -283,23 +319,27 @@ class Worker:
 
     def _finish(self, running: dict, uid: int) -> None:
         job, cache = running.pop(uid)
-        self._keep(cache)
+        self._caches[uid] = cache
+        while len(self._caches) > 1 and sum(_nbytes(c) for c in self._caches.values()) > self.cache_bytes:
+            self._forget(next(iter(self._caches)))
         job.emit(DONE)
 
-    def _cache_for(self, ids: list[int], kv_bits: int | None):
+    def _cache_for(self, ids: list[int], kv_bits: int | None) -> tuple[int | None, PromptCache]:
         """The cached conversation that shares the longest prefix with this prompt (the prompt
-        cache then reuses exactly the tokens they share), else a new cache."""
-        shared = [(len(os.path.commonprefix([ids, cache.tokens])), i) for i, cache in enumerate(self._caches)]
-        best = max(shared, default=(0, None))
-        if best[0] == 0 or self._caches[best[1]].kv_bits != kv_bits:
-            return PromptCache(self.model, kv_bits)
+        cache then reuses exactly the tokens they share), else a new cache -> (the uid of the
+        request that filled it, or None; the cache)."""
+        shared = [(len(os.path.commonprefix([ids, cache.tokens])), uid) for uid, cache in self._caches.items()]
+        best, uid = max(shared, default=(0, None))
+        if best == 0 or self._caches[uid].kv_bits != kv_bits:
+            return None, PromptCache(self.model, kv_bits)
         self.metrics.prefix_hits.inc()
-        return self._caches.pop(best[1])
+        return uid, self._caches.pop(uid)
 
-    def _keep(self, cache) -> None:
-        self._caches.append(cache)
-        while len(self._caches) > 1 and sum(_nbytes(c) for c in self._caches) > self.cache_bytes:
-            self._caches.pop(0)
+    def _forget(self, uid: int | None) -> None:
+        """Let the cache of finished request `uid` go (the other processes too)."""
+        if uid is not None:
+            self._caches.pop(uid, None)
+            self._plan.forget.append(uid)
 
 
 def _logprobs(logprobs, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
@@ -312,4 +352,10 @@ def _logprobs(logprobs, token: int, k: int) -> tuple[float, list[tuple[int, floa
 
 
 def _nbytes(cache) -> int:
-    return sum(getattr(c, "nbytes", 0) for c in cache.caches)
+    total = 0
+    for c in cache.caches:
+        try:
+            total += c.nbytes
+        except (AttributeError, NotImplementedError):  # a cache type that does not say
+            pass
+    return total

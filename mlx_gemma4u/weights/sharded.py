@@ -5,23 +5,34 @@
 
 mlx-lm's `sharded_load` semantics: a pipeline group splits the decoder layers into stages, a
 tensor group splits every layer's heads and MLP; with neither, the whole world is one pipeline.
+
+Loading ends with the group's first collective, time-bound (`agree`): each process says whether it
+loaded its part, and which checkpoint (a hash of config.json and the tensor names). A process that
+failed, one that loaded another checkpoint, or one that does not answer in time is reported on
+every process as one GroupError, instead of the others hanging in their first step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_gemma4u.errors import Gemma4UError, GroupError
 from mlx_gemma4u.models import layouts as checkpoints
 from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.models.model import Model
 from mlx_gemma4u.weights.loading import load_processor, read_weights, resolve, set_weights, weight_files
 
 INDEX = "model.safetensors.index.json"
+AGREE_SECONDS = 600.0  # how long a process that has loaded its part waits for the others
+MESSAGE_BYTES = 480  # of a process's reason for failing, as the others hear it
 
 
 def sharded_load(
@@ -31,13 +42,66 @@ def sharded_load(
     vision_mask: str = "gemma4",
     dtype: str | None = None,
     check_memory: bool = True,
+    timeout: float = AGREE_SECONDS,
 ):
     """This rank's part of a checkpoint -> (model, processor); every rank calls it with the same
     arguments. The model then runs as the whole one does, each call a collective of its group.
-    vision_mask, dtype, check_memory: as `load`'s (the memory check counts this rank's files)."""
-    path = resolve(path_or_repo)
-    model = sharded_load_model(path, pipeline_group, tensor_group, vision_mask, dtype, check_memory)
-    return model, load_processor(path)
+    vision_mask, dtype, check_memory: as `load`'s (the memory check counts this rank's files).
+    timeout: seconds to wait, once loaded, for the other processes to have loaded theirs."""
+    if pipeline_group is None and tensor_group is None:
+        pipeline_group = mx.distributed.init()
+    group = pipeline_group if pipeline_group is not None else tensor_group
+    try:
+        path = resolve(path_or_repo)
+        model = sharded_load_model(path, pipeline_group, tensor_group, vision_mask, dtype, check_memory)
+        loaded, failure = (model, load_processor(path)), None
+        mark = fingerprint(path)
+    except Exception as error:  # told to every process below, then raised there
+        loaded, failure, mark = None, error, b""
+    agree(group, mark, failure, timeout)
+    return loaded
+
+
+def fingerprint(path: Path) -> bytes:
+    """What every process of a group must have loaded the same: config.json and the tensor names."""
+    names, _ = _stored_names(path)
+    return hashlib.sha256((path / "config.json").read_bytes() + "\n".join(sorted(names)).encode()).digest()
+
+
+def agree(group, mark: bytes, failure: BaseException | None, timeout: float) -> None:
+    """The group's first collective: every process's fingerprint `mark` (or its `failure`) to every
+    process, within `timeout` seconds -> None if all loaded the same checkpoint, else GroupError."""
+    rank, size, slot = group.rank(), group.size(), 1 + 32 + MESSAGE_BYTES
+    mine = np.zeros(size * slot, np.uint8)
+    said = _reason(failure).encode()[:MESSAGE_BYTES] if failure is not None else mark
+    mine[rank * slot] = 2 if failure is not None else 1
+    mine[rank * slot + 1 : rank * slot + 1 + len(said)] = np.frombuffer(said, np.uint8)
+    heard = {}
+    worker = threading.Thread(target=lambda: heard.update(all=_all_sum(mine, group)), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if "all" not in heard:
+        raise GroupError(f"Another process of the group did not finish loading within {timeout:g} s; see its output.")
+    slots = heard["all"].reshape(size, slot)
+    for r in range(size):
+        if slots[r, 0] == 2:
+            reason = slots[r, 1:].tobytes().rstrip(b"\0").decode(errors="replace")
+            raise GroupError(f"Process {r} of {size} could not load its part of the model: {reason}", rank == 0)
+    for r in range(1, size):
+        if slots[r, 1:33].tobytes() != slots[0, 1:33].tobytes():
+            raise GroupError(
+                f"Process {r} of {size} loaded another checkpoint than process 0 (config.json or the tensor names "
+                "differ); give every process the same model.",
+                rank == 0,
+            )
+
+
+def _all_sum(values: np.ndarray, group) -> np.ndarray:
+    return np.array(mx.distributed.all_sum(mx.array(values), group=group))
+
+
+def _reason(error: BaseException) -> str:
+    return str(error) if isinstance(error, Gemma4UError) else f"{type(error).__name__}: {error}"
 
 
 def sharded_load_model(

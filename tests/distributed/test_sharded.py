@@ -9,19 +9,22 @@ are compared with this process's single model on the same prompts.
   5e-6 to 1e-5), greedy replies identical; a 4-bit checkpoint shards both ways.
 - A rank that dies mid-reply ends the run within seconds (the others fail on the lost connection or
   mlx.launch stops them, whichever comes first), and no process is left.
+- Loading ends with a time-bound first collective: a rank that could not load its part, one that
+  loaded another checkpoint, or one that never answers is reported by rank 0 in one sentence, and
+  no process is left waiting.
 """
 
 import json
-import os
-import signal
-import subprocess
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import multimodal_inputs as mi
 import numpy as np
 import pytest
 import reference
+from launching import launched, left_running
 from sharded_run import answers
 
 from mlx_gemma4u.errors import InputError
@@ -30,35 +33,14 @@ from mlx_gemma4u.models.config import ModelConfig
 from mlx_gemma4u.weights.loading import load_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "support" / "sharded_run.py"
+LOADING = SCRIPT.with_name("loading_run.py")
 TOKENS = 64 + 12  # every reply token past the window of 8 once the prompt is in; 64 of them at least
-TIMEOUT_S = 300
 
 
 def launch(n: int, checkpoint: Path, mode: str, inputs: Path, out: Path, env: dict | None = None):
     """The script under `mlx.launch -n n --backend ring` -> (exit code, output)."""
     script = [sys.executable, str(SCRIPT), str(checkpoint), mode, str(inputs), str(out), str(TOKENS)]
     return launched(n, script, env)
-
-
-def launched(n: int, command: list[str], env: dict | None = None, stdout_only: bool = False):
-    """`mlx.launch -n n --backend ring -- command` -> (exit code, output), killed with its whole
-    process group if it outlives TIMEOUT_S."""
-    launcher = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(n), "--backend", "ring", "--"]
-    process = subprocess.Popen(
-        launcher + command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL if stdout_only else subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "MLX_GEMMA4U_CPU_CORES": "1", **(env or {})},
-    )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"mlx.launch did not finish in {TIMEOUT_S} s:\n{output[-3000:]}")
-    return process.returncode, output
 
 
 def save(model, folder: Path) -> Path:
@@ -206,8 +188,7 @@ def test_a_rank_that_dies_mid_reply_ends_the_others(checkpoints, inputs, tmp_pat
     _, output = launch(2, checkpoints["full"], "pipeline", inputs, tmp_path / "x.npz", env={"DIE_AT_TOKEN": "5"})
     # Rank 0 either fails on the lost connection first or is stopped by mlx.launch first (timing).
     assert "Node with rank 1 exited with code 9" in output and not (tmp_path / "x.npz").exists(), output[-2000:]
-    left = subprocess.run(["pgrep", "-f", str(SCRIPT)], capture_output=True, text=True).stdout
-    assert not left.strip(), left
+    assert not left_running(str(SCRIPT))
 
 
 @pytest.mark.parametrize("flag", ["--pipeline", "--tensor-parallel"])
@@ -238,3 +219,36 @@ def test_pipeline_without_mlx_launch_is_refused_in_one_sentence(demo_home):
 
     run = cli("generate", "--demo", "--prompt", "Hi", "--pipeline", home=demo_home)
     assert run.returncode == 1 and "start it with `mlx.launch -n 2" in run.stderr and "Traceback" not in run.stderr
+
+
+def loading(first: Path, second: Path, timeout: float = 120, sleep: float = 0) -> tuple[str, float]:
+    """tests/support/loading_run.py on 2 ranks (rank r loading checkpoint r) -> (output, seconds)."""
+    start = time.monotonic()
+    _, output = launched(2, [sys.executable, str(LOADING), str(first), str(second), str(timeout), str(sleep)])
+    return output, time.monotonic() - start
+
+
+def test_processes_with_different_checkpoints_are_refused_by_rank_0(checkpoints):
+    output, _ = loading(checkpoints["full"], checkpoints["plain"])
+    assert output.count("error:") == 1, output[-2000:]
+    assert "rank 0: error: Process 1 of 2 loaded another checkpoint than process 0" in output, output[-2000:]
+
+
+def test_a_shard_file_missing_on_one_rank_is_reported_by_rank_0(checkpoints, tmp_path):
+    copy = shutil.copytree(checkpoints["full"], tmp_path / "full")
+    output, _ = loading(copy, copy)
+    assert "rank 0: loaded" in output and "rank 1: loaded" in output, output[-2000:]
+    index = json.loads((copy / "model.safetensors.index.json").read_text())["weight_map"]
+    later = sorted({f for f in index.values() if all(_layer(k) in (3, 4, 5) for k, g in index.items() if g == f)})
+    (copy / later[0]).unlink()  # only rank 1 (layers 2-5) reads it
+    output, _ = loading(copy, copy)
+    assert output.count("error:") == 1, output[-2000:]
+    assert "rank 0: error: Process 1 of 2 could not load its part of the model:" in output, output[-2000:]
+    assert later[0] in output
+
+
+def test_a_process_that_never_loads_fails_rank_0_within_the_bound(checkpoints):
+    output, seconds = loading(checkpoints["full"], checkpoints["full"], timeout=3, sleep=120)
+    assert "rank 0: error: Another process of the group did not finish loading within 3 s" in output, output[-2000:]
+    assert seconds < 60 and "loaded" not in output  # rank 1 was still asleep: mlx.launch stopped it
+    assert not left_running(str(LOADING))

@@ -5,6 +5,7 @@ server on 127.0.0.1 for the URL-fetching tests. Every loop here is bounded in co
 import http.server
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from launching import launcher
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -23,18 +26,20 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(demo_home, log: Path, *flags: str, model: Path | None = None):
+def running(demo_home, log: Path, *flags: str, model: Path | None = None, launch: int = 0):
     """`mlx-gemma4u serve --demo FLAGS` (or `--model MODEL`) on a free port -> (its URL, its
-    process); stopped on exit. Its output (the start-up line, the access log, any traceback) goes to `log`."""
+    process); stopped on exit. Its output (the start-up line, the access log, any traceback) goes to `log`.
+    launch: run it as that many processes under `mlx.launch --backend ring` (the process is mlx.launch)."""
     port = free_port()
     env = {**os.environ, "MLX_GEMMA4U_HOME": str(demo_home)}
+    command = [sys.executable, "-m", "mlx_gemma4u", "serve", *(["--model", str(model)] if model else ["--demo"])]
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mlx_gemma4u", "serve", *(["--model", str(model)] if model else ["--demo"])]
-            + ["--port", str(port), *flags],
-            env=env,
+            (launcher(launch) if launch else []) + command + ["--port", str(port), *flags],
+            env={**env, "MLX_GEMMA4U_CPU_CORES": "1"} if launch else env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=bool(launch),
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -49,7 +54,10 @@ def running(demo_home, log: Path, *flags: str, model: Path | None = None):
         yield url, process
     finally:
         if process.poll() is None:
-            process.terminate()
+            if launch:
+                os.killpg(process.pid, signal.SIGTERM)  # every rank
+            else:
+                process.terminate()
             process.wait(timeout=30)
 
 
