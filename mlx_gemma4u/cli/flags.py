@@ -64,8 +64,8 @@ def parallel_group(args: argparse.Namespace):
     if group.size() == 1:
         flag = "--pipeline" if args.pipeline else "--tensor-parallel"
         raise InputError(f"{flag} needs several processes: start it with `mlx.launch -n 2 ... mlx-gemma4u ...`.")
-    if getattr(args, "adapter_path", None) or getattr(args, "draft_model", None):
-        raise InputError("--adapter-path and --draft-model do not work with --pipeline or --tensor-parallel yet.")
+    if getattr(args, "adapter_path", None):
+        raise InputError("--adapter-path does not work with --pipeline or --tensor-parallel yet.")
     return group
 
 
@@ -74,13 +74,11 @@ def same_seed(params, group):
     so that all of them sample the same tokens."""
     if group is None or params.seed is not None:
         return params
-    import dataclasses
     import random
 
-    import mlx.core as mx
+    from mlx_gemma4u.models.parallel import from_first
 
-    mine = mx.array(random.getrandbits(31) if group.rank() == 0 else 0)
-    return dataclasses.replace(params, seed=int(mx.distributed.all_sum(mine, group=group).item()))
+    return params.replace(seed=from_first(random.getrandbits(31), group))
 
 
 def add_draft_args(parser: argparse.ArgumentParser) -> None:
@@ -103,15 +101,21 @@ def add_draft_args(parser: argparse.ArgumentParser) -> None:
 
 
 def draft_kwargs(args: argparse.Namespace, model) -> dict:
-    """stream_generate's draft_model / num_draft_tokens from --draft-model / --num-draft-tokens,
-    the drafter checked against `model` (the target) so a mismatch is one line before any prompt."""
+    """stream_generate's draft_model / num_draft_tokens from --draft-model / --num-draft-tokens."""
     if not args.draft_model:
         return {}
+    return {"draft_model": load_drafter(args, model), "num_draft_tokens": args.num_draft_tokens}
+
+
+def load_drafter(args: argparse.Namespace, model):
+    """The --draft-model drafter, checked against `model` (the target) so that a mismatch is one line
+    before any prompt, and split as the target is (under mlx.launch)."""
     from mlx_gemma4u.weights.loading import load_draft_model
 
     drafter = load_draft_model(args.draft_model, check_memory=not args.no_memory_check)
     drafter.check_target(model)
-    return {"draft_model": drafter, "num_draft_tokens": args.num_draft_tokens}
+    drafter.split_like(model)
+    return drafter
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:

@@ -201,6 +201,7 @@ def run(args: argparse.Namespace) -> None:
     from mlx_gemma4u.serve.worker import Worker
 
     settings = _settings(args)
+    drafter = (lambda model: flags.load_drafter(args, model)) if args.draft_model else None
     group = flags.parallel_group(args)
     if group is not None and args.idle_unload:
         raise InputError("--idle-unload does not work with --pipeline or --tensor-parallel.")
@@ -208,13 +209,8 @@ def run(args: argparse.Namespace) -> None:
         from mlx_gemma4u.generation.lockstep import follow
 
         model, processor = load_from_args(args, args.adapter_path)
-        follow(model, processor, group, args.max_concurrency)
+        follow(model, processor, group, args.max_concurrency, drafter(model) if drafter else None)
         return
-    drafter = None
-    if args.draft_model:
-        from mlx_gemma4u.weights.loading import load_draft_model
-
-        drafter = lambda: load_draft_model(args.draft_model, check_memory=not args.no_memory_check)  # noqa: E731
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
     worker = Worker(
         lambda: load_from_args(args, args.adapter_path),

@@ -32,6 +32,7 @@ from mlx_gemma4u.generation.prompt_cache import PromptCache
 from mlx_gemma4u.generation.reply import ReplyText
 from mlx_gemma4u.generation.speculative import DraftLength, DraftStats, draft_and_verify, settle, verify
 from mlx_gemma4u.generation.steps import TokenSampler, prefill
+from mlx_gemma4u.models import parallel
 from mlx_gemma4u.models.cache import rewind, rewind_room
 from mlx_gemma4u.models.config import SLIDING
 
@@ -265,6 +266,8 @@ class BatchGenerator:
         "error" for a row that failed: its response says why)."""
         events = self._admit()
         k = self._round_length() if self.drafter is not None else 0
+        if self.drafter is not None and self.model.group is not None:  # each process times its own steps:
+            k = parallel.from_first(k, self.model.group)  # all take the first's K
         if k == 0:
             self._advance(self._decode, {u: s for u, s in self._active.items() if s.left > 0}, events)
         for uid, sequence in list(self._active.items()):

@@ -60,9 +60,9 @@ def share(plan: Plan | None, group) -> Plan:
     return _decode(np.array(mx.distributed.all_sum(mx.array(mine), group=group)).tobytes())
 
 
-def follow(model, processor, group, max_batch: int) -> None:
+def follow(model, processor, group, max_batch: int, draft_model=None) -> None:
     """Ranks > 0: step an engine as rank 0's plans say, until one says stop."""
-    engine = BatchGenerator(model, processor, max_batch=max_batch)
+    engine = BatchGenerator(model, processor, max_batch=max_batch, draft_model=draft_model)
     caches: dict[int, PromptCache] = {}  # every request's, until rank 0 lets it go
     while True:
         plan = share(None, group)

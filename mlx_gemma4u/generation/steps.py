@@ -65,8 +65,8 @@ def prefill(
             **extra,
         )
         logits, hidden = out if return_hidden else (out, None)
-        if hi < len(ids):
-            mx.eval([c.state for c in cache])
+        if hi < len(ids):  # a split model's chunk ends in collectives that every process must run
+            mx.eval([c.state for c in cache], out if model.group is not None else [])
     prompt_cache.quantize()
     prompt_cache.tokens = list(ids)
     return (logits[:, -1], hidden[:, -1:]) if return_hidden else logits[:, -1]

@@ -27,6 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_gemma4u.errors import CheckpointError, ConfigError, InputError
+from mlx_gemma4u.models import parallel
 from mlx_gemma4u.models.config import FULL, TextConfig, dataclass_from_dict, read_config, require, require_positive
 from mlx_gemma4u.models.decoder import RowSteps, Step, TextModel
 
@@ -142,7 +143,16 @@ class DraftModel(nn.Module):
         in the target's caches (shared_kvs: each row's Model.shared_kv); hidden (B, 1, Dt): the
         target's final-normed hidden states that predicted them. Rows draft together through every
         Linear (decoder.RowSteps), each attending to its own keys. Left unevaluated, so the k steps
-        run as one graph."""
+        run as one graph. On a pipeline stage (parallel.py) the process holding the keys drafts and
+        the others receive its drafts."""
+        stage = target.language_model.stage
+        if stage is None or stage.rank == stage.drafter_rank:
+            drafts = self._draft(target, shared_kvs, tokens, hidden, k)
+        else:
+            drafts = mx.zeros((tokens.shape[0], k), mx.int32)
+        return drafts if stage is None else stage.from_rank(drafts, stage.drafter_rank)
+
+    def _draft(self, target, shared_kvs: list[dict], tokens: mx.array, hidden: mx.array, k: int) -> mx.array:
         steps = [self.attend_to(kv, next(iter(kv.values())).offset) for kv in shared_kvs]
         step = steps[0] if len(steps) == 1 else RowSteps(steps)
         drafts = []
@@ -151,6 +161,12 @@ class DraftModel(nn.Module):
             tokens = mx.argmax(logits[:, 0], axis=-1).astype(mx.int32)
             drafts.append(tokens)
         return mx.stack(drafts, axis=1)
+
+    def split_like(self, target) -> None:
+        """Split this drafter as `target` is split: its heads and MLP across the target's tensor-
+        parallel group (it attends to the key-value heads each rank holds); a pipeline needs nothing."""
+        if target.group is not None and target.language_model.stage is None:
+            parallel.shard(self.model, target.group)
 
     def check_target(self, target) -> None:
         """Refuse, in one sentence, a target model this drafter was not made for: it reads the target's
@@ -166,6 +182,12 @@ class DraftModel(nn.Module):
                     f"This drafter does not fit the model: it was made for a {what} of {mine}, the "
                     f"model's is {its}; pass the assistant made for this model."
                 )
+        stage = target.language_model.stage
+        if stage is not None and stage.drafter_rank is None:
+            raise InputError(
+                "A drafter reads the keys of the last full and sliding layers, which this pipeline "
+                "split puts on different processes; use fewer processes."
+            )
         owners = {s.layer_type: s for s in theirs.layers if s.kv_mode != "reuse"}  # the last of each type
         for spec in text.layers:
             owner = owners.get(spec.layer_type)

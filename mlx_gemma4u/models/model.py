@@ -34,6 +34,7 @@ class Model(nn.Module):
             raise InputError(f"vision_mask must be one of {', '.join(SEMANTICS)}, got {vision_mask!r}.")
         self.config = config
         self.vision_mask = vision_mask
+        self.group = None  # the mx.distributed group it is split across (pipeline / shard), if any
         text = config.text
         self.language_model = TextModel(text)
         if config.vision is not None:
@@ -214,6 +215,7 @@ class Model(nn.Module):
         """Keep only this rank's pipeline stage (models/parallel.py), before the weights load: its
         decoder layers, and the media embedders on the first rank only (they feed it alone)."""
         parallel.pipeline(self.language_model, group)
+        self.group = group
         if group.rank() > 0:
             for name in ("embed_vision", "embed_audio"):
                 if name in self:
@@ -222,6 +224,7 @@ class Model(nn.Module):
     def shard(self, group) -> None:
         """Tensor parallel: every layer's heads and MLP split across `group` (models/parallel.py)."""
         parallel.shard(self.language_model, group)
+        self.group = group
 
     def make_cache(self) -> list:
         """Fresh caches for generation: one per layer that owns keys and values."""

@@ -13,13 +13,20 @@ logits and samples the same token. A split never separates a KV-shared layer fro
 keys and values it reads (`split`). Each rank holds its layers, the next rank's first input norm,
 the token embedding (also the output head) and the final norm; only rank 0 the media embedders.
 Per token and boundary: 2 x D values of the model's dtype sent, and one all_sum of D at the end.
+An MTP drafter reads the keys and values of the last layer of each type that computes them: the
+process holding both drafts (`Stage.drafter_rank`), and its K tokens per row reach the others in
+one all_sum of K int32 values per round.
 
 Tensor parallel, `shard(text_model, group)`: in every layer, q/k/v and gate/up become
 all-to-sharded (each rank computes its share of the heads and of the MLP's hidden units), o and
 down sharded-to-all (their products summed across ranks: two all_sums of D values per layer and
 token). A layer with fewer key-value heads than ranks (a full layer with one shared key-value head)
 keeps its k/v projections whole on every rank. The sums' order differs from one process's, so the
-result differs in rounding, not in meaning.
+result differs in rounding, not in meaning. A drafter is split the same way (its queries attend to
+the key-value heads this rank holds), so every rank drafts the same tokens.
+
+Whatever a process decides alone (a seed, a draft length timed on its own clock) is taken from
+rank 0 (`from_first`), so that every process runs the same steps.
 """
 
 from __future__ import annotations
@@ -53,12 +60,22 @@ def _can_start_at(config: TextConfig, start: int) -> bool:
     return all(spec.kv_source >= start for spec in config.layers[start:] if spec.kv_mode == "reuse")
 
 
-class Stage:
-    """This process's part of a pipeline: decoder layers [start, end) of `group`'s rank."""
+def from_first(value: int, group) -> int:
+    """Rank 0's `value` (a whole number below 2**31), on every rank of `group`."""
+    return int(mx.distributed.all_sum(mx.array(value if group.rank() == 0 else 0), group=group).item())
 
-    def __init__(self, group, start: int, end: int):
-        self.group, self.start, self.end = group, start, end
+
+class Stage:
+    """This process's part of a pipeline: decoder layers [start, end) of `group`'s rank. drafter_rank:
+    the rank holding the keys and values a drafter reads (None: no one rank holds them all)."""
+
+    def __init__(self, group, start: int, end: int, drafter_rank: int | None = None):
+        self.group, self.start, self.end, self.drafter_rank = group, start, end, drafter_rank
         self.rank, self.size = group.rank(), group.size()
+
+    def from_rank(self, x: mx.array, rank: int) -> mx.array:
+        """`x` as rank `rank` computed it, on every rank (the others pass anything of its shape)."""
+        return mx.distributed.all_sum(x if self.rank == rank else mx.zeros_like(x), group=self.group)
 
     def receive(self, shape: tuple, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
         """The residual stream and its input norm, (B, T, D) each, from the previous rank."""
@@ -86,12 +103,15 @@ def pipeline(text_model, group) -> None:
     """Keep only this rank's stage of `text_model` (in place, before its weights are loaded)."""
     starts = split(text_model.config, group.size())
     rank, n = group.rank(), len(text_model.layers)
-    start, end = starts[rank], (starts + [n])[rank + 1]
+    bounds = list(zip(starts, starts[1:] + [n]))
+    start, end = bounds[rank]
     kept = [layer if start <= i < end else None for i, layer in enumerate(text_model.layers)]
     if end < n:
         kept[end] = InputNorm(text_model.layers[end].input_layernorm)
     text_model.layers = kept
-    text_model.stage = Stage(group, start, end)
+    owners = {spec.layer_type: i for i, spec in enumerate(text_model.config.layers) if spec.kv_mode != "reuse"}
+    holders = [r for r, (a, b) in enumerate(bounds) if all(a <= i < b for i in owners.values())]
+    text_model.stage = Stage(group, start, end, holders[0] if holders else None)
 
 
 def shard(text_model, group) -> None:

@@ -171,7 +171,10 @@ class Worker:
                 generator = self._generator()
         self._end_all(running, ShuttingDown(STOPPING))
         if self.group is not None and self.failure is None:
-            share(Plan(stop=True), self.group)
+            try:
+                share(Plan(stop=True), self.group)
+            except RuntimeError:  # another process is gone already
+                log.warning("a process of the model had stopped before the server did")
         while not self._queue.empty():
             job = self._queue.get_nowait()
             if job is not None:
@@ -180,7 +183,7 @@ class Worker:
 
     def _load_weights(self) -> BatchGenerator:
         self.model, self.processor = self._load()
-        self.drafter = self._load_drafter() if self._load_drafter else None
+        self.drafter = self._load_drafter(self.model) if self._load_drafter else None
         self.loaded = True
         return self._generator()
 

@@ -5,16 +5,19 @@ process steps the same engine (generation/lockstep.py).
 
 - Pipeline: every reply is exactly what the same server answers as one process (the demo is
   bfloat16, and a pipeline adds nothing up in another order).
-- Tensor parallel: the all_sums add in another order, which in bfloat16 flips the random demo's
-  near-ties within a few tokens; on the demo cast to float32 every reply is the one process's.
+- Tensor parallel, with the demo drafter split alike: the all_sums add in another order, which in
+  bfloat16 flips the random demo's near-ties within a few tokens; on the demo cast to float32 every
+  reply is the one process's without a drafter.
 - A rank killed mid-reply ends the open stream within a bound, the server stops, and no process
   is left.
 """
 
 import base64
 import os
+import re
 import signal
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -100,9 +103,13 @@ def test_a_pipeline_server_answers_what_one_process_answers(alone, demo_home, tm
 def test_a_tensor_parallel_server_answers_what_one_process_answers(demo32, demo_home, tmp_path):
     with running(demo_home, tmp_path / "alone.log", model=demo32) as (url, _):
         want = session(url)
-    with running(demo_home, tmp_path / "server.log", "--tensor-parallel", model=demo32, launch=2) as (url, _):
+    flags = ("--tensor-parallel", "--draft-model", "demo")
+    with running(demo_home, tmp_path / "server.log", *flags, model=demo32, launch=2) as (url, _):
         got = session(url)
+        metrics = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
     assert got == want and want["cached"] > 10
+    drafted = re.search(r"^mlx_gemma4u_draft_tokens_total (\S+)$", metrics, re.MULTILINE)
+    assert drafted and float(drafted[1]) > 0  # the split drafter drafted (and the replies stayed the same)
 
 
 def test_a_rank_killed_mid_reply_ends_the_stream_and_the_server(demo_home, tmp_path):

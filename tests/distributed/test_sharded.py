@@ -30,16 +30,17 @@ from sharded_run import answers
 from mlx_gemma4u.errors import InputError
 from mlx_gemma4u.models import parallel
 from mlx_gemma4u.models.config import ModelConfig
-from mlx_gemma4u.weights.loading import load_model
+from mlx_gemma4u.models.model import Model
+from mlx_gemma4u.weights.loading import load_draft_model, load_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "support" / "sharded_run.py"
 LOADING = SCRIPT.with_name("loading_run.py")
 TOKENS = 64 + 12  # every reply token past the window of 8 once the prompt is in; 64 of them at least
 
 
-def launch(n: int, checkpoint: Path, mode: str, inputs: Path, out: Path, env: dict | None = None):
+def launch(n: int, checkpoint: Path, mode: str, inputs: Path, out: Path, env: dict | None = None, drafter=""):
     """The script under `mlx.launch -n n --backend ring` -> (exit code, output)."""
-    script = [sys.executable, str(SCRIPT), str(checkpoint), mode, str(inputs), str(out), str(TOKENS)]
+    script = [sys.executable, str(SCRIPT), str(checkpoint), mode, str(inputs), str(out), str(TOKENS), str(drafter)]
     return launched(n, script, env)
 
 
@@ -56,6 +57,21 @@ def checkpoints(tmp_path_factory):
         "full": save(reference.build(reference.TEXT_CONFIGS["full"], seed=3), root / "full"),
         "plain": save(reference.build(reference.TEXT_CONFIGS["plain"], seed=4), root / "plain"),
     }
+
+
+@pytest.fixture(scope="module")
+def drafting(tmp_path_factory) -> tuple[Path, Path]:
+    """A "full" target that often repeats itself, in shards, and an assistant drafting its repeats
+    (so that rounds accept some drafts and reject others)."""
+    import draft_reference as dr
+
+    root = tmp_path_factory.mktemp("drafting")
+    full = reference.TEXT_CONFIGS["full"]
+    with dr.kv_sharing_5_24():
+        target = dr.repetitive_target(full)
+        assistant = dr.build_assistant(full, seed=7, hidden=reference.BASE_TEXT["hidden_size"])
+        dr.passthrough(assistant, target)
+    return save(target, root / "target"), dr.save(assistant, root / "assistant")
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +92,15 @@ def inputs(golden_dir, tmp_path_factory) -> Path:
     return path
 
 
-def alone(checkpoint: Path, inputs: Path) -> dict:
-    """What one process answers: each prompt's logits and greedy reply."""
-    return answers(load_model(checkpoint), str(inputs), TOKENS)
+def alone(checkpoint: Path, inputs: Path, drafter: Path | None = None) -> dict:
+    """What one process answers: each prompt's logits and greedy reply (and drafted replies)."""
+    model = load_model(checkpoint)
+    return answers(model, str(inputs), TOKENS, drafter=load_draft_model(drafter) if drafter else None)
 
 
-def sharded(n: int, checkpoint: Path, mode: str, inputs: Path, tmp_path: Path) -> dict:
+def sharded(n: int, checkpoint: Path, mode: str, inputs: Path, tmp_path: Path, drafter: Path | None = None) -> dict:
     out = tmp_path / f"{mode}-{n}.npz"
-    code, output = launch(n, checkpoint, mode, inputs, out)
+    code, output = launch(n, checkpoint, mode, inputs, out, drafter=drafter or "")
     assert code == 0 and out.is_file(), output[-3000:]  # (mlx.launch exits 0 even when a rank fails)
     with np.load(out) as data:
         return {k: data[k] for k in data.files}
@@ -158,6 +175,28 @@ def test_stages_are_as_even_as_kv_sharing_allows(checkpoints):
             parallel.split(config, size)
 
 
+class _Rank:
+    """What pipeline() asks of a group: its rank and size (no collective runs while a stage is made)."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = (lambda: rank), (lambda: size)
+
+
+def test_the_drafter_drafts_on_the_stage_that_holds_its_keys(checkpoints, drafting):
+    """A drafter reads the last full and the last sliding layer that compute keys: the stage holding
+    both drafts ("full": S S F S S F, layers 2 and 3; "plain": S S S S S F F, layers 4 and 6). A split
+    that parts them has no such stage, and a drafter is refused on it in one sentence."""
+    drafter = load_draft_model(drafting[1])
+    for name, size, want in (("full", 2, 1), ("plain", 2, 1), ("plain", 3, None)):
+        config = ModelConfig.from_file(checkpoints[name] / "config.json")
+        for rank in range(size):
+            model = Model(config)
+            model.pipeline(_Rank(rank, size))
+            assert model.language_model.stage.drafter_rank == want, (name, size, rank)
+    with pytest.raises(InputError, match="which this pipeline split puts on different processes; use fewer"):
+        drafter.check_target(model)
+
+
 def test_a_split_that_would_part_kv_shared_layers_is_refused(checkpoints, inputs, tmp_path):
     _, output = launch(3, checkpoints["full"], "pipeline", inputs, tmp_path / "x.npz")
     assert "3 processes cannot split the 6 decoder layers" in output and not (tmp_path / "x.npz").exists()
@@ -191,11 +230,11 @@ def test_a_rank_that_dies_mid_reply_ends_the_others(checkpoints, inputs, tmp_pat
     assert not left_running(str(SCRIPT))
 
 
-@pytest.mark.parametrize("flag", ["--pipeline", "--tensor-parallel"])
-def test_generate_under_mlx_launch_prints_what_one_process_prints(flag, demo_home):
+@pytest.mark.parametrize("flags", [["--pipeline"], ["--pipeline", "--draft-model", "demo"], ["--tensor-parallel"]])
+def test_generate_under_mlx_launch_prints_what_one_process_prints(flags, demo_home):
     """Every process generates; the first prints the reply, once: with --pipeline the very reply of
-    one process alone. The demo is bfloat16 and random, so tensor parallel's other order of sums
-    flips a near-tie within a few tokens: there the reply starts the same."""
+    one process alone (with a drafter too). The demo is bfloat16 and random, so tensor parallel's
+    other order of sums flips a near-tie within a few tokens: there the reply starts the same."""
     from commands import cli
 
     words = ["generate", "--demo", "--prompt", "Tell me about the sea.", "--max-tokens", "24"]
@@ -203,12 +242,12 @@ def test_generate_under_mlx_launch_prints_what_one_process_prints(flag, demo_hom
     assert alone_run.returncode == 0, alone_run.stderr
     code, output = launched(
         2,
-        [sys.executable, "-m", "mlx_gemma4u", *words, flag],
+        [sys.executable, "-m", "mlx_gemma4u", *words, *flags],
         env={"MLX_GEMMA4U_HOME": str(demo_home)},
         stdout_only=True,
     )
     assert code == 0 and output.count("\n") == 1 and alone_run.stdout.strip()
-    if flag == "--pipeline":
+    if flags[0] == "--pipeline":
         assert output == alone_run.stdout
     else:
         assert output.split()[:3] == alone_run.stdout.split()[:3]
@@ -252,3 +291,19 @@ def test_a_process_that_never_loads_fails_rank_0_within_the_bound(checkpoints):
     assert "rank 0: error: Another process of the group did not finish loading within 3 s" in output, output[-2000:]
     assert seconds < 60 and "loaded" not in output  # rank 1 was still asleep: mlx.launch stopped it
     assert not left_running(str(LOADING))
+
+
+@pytest.mark.parametrize("mode", ["pipeline", "tensor"])
+def test_a_drafter_on_a_split_model_keeps_the_reply(mode, drafting, inputs, tmp_path):
+    """The drafter on the process that holds the keys it reads (pipeline), or split as the model is
+    (tensor): drafted replies (K = 3 and adaptive K, rank 0's on every process) are the plain ones,
+    and drafts are accepted as one process accepts them."""
+    target, drafter = drafting
+    got, want = sharded(2, target, mode, inputs, tmp_path, drafter), alone(target, inputs, drafter)
+    for case in ("text", "one_image", "audio"):
+        plain = list(want[f"{case}.reply"])
+        for key in (f"{case}.reply", f"{case}.drafted3", f"{case}.drafted"):
+            assert list(got[key]) == list(want[key]) == plain, key
+        assert got[f"{case}.accepted3"] == want[f"{case}.accepted3"]
+    print({case: int(want[f"{case}.accepted3"]) for case in ("text", "one_image", "audio")})
+    assert sum(int(want[f"{case}.accepted3"]) for case in ("text", "one_image", "audio")) > 0

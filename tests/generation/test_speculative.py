@@ -45,40 +45,16 @@ STEPS, K = 64, 4
 TARGET = reference.TEXT_CONFIGS["plain"]
 
 
-def passthrough(assistant, target) -> None:
-    """Make `assistant` (hidden size = the target's) draft argmax(target head(target hidden state))."""
-    D = assistant.config.backbone_hidden_size
-    with torch.no_grad():
-        assistant.pre_projection.weight.zero_()
-        assistant.pre_projection.weight[:, D:] = torch.eye(D)
-        assistant.post_projection.weight.copy_(torch.eye(D))
-        assistant.model.norm.weight.fill_(1.0)
-        assistant.model.embed_tokens.weight.copy_(target.model.language_model.embed_tokens.weight)
-        for layer in assistant.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-
-
-def repetitive_target(text: dict):
-    """A transformers target whose post-norm scales are shrunk to 0.45, so it often repeats itself."""
-    target = reference.build(text, seed=3)
-    with torch.no_grad():
-        for layer in target.model.language_model.layers:
-            layer.post_attention_layernorm.weight.mul_(0.45)
-            layer.post_feedforward_layernorm.weight.mul_(0.45)
-    return target
-
-
 @pytest.fixture(scope="module")
 def torch_models():
     with dr.kv_sharing_5_24():
-        target = repetitive_target(TARGET)
+        target = dr.repetitive_target(TARGET)
         drafters = {
             "tied": dr.build_assistant(TARGET, seed=5),
             "ordered": dr.build_assistant(TARGET, seed=6, ordered=True),
             "passthrough": dr.build_assistant(TARGET, seed=7, hidden=reference.BASE_TEXT["hidden_size"]),
         }
-        passthrough(drafters["passthrough"], target)
+        dr.passthrough(drafters["passthrough"], target)
     return target, drafters
 
 
@@ -273,9 +249,9 @@ def test_greedy_speculative_with_quantized_kv(tmp_path):
     """kv_bits=8 on a target whose heads are 32 wide (so its full-attention caches do quantize)."""
     wide = {**TARGET, "head_dim": 32, "global_head_dim": 32}
     with dr.kv_sharing_5_24():
-        target = repetitive_target(wide)
+        target = dr.repetitive_target(wide)
         assistant = dr.build_assistant(wide, seed=7, hidden=reference.BASE_TEXT["hidden_size"])
-        passthrough(assistant, target)
+        dr.passthrough(assistant, target)
     model = load_model(reference.save(target, tmp_path / "target"))
     drafter = load_draft_model(dr.save(assistant, tmp_path / "assistant"))
     cache, stats = PromptCache(model, kv_bits=8), DraftStats()

@@ -95,3 +95,27 @@ def build_assistant(
 def save(model, out: Path) -> Path:
     model.save_pretrained(out)
     return out
+
+
+def passthrough(assistant, target) -> None:
+    """Make `assistant` (hidden size = the target's) draft argmax(target head(target hidden state))."""
+    D = assistant.config.backbone_hidden_size
+    with torch.no_grad():
+        assistant.pre_projection.weight.zero_()
+        assistant.pre_projection.weight[:, D:] = torch.eye(D)
+        assistant.post_projection.weight.copy_(torch.eye(D))
+        assistant.model.norm.weight.fill_(1.0)
+        assistant.model.embed_tokens.weight.copy_(target.model.language_model.embed_tokens.weight)
+        for layer in assistant.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+
+
+def repetitive_target(text: dict):
+    """A transformers target whose post-norm scales are shrunk to 0.45, so it often repeats itself."""
+    target = reference.build(text, seed=3)
+    with torch.no_grad():
+        for layer in target.model.language_model.layers:
+            layer.post_attention_layernorm.weight.mul_(0.45)
+            layer.post_feedforward_layernorm.weight.mul_(0.45)
+    return target
