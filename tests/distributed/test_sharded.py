@@ -230,11 +230,11 @@ def test_a_rank_that_dies_mid_reply_ends_the_others(checkpoints, inputs, tmp_pat
     assert not left_running(str(SCRIPT))
 
 
-@pytest.mark.parametrize("flags", [["--pipeline"], ["--pipeline", "--draft-model", "demo"], ["--tensor-parallel"]])
+@pytest.mark.parametrize("flags", [["--pipeline", "--draft-model", "demo"], ["--tensor-parallel"]])
 def test_generate_under_mlx_launch_prints_what_one_process_prints(flags, demo_home):
-    """Every process generates; the first prints the reply, once: with --pipeline the very reply of
-    one process alone (with a drafter too). The demo is bfloat16 and random, so tensor parallel's
-    other order of sums flips a near-tie within a few tokens: there the reply starts the same."""
+    """Every process generates; the first prints the reply, once: with --pipeline (and a drafter)
+    the very reply of one process alone. The demo is bfloat16 and random, so tensor parallel's other
+    order of sums flips a near-tie within a few tokens: there the reply starts the same."""
     from commands import cli
 
     words = ["generate", "--demo", "--prompt", "Tell me about the sea.", "--max-tokens", "24"]
