@@ -266,8 +266,8 @@ class BatchGenerator:
         "error" for a row that failed: its response says why)."""
         events = self._admit()
         k = self._round_length() if self.drafter is not None else 0
-        if self.drafter is not None and self.model.group is not None:  # each process times its own steps:
-            k = parallel.from_first(k, self.model.group)  # all take the first's K
+        if self.drafter is not None and self.model.group is not None:  # a split model: K is timed on each
+            k = parallel.from_first(k, self.model.group)  # process's own clock, so all take the first's
         if k == 0:
             self._advance(self._decode, {u: s for u, s in self._active.items() if s.left > 0}, events)
         for uid, sequence in list(self._active.items()):

@@ -163,8 +163,8 @@ class DraftModel(nn.Module):
         return mx.stack(drafts, axis=1)
 
     def split_like(self, target) -> None:
-        """Split this drafter as `target` is split: its heads and MLP across the target's tensor-
-        parallel group (it attends to the key-value heads each rank holds); a pipeline needs nothing."""
+        """Split this drafter as `target` is split. Tensor parallel: its heads and MLP across the
+        target's group (it attends to the key-value heads each rank holds); a pipeline: nothing."""
         if target.group is not None and target.language_model.stage is None:
             parallel.shard(self.model, target.group)
 

@@ -97,7 +97,7 @@ class Worker:
         max_queue: int = 16,
         max_concurrency: int = 8,
         cache_bytes: int = 2 << 30,
-        load_drafter: Callable | None = None,
+        load_drafter: Callable | None = None,  # the loaded model -> its drafter
         idle_unload: float | None = None,
         group=None,
     ):
