@@ -1,7 +1,7 @@
 """`mlx-gemma4u serve --pipeline | --tensor-parallel` under `mlx.launch -n 2 --backend ring`, as its
 users meet it: the openai client with concurrent streams, a client that leaves mid-reply, a second
-turn from the prefix cache, a seeded sampled reply, a reply held to JSON and an image. Rank 0 serves HTTP; the other
-process steps the same engine (generation/lockstep.py).
+turn from the prefix cache, a seeded sampled reply, a reply held to JSON and an image. Rank 0 serves
+HTTP; the other process steps the same engine (generation/lockstep.py).
 
 - Pipeline: every reply is exactly what the same server answers as one process (the demo is
   bfloat16, and a pipeline adds nothing up in another order).
