@@ -196,7 +196,7 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    from mlx_gemma4u.errors import GroupError, InputError
+    from mlx_gemma4u.errors import InputError
     from mlx_gemma4u.serve.app import serve
     from mlx_gemma4u.serve.worker import Worker
 
@@ -221,5 +221,3 @@ def run(args: argparse.Namespace) -> None:
         group=group,
     )
     serve(worker, settings, args.host, args.port, args.max_queue)
-    if worker.failure:
-        raise GroupError(f"The server stopped: {worker.failure}.")

@@ -112,13 +112,17 @@ class Sequence:
         """Tokens it may still produce after the pending ones."""
         return self.params.max_tokens - len(self.response.tokens) - len(self.pending)
 
-    def start(self, model, prefill_step_size: int, drafting: bool) -> None:
-        """Prefill alone and draw the first token (pending, still computing)."""
+    def prefill(self, model, prefill_step_size: int, drafting: bool) -> mx.array:
+        """Prefill alone -> the (1, vocab) logits of the prompt's last position."""
         self.started = time.perf_counter()
         out = prefill(model, self.inputs, self.prompt_cache, prefill_step_size, return_hidden=drafting)
         logits, self.hidden = out if drafting else (out, None)
         if self.constrained:  # the grammar's mask is computed while the prompt's last chunk runs
             mx.async_eval(logits)
+        return logits
+
+    def start(self, logits: mx.array, drafting: bool) -> None:
+        """Draw the first token from the prompt's logits (pending, still computing)."""
         token, logprobs = self.sampler(logits)
         mx.async_eval([token, self.sampler.history] if self.constrained else token)
         self.pending = [(token, logprobs, False)]
@@ -277,7 +281,7 @@ class BatchGenerator:
                 if handed and handed[-1].finish_reason:
                     del self._active[uid]  # its caches go with it (unless the caller passed the PromptCache)
             except Exception as error:
-                self._drop(uid, error, events)
+                self._lost(uid, error, events)
         if k:
             self._advance(lambda rows: self._round(rows, k), self._active, events)
         if self.drafter is not None and k == 0:
@@ -298,8 +302,14 @@ class BatchGenerator:
         while self._queue and len(self._active) < self.max_batch and self._fits(self._queue[0][1]):
             uid, sequence = self._queue.popleft()
             self._active[uid] = sequence
+            drafting = self.drafter is not None
             try:
-                sequence.start(self.model, self.prefill_step_size, drafting=self.drafter is not None)
+                logits = sequence.prefill(self.model, self.prefill_step_size, drafting)
+            except Exception as error:
+                self._lost(uid, error, events)
+                continue
+            try:
+                sequence.start(logits, drafting)
             except Exception as error:
                 self._drop(uid, error, events)
         return events
@@ -312,12 +322,15 @@ class BatchGenerator:
     def _advance(self, step: Callable, rows: dict[int, Sequence], events: list) -> None:
         """Run `step` for `rows`. A row whose own part (its sampling, its acceptance) fails is
         dropped; if the batched pass itself fails, every row is rolled back and stepped alone, so
-        that only the rows that fail alone are dropped."""
+        that only the rows that fail alone are dropped (on a model split across processes, the
+        failure ends the step instead: see `_lost`)."""
         if not rows:
             return
         try:
             failed = step(rows)
         except Exception as error:
+            if self.model.group is not None:
+                raise
             failed = {uid: error for uid in rows} if len(rows) == 1 else self._one_by_one(step, rows)
         for uid, error in failed.items():
             self._drop(uid, error, events)
@@ -403,6 +416,14 @@ class BatchGenerator:
             self._plain_left -= 1
             if self._plain_left == 0:
                 self.draft_length.decoded(self._plain_steps, time.perf_counter() - self._plain_since)
+
+    def _lost(self, uid: int, error: Exception, events: list) -> None:
+        """A pass of the model failed for `uid`: it is dropped alone. On a model split across
+        processes the failure may be this process's alone, and the others would wait for its part
+        of the next collective: the error ends the step (and the group)."""
+        if self.model.group is not None:
+            raise error
+        self._drop(uid, error, events)
 
     def _drop(self, uid: int, error: Exception, events: list) -> None:
         """End active sequence `uid` with `error` (an "error" event), its caches holding just the

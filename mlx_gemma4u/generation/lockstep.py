@@ -44,20 +44,28 @@ class Add:
 class Plan:
     """The changes to make before the next step, in this order: cancel, forget, add."""
 
-    cancels: list[int] = field(default_factory=list)
+    cancel: list[int] = field(default_factory=list)  # requests that leave the batch
     forget: list[int] = field(default_factory=list)  # finished requests whose caches rank 0 let go
-    adds: list[Add] = field(default_factory=list)
+    add: list[Add] = field(default_factory=list)
     stop: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not (self.cancel or self.forget or self.add or self.stop)
 
 
 def share(plan: Plan | None, group) -> Plan:
-    """Rank 0's `plan` -> the same Plan on every rank of `group` (the others pass None)."""
-    data = _encode(plan) if group.rank() == 0 else b""
-    size = mx.distributed.all_sum(mx.array(len(data), dtype=mx.int32), group=group).item()
+    """Rank 0's `plan` -> the same Plan on every rank of `group` (the others pass None). An empty
+    plan costs one all_sum of a number."""
+    first = group.rank() == 0
+    data = _encode(plan) if first and not plan.empty else b""
+    size = mx.distributed.all_sum(mx.array(len(data), dtype=mx.int64), group=group).item()
     if size == 0:
-        return Plan()
-    mine = np.frombuffer(data, np.uint8) if data else np.zeros(size, np.uint8)
-    return _decode(np.array(mx.distributed.all_sum(mx.array(mine), group=group)).tobytes())
+        return plan if first else Plan()
+    mine = np.frombuffer(data, np.uint8) if first else np.zeros(size, np.uint8)
+    heard = mx.distributed.all_sum(mx.array(mine), group=group)
+    mx.eval(heard)  # on every process: a collective runs only where all of them evaluate it
+    return plan if first else _decode(np.array(heard).tobytes())
 
 
 def follow(model, processor, group, max_batch: int, draft_model=None) -> None:
@@ -68,11 +76,11 @@ def follow(model, processor, group, max_batch: int, draft_model=None) -> None:
         plan = share(None, group)
         if plan.stop:
             return
-        for uid in plan.cancels:
+        for uid in plan.cancel:
             engine.cancel(uid)
         for uid in plan.forget:
             caches.pop(uid, None)
-        for add in plan.adds:
+        for add in plan.add:
             cache = caches.pop(add.continues) if add.continues is not None else PromptCache(model, add.params.kv_bits)
             uid = engine.add({k: mx.array(v) for k, v in add.inputs.items()}, add.params, cache)
             caches[uid] = cache
@@ -81,12 +89,12 @@ def follow(model, processor, group, max_batch: int, draft_model=None) -> None:
 
 def _encode(plan: Plan) -> bytes:
     arrays, adds = [], []
-    for add in plan.adds:
+    for add in plan.add:
         names = sorted(add.inputs)
         arrays += [np.ascontiguousarray(add.inputs[k]) for k in names]
         shapes = [[k, add.inputs[k].dtype.str, list(add.inputs[k].shape)] for k in names]
         adds.append({"params": _params_json(add.params), "continues": add.continues, "arrays": shapes})
-    head = json.dumps({"cancels": plan.cancels, "forget": plan.forget, "stop": plan.stop, "adds": adds}).encode()
+    head = json.dumps({"cancel": plan.cancel, "forget": plan.forget, "stop": plan.stop, "add": adds}).encode()
     return len(head).to_bytes(8, "little") + head + b"".join(a.tobytes() for a in arrays)
 
 
@@ -94,14 +102,14 @@ def _decode(data: bytes) -> Plan:
     n = int.from_bytes(data[:8], "little")
     head, offset = json.loads(data[8 : 8 + n]), 8 + n
     adds = []
-    for add in head["adds"]:
+    for add in head["add"]:
         inputs = {}
         for name, dtype, shape in add["arrays"]:
             count = int(np.prod(shape))
             inputs[name] = np.frombuffer(data, np.dtype(dtype), count, offset).reshape(shape)
             offset += count * np.dtype(dtype).itemsize
         adds.append(Add(inputs, _params_from(add["params"]), add["continues"]))
-    return Plan(head["cancels"], head["forget"], adds, head["stop"])
+    return Plan(head["cancel"], head["forget"], adds, head["stop"])
 
 
 def _params_json(params: SamplingParams) -> dict:

@@ -51,22 +51,36 @@ class SoftTokens:
     def of(self, model, inputs: dict, keys: list[bytes]) -> dict[str, mx.array]:
         """Media kind -> (M, D) soft tokens, for the kinds of media in `inputs` (processor names;
         `keys`: their keys_of)."""
-        rows, out, ordered = {}, {}, iter(keys)
+        rows, out = self._embedded(model, inputs, keys), {}
+        ordered = iter(keys)
+        for kind in KINDS:
+            values = inputs.get(kind.values)
+            if values is not None:
+                parts = [rows[next(ordered)] for _ in range(values.shape[0])]
+                out[kind.name] = mx.concatenate(parts) if len(parts) > 1 else parts[0]
+        self._rows, self.keys = rows, keys
+        return out
+
+    def embed(self, model, inputs: dict) -> None:
+        """Run the embedders on `inputs`' new media now (kept for `of`): where a model is split
+        across processes, a request whose media fail to embed is then refused before the others
+        hear of it."""
+        rows = self._embedded(model, inputs, self.keys_of(inputs))
+        mx.eval(rows)
+        self._rows.update(rows)
+
+    def _embedded(self, model, inputs: dict, keys: list[bytes]) -> dict[bytes, mx.array]:
+        """Key -> (M, D) soft tokens of each of `inputs`' media: kept ones, or embedded now."""
+        rows, ordered = {}, iter(keys)
         for kind in KINDS:
             values, extra = inputs.get(kind.values), inputs.get(kind.extra)
-            if values is None:
-                continue
-            parts = []
-            for i in range(values.shape[0]):  # one image, video frame or audio clip per row
-                row_extra = None if extra is None else extra[i : i + 1]
+            for i in range(0 if values is None else values.shape[0]):  # one image, video frame or audio clip
                 key = next(ordered)
                 if key not in rows:
                     kept = self._rows.get(key)
+                    row_extra = None if extra is None else extra[i : i + 1]
                     rows[key] = kept if kept is not None else model.soft_tokens(kind.name, values[i : i + 1], row_extra)
-                parts.append(rows[key])
-            out[kind.name] = mx.concatenate(parts) if len(parts) > 1 else parts[0]
-        self._rows, self.keys = rows, keys
-        return out
+        return rows
 
 
 def _digest(kind: str, *arrays: mx.array | None) -> bytes:

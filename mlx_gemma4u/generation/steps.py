@@ -52,7 +52,10 @@ def prefill(
     start = prompt_cache.reused = prompt_cache.reusable(ids, blocks, keys, int(media[0]) if len(media) else len(ids))
     prompt_cache.keep(start)
     cache = prompt_cache.caches
-    soft = prompt_cache.media.of(model, inputs, keys) if model.embeds_inputs else None  # (pipeline stages)
+    if model.embeds_inputs:
+        soft = prompt_cache.media.of(model, inputs, keys)
+    else:  # a later pipeline stage: no embedding here, but its cache still records which media it saw
+        soft, prompt_cache.media.keys = None, keys
     embeds = model.embed(input_ids, soft_tokens=soft)
     extra = {"return_hidden": True} if return_hidden else {}
     for lo, hi in prefill_chunks(start, len(ids), prefill_step_size, blocks):

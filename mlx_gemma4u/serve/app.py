@@ -447,11 +447,13 @@ def _sse(chunks: AsyncIterator[dict], style: str = "openai") -> StreamingRespons
 
 class _Server(uvicorn.Server):
     """uvicorn's server, telling where it listens once it does, and ending every open request with
-    an error at the first SIGTERM or Ctrl-C (a hung fetch included), so that it stops in seconds."""
+    an error at the first SIGTERM or Ctrl-C (a hung fetch included), so that it stops in seconds.
+    `finish`, if given, runs once it has shut down (uvicorn then re-raises the signal: nothing
+    after `run()` would)."""
 
-    def __init__(self, config: uvicorn.Config, stop: Callable[[], None], banner: str):
+    def __init__(self, config: uvicorn.Config, stop: Callable[[], None], banner: str, finish: Callable | None):
         super().__init__(config)
-        self._stop, self._banner, self._loop = stop, banner, None
+        self._stop, self._banner, self._finish, self._loop = stop, banner, finish, None
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -463,6 +465,11 @@ class _Server(uvicorn.Server):
         if self._loop is not None and not self.should_exit:
             self._loop.call_soon_threadsafe(self._stop)
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets)
+        if self._finish is not None:
+            await asyncio.to_thread(self._finish)
 
 
 def serve(worker: Worker, settings: Settings, host: str, port: int, max_queue: int) -> None:
@@ -488,4 +495,6 @@ def serve(worker: Worker, settings: Settings, host: str, port: int, max_queue: i
         + ("; the chat page at /" if settings.ui else "")
         + "); Ctrl-C stops."
     )
-    _Server(config, stop, banner).run()
+    # A model split across processes: its other processes hear from the worker's thread that it stopped.
+    finish = (lambda: worker.join(timeout=30)) if worker.group is not None else None
+    _Server(config, stop, banner, finish).run()

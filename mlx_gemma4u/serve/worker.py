@@ -108,12 +108,13 @@ class Worker:
         self._queue: queue.Queue = queue.Queue(max_queue)
         self._caches: dict = {}  # the PromptCaches of finished requests by their uids, most recently used last
         self.group, self._plan = group, Plan()
-        self.failure: str | None = None  # why a split model's group broke (the server then stops)
+        self.broken = False  # a step of a split model failed: the server stops
         self._stopping = False
         self.metrics = Metrics()
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
-        threading.Thread(target=self._run, name="mlx-gemma4u-worker", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="mlx-gemma4u-worker", daemon=True)
+        self._thread.start()
         self._loaded.wait()
         if self._load_error is not None:
             raise self._load_error
@@ -133,6 +134,10 @@ class Worker:
             self._queue.put_nowait(None)  # wakes the thread if it waits for work
         except queue.Full:
             pass
+
+    def join(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the thread to finish (after `stop`)."""
+        self._thread.join(timeout)
 
     def _run(self) -> None:
         try:
@@ -163,14 +168,15 @@ class Worker:
                 self._expire(generator, running)
                 self._measure(running)
             except Exception as e:  # a fault of the engine itself, in no one sequence: it starts over
-                log.exception("the batch failed")
                 if self.group is not None:
                     self._break(running, e)
                     break
+                log.exception("the batch failed")
                 self._end_all(running, Fault("Internal error: the batch failed; retry the request."))
+                self._caches.clear()  # the new engine numbers its requests from 0 again
                 generator = self._generator()
         self._end_all(running, ShuttingDown(STOPPING))
-        if self.group is not None and self.failure is None:
+        if self.group is not None and not self.broken:
             try:
                 share(Plan(stop=True), self.group)
             except RuntimeError:  # another process is gone already
@@ -189,9 +195,10 @@ class Worker:
 
     def _break(self, running: dict, error: Exception) -> None:
         """A step of a split model failed: the processes are out of step (or one is gone), so every
-        request ends and the server stops (cli/serve.py then reports `failure`)."""
-        self.failure = f"a step of the model split across processes failed ({error})"
-        self._stopping = True
+        request ends and the server stops, saying why in one line."""
+        log.error("error: the server stops: a step of the model split across processes failed (%s).", error)
+        log.debug("the failed step", exc_info=error)
+        self.broken = self._stopping = True
         self._end_all(running, Fault("The server's model processes stopped; see its log."))
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -247,12 +254,14 @@ class Worker:
                 if job is not None:
                     job.emit(DONE)
                 continue
-            continues, cache = self._cache_for(job.inputs["input_ids"][0].tolist(), job.params.kv_bits)
-            if self.group is not None and job.params.seed is None:  # every process draws the same tokens
-                job.params = job.params.replace(seed=random.getrandbits(63))
+            continues = None
             try:
-                uid = generator.add({k: mx.array(v) for k, v in job.inputs.items()}, job.params, cache)
-                self._plan.adds.append(Add(job.inputs, job.params, continues))
+                continues, cache = self._cache_for(job.inputs["input_ids"][0].tolist(), job.params.kv_bits)
+                arrays = {k: mx.array(v) for k, v in job.inputs.items()}
+                if self.group is not None:
+                    self._split_ready(job, arrays, cache)
+                uid = generator.add(arrays, job.params, cache)
+                self._plan.add.append(Add(job.inputs, job.params, continues))
             except Exception as e:  # this request's fault alone (a prompt past the context, say)
                 if not isinstance(e, InputError):
                     log.exception("admitting a request failed")
@@ -263,7 +272,17 @@ class Worker:
                 continue
             running[uid] = (job, cache)
 
+    def _split_ready(self, job: Job, arrays: dict, cache: PromptCache) -> None:
+        """Before the other processes of a split model hear of `job`: its seed set (so that every
+        process draws the same tokens) and its media embedded (so that a failure there is its own)."""
+        if job.params.seed is None:
+            job.params = job.params.replace(seed=random.getrandbits(63))
+        if self.model.embeds_inputs:
+            cache.media.embed(self.model, arrays)
+
     def _hand_out(self, generator, running: dict, event) -> None:
+        if event.uid not in running:  # its request ended at an earlier event of this step
+            return
         job = running[event.uid][0]
         r = generator.responses[event.uid]
         if event.finish_reason == "error":
@@ -297,7 +316,7 @@ class Worker:
 
     def _cancel(self, generator, uid: int) -> None:
         generator.cancel(uid)
-        self._plan.cancels.append(uid)
+        self._plan.cancel.append(uid)
 
     def _expire(self, generator, running: dict) -> None:
         """Requests whose client left or whose time ran out leave the batch (the latter told so)."""

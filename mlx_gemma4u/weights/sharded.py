@@ -47,17 +47,23 @@ def sharded_load(
     """This rank's part of a checkpoint -> (model, processor); every rank calls it with the same
     arguments. The model then runs as the whole one does, each call a collective of its group.
     vision_mask, dtype, check_memory: as `load`'s (the memory check counts this rank's files).
-    timeout: seconds to wait, once loaded, for the other processes to have loaded theirs."""
+    timeout: seconds to wait, once loaded, for the other processes to have loaded theirs (a
+    download is not counted: every process has its files before any loads)."""
     if pipeline_group is None and tensor_group is None:
         pipeline_group = mx.distributed.init()
     group = pipeline_group if pipeline_group is not None else tensor_group
+    loaded, failure, mark = None, None, b""
     try:
         path = resolve(path_or_repo)
-        model = sharded_load_model(path, pipeline_group, tensor_group, vision_mask, dtype, check_memory)
-        loaded, failure = (model, load_processor(path)), None
-        mark = fingerprint(path)
     except Exception as error:  # told to every process below, then raised there
-        loaded, failure, mark = None, error, b""
+        failure = error
+    _all_sum(np.zeros(1, np.uint8), group)  # untimed: a download takes as long as it takes
+    try:
+        if failure is None:
+            model = sharded_load_model(path, pipeline_group, tensor_group, vision_mask, dtype, check_memory)
+            loaded, mark = (model, load_processor(path)), fingerprint(path)
+    except Exception as error:
+        failure = error
     agree(group, mark, failure, timeout)
     return loaded
 

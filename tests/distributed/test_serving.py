@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from launching import left_running
+from launching import left_running, rank_pid
 from serving import running
 
 openai = pytest.importorskip("openai", reason="the openai client (test extra) is not installed")
@@ -55,7 +55,8 @@ def _leaving(url: str) -> None:
 
 def session(url: str) -> dict:
     """What a few users get: two concurrent streams (and a client leaving among them), a second
-    turn, a seeded sampled reply, a reply held to JSON (with a stop string) and an image."""
+    turn, a seeded sampled reply, a reply held to JSON (with a stop string), and an image and a
+    second turn about it."""
     with ThreadPoolExecutor(3) as pool:
         leaving = pool.submit(_leaving, url)
         replies = dict(zip(QUESTIONS, pool.map(lambda q: _streamed(url, q), QUESTIONS)))
@@ -71,9 +72,19 @@ def session(url: str) -> dict:
     replies["sampled"] = _streamed(url, "Pick a word.", temperature=1.0, seed=7)
     replies["json"] = _streamed(url, "Answer in JSON.", response_format={"type": "json_object"}, stop=["\n\n"])
     image = f"data:image/png;base64,{base64.b64encode(IMAGE.read_bytes()).decode()}"
-    replies["image"] = _streamed(
-        url, [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Describe it."}]
+    asked = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Describe it."}]
+    first = _client(url).chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": asked}], max_tokens=16
     )
+    replies["image"], replies["image tokens"] = first.choices[0].message.content, first.usage.prompt_tokens
+    turns = [
+        {"role": "user", "content": asked},
+        {"role": "assistant", "content": replies["image"]},
+        {"role": "user", "content": "What else?"},
+    ]
+    again = _client(url).chat.completions.create(model="demo", messages=turns, max_tokens=16)
+    replies["image turn"] = again.choices[0].message.content
+    replies["image cached"] = again.usage.prompt_tokens_details.cached_tokens
     return replies
 
 
@@ -94,12 +105,17 @@ def demo32(demo_home, tmp_path_factory) -> Path:
 
 
 def test_a_pipeline_server_answers_what_one_process_answers(alone, demo_home, tmp_path):
+    """With the demo drafter on the stage that holds its keys; stopped by SIGTERM to the first
+    process, which tells the other to stop before it exits."""
     log = tmp_path / "server.log"
-    with running(demo_home, log, "--pipeline", launch=2) as (url, _):
+    with running(demo_home, log, "--pipeline", "--draft-model", "demo", launch=2) as (url, _):
         got = session(url)
     assert got == alone and alone["cached"] > 10  # the second turn started from the first's cache
+    assert alone["image cached"] > alone["image tokens"] // 2  # the image turn too: its soft tokens were cached
     assert alone["json"].startswith("{") and alone["sampled"] != alone["json"]
-    assert "Traceback" not in log.read_text() and log.read_text().count("Serving demo") == 1
+    text = log.read_text()
+    assert "[ring]" not in text, text[-2000:]  # no process was left waiting on a lost peer
+    assert "Traceback" not in text and text.count("Serving demo") == 1
 
 
 def test_a_tensor_parallel_server_answers_what_one_process_answers(demo32, demo_home, tmp_path):
@@ -117,6 +133,7 @@ def test_a_tensor_parallel_server_answers_what_one_process_answers(demo32, demo_
 def test_a_rank_killed_mid_reply_ends_the_stream_and_the_server(demo_home, tmp_path):
     with running(demo_home, tmp_path / "server.log", "--pipeline", launch=2) as (url, launcher):
         port = url.rsplit(":", 1)[1]
+        rank_1 = rank_pid(f"mlx_gemma4u serve .*--port {port}", 1)
         chunks = _client(url).chat.completions.create(
             model="demo", messages=[{"role": "user", "content": "Go on."}], max_tokens=2000, stream=True
         )
@@ -125,23 +142,10 @@ def test_a_rank_killed_mid_reply_ends_the_stream_and_the_server(demo_home, tmp_p
             for _ in chunks:
                 received += 1
                 if received == 3:
-                    os.kill(_rank_pid(port, 1), signal.SIGKILL)
+                    os.kill(rank_1, signal.SIGKILL)
                 assert time.monotonic() - start < 60
         except openai.APIError:
             pass  # the stream ends with an error event or a closed connection
         launcher.wait(timeout=60)
     assert received < 100 and time.monotonic() - start < 90  # it ended soon after the kill, far short of 2000
     assert not left_running(f"--port {port}")
-
-
-def _rank_pid(port: str, rank: int) -> int:
-    """The pid of the server process of `rank` (from its environment) among those on `port`."""
-    for line in left_running(f"mlx_gemma4u serve .*--port {port}").splitlines():
-        pid = int(line.split()[0])
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"MLX_RANK={rank}".encode() in environ:
-            return pid
-    raise AssertionError(f"no process of rank {rank} serves port {port}")

@@ -40,3 +40,17 @@ def launched(n: int, command: list[str], env: dict | None = None, stdout_only: b
 def left_running(pattern: str) -> str:
     """The command lines of processes still running that match `pattern` (pgrep -f)."""
     return subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True).stdout.strip()
+
+
+def rank_pid(pattern: str, rank: int) -> int | None:
+    """The pid of the process of `rank` (from its environment, MLX_RANK) among those matching
+    `pattern` (pgrep -f), if one still runs."""
+    for line in left_running(pattern).splitlines():
+        pid = int(line.split()[0])
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"MLX_RANK={rank}".encode() in environ:
+            return pid
+    return None

@@ -16,7 +16,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from launching import launcher
+from launching import launcher, rank_pid
 
 
 def free_port() -> int:
@@ -29,7 +29,8 @@ def free_port() -> int:
 def running(demo_home, log: Path, *flags: str, model: Path | None = None, launch: int = 0):
     """`mlx-gemma4u serve --demo FLAGS` (or `--model MODEL`) on a free port -> (its URL, its
     process); stopped on exit. Its output (the start-up line, the access log, any traceback) goes to `log`.
-    launch: run it as that many processes under `mlx.launch --backend ring` (the process is mlx.launch)."""
+    launch: run it as that many processes under `mlx.launch --backend ring` (the process is mlx.launch),
+    stopped as a user stops it: SIGTERM to the first process, which tells the others."""
     port = free_port()
     env = {**os.environ, "MLX_GEMMA4U_HOME": str(demo_home)}
     command = [sys.executable, "-m", "mlx_gemma4u", "serve", *(["--model", str(model)] if model else ["--demo"])]
@@ -55,10 +56,22 @@ def running(demo_home, log: Path, *flags: str, model: Path | None = None, launch
     finally:
         if process.poll() is None:
             if launch:
-                os.killpg(process.pid, signal.SIGTERM)  # every rank
+                _stop_launched(process, port)
             else:
                 process.terminate()
-            process.wait(timeout=30)
+                process.wait(timeout=30)
+
+
+def _stop_launched(process: subprocess.Popen, port: int) -> None:
+    """SIGTERM to rank 0 (the server); the whole group after 30 s if mlx.launch has not ended."""
+    first = rank_pid(f"mlx_gemma4u serve .*--port {port}", 0)
+    if first is not None:
+        os.kill(first, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 def post(url: str, path: str, body: bytes, headers: dict | None = None, key: str | None = None) -> tuple[int, dict]:
