@@ -93,7 +93,7 @@ def _encode(plan: Plan) -> bytes:
         names = sorted(add.inputs)
         arrays += [np.ascontiguousarray(add.inputs[k]) for k in names]
         shapes = [[k, add.inputs[k].dtype.str, list(add.inputs[k].shape)] for k in names]
-        adds.append({"params": _params_json(add.params), "continues": add.continues, "arrays": shapes})
+        adds.append({"params": dataclasses.asdict(add.params), "continues": add.continues, "arrays": shapes})
     head = json.dumps({"cancel": plan.cancel, "forget": plan.forget, "stop": plan.stop, "add": adds}).encode()
     return len(head).to_bytes(8, "little") + head + b"".join(a.tobytes() for a in arrays)
 
@@ -110,14 +110,6 @@ def _decode(data: bytes) -> Plan:
             offset += count * np.dtype(dtype).itemsize
         adds.append(Add(inputs, _params_from(add["params"]), add["continues"]))
     return Plan(head["cancel"], head["forget"], adds, head["stop"])
-
-
-def _params_json(params: SamplingParams) -> dict:
-    fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
-    fields["stop"] = list(params.stop)
-    if params.response_format is not None:
-        fields["response_format"] = dataclasses.asdict(params.response_format)
-    return fields
 
 
 def _params_from(fields: dict) -> SamplingParams:
